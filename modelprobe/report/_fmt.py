@@ -27,6 +27,8 @@ def fmt_num(x: Any, digits: int = 3) -> str:
         return "nan"
     if math.isinf(x):
         return "inf" if x > 0 else "-inf"
+    if x == 0:
+        x = 0.0  # no "-0"
     s = f"{x:.{digits}g}"
     if "e" in s and 1 <= abs(x) < 1e6:  # 1.23e+03 → 1230
         s = f"{float(s):.0f}"

@@ -71,7 +71,7 @@ def _looks_like_path(path_or_name: str | os.PathLike[str]) -> bool:
     if isinstance(path_or_name, os.PathLike):
         return True
     s = str(path_or_name)
-    return s.endswith(".json") or "/" in s or os.sep in s or (os.altsep or "/") in s
+    return s.endswith(".json") or "/" in s or os.sep in s
 
 
 def _available(report_dir: str | os.PathLike[str], model_slug: str) -> str:
@@ -247,7 +247,8 @@ def _check_models(before: RunRecord, after: RunRecord, allow_model_change: bool)
     what = f"baseline model {desc(bm)} vs this run's model {desc(am)}"
     if not allow_model_change:
         raise BaselineError(
-            f"cannot compare different models: {what}; use --allow-model-change to compare anyway"
+            f"cannot compare different models: {what}; "
+            "allow a model change (--allow-model-change / --probe-allow-model-change) to compare anyway"
         )
     return [f"model changed: {what}"]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from ..errors import ModelprobeError
 
-class ReportError(Exception):
-    """Base class of the report layer's errors."""
+
+class ReportError(ModelprobeError):
+    """Base class of the report layer's errors (one line each, no traceback wanted)."""
 
 
 class ReportWriteError(ReportError):

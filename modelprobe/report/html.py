@@ -25,7 +25,7 @@ from ._fmt import (
     fmt_threshold,
     fmt_value,
 )
-from ._io import write_text
+from ._io import ensure_dir, write_text
 from .record import ClaimResult, ProbeRecord, RunRecord
 
 if TYPE_CHECKING:
@@ -113,7 +113,8 @@ def null_plot(claim: ClaimResult) -> str | None:
     what = control_name(claim.control) if claim.control else "control"
     ax.set_title(f"{claim.name}: {what} (n={len(null)})", fontsize=9)
     ax.set_ylabel("count", fontsize=8)
-    ax.legend(fontsize=7, frameon=False)
+    ax.margins(x=0.06)
+    ax.legend(fontsize=7, frameon=True, framealpha=0.9, edgecolor="none")
     return _png(fig)
 
 
@@ -123,19 +124,16 @@ def comparison_plot(comparison: Comparison) -> str | None:
     if not rows:
         return None
     rows = rows[:60]
-    height = max(FIGSIZE[1], 0.9 + 0.32 * len(rows))
+    height = max(FIGSIZE[1], 0.9 + 0.42 * len(rows))
     fig, ax = _figure(height)
     ys = list(range(len(rows)))[::-1]
-    def val(x: float | None) -> float:
-        return x if x is not None and math.isfinite(x) else 0.0
-
-    ax.barh([y + 0.2 for y in ys], [val(r.before_effect) for r in rows], height=0.38,
+    ax.barh([y + 0.2 for y in ys], [_val(r.before_effect) for r in rows], height=0.38,
             color="#afb8c1", label="before")
     colors = ["#cf222e" if r.failing else "#0969da" for r in rows]
-    ax.barh([y - 0.2 for y in ys], [val(r.after_effect) for r in rows], height=0.38, color=colors,
+    ax.barh([y - 0.2 for y in ys], [_val(r.after_effect) for r in rows], height=0.38, color=colors,
             label="after")
-    labels = [_short(f"{r.probe} / {r.claim}", 38) for r in rows]
-    ax.set_yticks(ys, labels, fontsize=7)
+    labels = [f"{_short(r.claim, 30)}\n{_short(r.probe, 30)}" for r in rows]
+    ax.set_yticks(ys, labels, fontsize=7, linespacing=1.1)
     ax.axvline(0, color="#57606a", linewidth=0.8)
     ax.grid(True, axis="x", alpha=0.3)
     ax.grid(False, axis="y")
@@ -143,6 +141,10 @@ def comparison_plot(comparison: Comparison) -> str | None:
     ax.set_title("effect before → after (red: failing)", fontsize=9)
     ax.legend(fontsize=7, frameon=False, loc="best")
     return _png(fig)
+
+
+def _val(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else 0.0
 
 
 def _short(s: str, n: int) -> str:
@@ -313,4 +315,5 @@ def write_html(
     record: RunRecord, directory: str | os.PathLike[str], comparison: Comparison | None = None
 ) -> Path:
     """Write the self-contained `report.html` into `directory`; returns its path."""
+    ensure_dir(directory)  # fail before spending time on plots
     return write_text(directory, "report.html", render_html(record, comparison))

@@ -22,7 +22,7 @@ from ._fmt import (
     fmt_value,
     one_line,
 )
-from ._io import write_text
+from ._io import ensure_dir, write_text
 from .errors import ReportWriteError
 from .record import ClaimResult, ProbeRecord, RunRecord
 
@@ -145,7 +145,7 @@ def _model_line(record: RunRecord) -> str:
     return s
 
 
-def _header_table(record: RunRecord) -> str:
+def _header_list(record: RunRecord) -> str:
     m = record.model
     rows: list[list[str]] = [["model", _model_line(record)]]
     if m.hash:
@@ -159,7 +159,7 @@ def _header_table(record: RunRecord) -> str:
         rows.append(["probes commit", _code(record.probes_commit)])
     if record.versions:
         rows.append(["versions", ", ".join(f"{k} {v}" for k, v in record.versions.items())])
-    return _table(rows, ["", ""])
+    return "\n".join(f"- **{k}:** {v}" for k, v in rows)
 
 
 def _preflight_md(record: RunRecord) -> str:
@@ -229,8 +229,9 @@ def _probe_md(p: ProbeRecord) -> list[str]:
         out.append(f"- **duration:** {fmt_num(p.duration_s)} s")
     out.append("")
     if p.error:
-        out += ["> [!CAUTION]", "> **💥 error — this probe could not be measured:**", ""]
-        out += [_fenced(p.error), ""]
+        out += ["> [!CAUTION]", "> **💥 error — this probe could not be measured:**", ">"]
+        out += ["> " + line if line else ">" for line in _fenced(p.error).splitlines()]
+        out.append("")
     if p.settings:
         out += [_table([[k, fmt_value(v)] for k, v in p.settings.items()], ["setting", "value"]), ""]
     for c in p.claims:
@@ -254,16 +255,14 @@ def _comparison_md(comparison: Comparison) -> list[str]:
 def render_markdown(record: RunRecord, comparison: Comparison | None = None, full: bool = True) -> str:
     """The text of report.md; `full=False` keeps the header, summary, comparison and preflight only."""
     out = [f"# modelprobe report — {_code(record.model.id)}", ""]
-    line = " · ".join(
-        f"{VERDICT_ICON[v]} {n} {label}"
-        for (v, n), label in zip(
-            verdict_counts(record).items(), ("passed", "failed", "inconclusive", "errors"), strict=True
-        )
-    )
+    n = verdict_counts(record)
+    labels = {"pass": "passed", "fail": "failed", "inconclusive": "inconclusive",
+              "error": "error" if n["error"] == 1 else "errors"}
+    line = " · ".join(f"{VERDICT_ICON[v]} {n[v]} {labels[v]}" for v in labels)
     out += [f"**{line}**", ""]
     if record.interrupted:
         out += ["> [!WARNING]", "> This run was interrupted: not every probe was measured.", ""]
-    out += [_header_table(record), ""]
+    out += [_header_list(record), ""]
     out += ["## Summary", ""]
     rows = summary_rows(record)
     for r in rows:
@@ -328,6 +327,7 @@ def write_all(
     """
     from .html import write_html
 
+    ensure_dir(directory)
     paths = [
         write_json(record, directory),
         write_markdown(record, directory, comparison),

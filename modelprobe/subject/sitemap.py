@@ -13,14 +13,10 @@ from typing import Literal
 from torch import nn
 
 from ..errors import SiteError
+from ..names import COMPONENTS, PER_LAYER, canonical_name
 
 IO = Literal["input", "output"]
 
-COMPONENTS = (
-    "embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-    "attn.z", "mlp.post", "final", "logits",
-)
-PER_LAYER = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn.z", "mlp.post"}
 
 
 @dataclass(frozen=True)
@@ -208,16 +204,4 @@ class SiteMap:
         return out
 
 
-def canonical_name(component: str, layer: int | None) -> str:
-    """TransformerLens hook name, so a site pastes into TransformerLens / SAELens."""
-    if component == "embed":
-        return "hook_embed"
-    if component == "final":
-        return "ln_final.hook_normalized"
-    if component == "logits":
-        return "unembed"
-    if component == "attn.z":
-        return f"blocks.{layer}.attn.hook_z"
-    if component == "mlp.post":
-        return f"blocks.{layer}.mlp.hook_post"
-    return f"blocks.{layer}.hook_{component}"
+__all__ = ["COMPONENTS", "PER_LAYER", "Family", "HookPoint", "SiteMap", "canonical_name"]

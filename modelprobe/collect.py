@@ -1,0 +1,138 @@
+"""pytest nodes: one ProbeFile per *.probe.yaml, one ClaimItem per claim. Knows pytest, not tensors."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from .errors import ModelprobeError
+from .report.record import ClaimResult, ProbeRecord
+
+SESSION_KEY: pytest.StashKey[Any] = pytest.StashKey()
+
+
+class ClaimFailed(Exception):
+    """A claim that did not pass: rendered as plain lines, never a traceback."""
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def describe(claim: ClaimResult) -> str:
+    sym = {"at_least": "≥", "at_most": "≤"}.get(claim.comparison or "", "?")
+    ci = f"[{_fmt(claim.ci[0])}, {_fmt(claim.ci[1])}]" if claim.ci else "—"
+    lines = [f"{claim.verdict.upper()}: {claim.metric}",
+             f"  effect {_fmt(claim.effect)}  CI {ci}  threshold {sym} {_fmt(claim.threshold)}  n={claim.n}"]
+    if claim.control:
+        c = claim.control
+        lines.append(f"  control {c.name}: effect {_fmt(c.effect)}, p={_fmt(c.p_value)}")
+    if claim.reason:
+        lines.append(f"  {claim.reason}")
+    return "\n".join(lines)
+
+
+class ProbeFile(pytest.File):
+    """A probe file. Loading, model checks and the one measurement its claims share live here."""
+
+    def collect(self):
+        from . import kinds
+        session = self.config.stash[SESSION_KEY]
+        try:
+            probe = kinds.load(self.path)
+        except ModelprobeError as e:
+            raise self.CollectError(str(e)) from None
+        try:
+            subject = session.subject()
+        except ModelprobeError as e:
+            raise self.CollectError(f"{self.path}: {e}") from None
+        try:
+            self.kind = kinds.instantiate(probe, subject)
+        except ModelprobeError as e:
+            raise self.CollectError(str(e)) from None
+        self.probe = probe
+        self._outcome: Any = None
+        self._error: str | None = None
+        for tag in probe.spec.tags:
+            self.config.addinivalue_line("markers", f"{tag}: modelprobe tag")
+        for name in self.kind.claim_names():
+            item = ClaimItem.from_parent(self, name=name)
+            for tag in probe.spec.tags:
+                item.add_marker(getattr(pytest.mark, tag))
+            # Claims of one probe share a measurement: keep them on one xdist worker.
+            item.add_marker(pytest.mark.xdist_group(name=probe.name))
+            item.extra_keyword_matches.update({probe.spec.kind, probe.name})
+            yield item
+
+    def outcome(self) -> Any:
+        """Measure once for all claims; a user-caused error becomes the probe's error, not a traceback."""
+        if self._outcome is not None or self._error is not None:
+            return self._outcome
+        session = self.config.stash[SESSION_KEY]
+        record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=str(self.path),
+                             file_hash=self.probe.file_hash, about=self.probe.spec.about)
+        start = time.perf_counter()
+        try:
+            if session.preflight_failed:
+                raise ModelprobeError(f"preflight failed: {session.preflight_failed}")
+            self._outcome = self.kind.run()
+            record.settings = self._outcome.settings
+            record.claims = self._outcome.claims
+        except ModelprobeError as e:
+            self._error = str(e)
+        except Exception as e:
+            self._error = f"internal error: {type(e).__name__}: {e}"
+            raise
+        finally:
+            record.duration_s = time.perf_counter() - start
+            leak = session.after_probe(self.probe.name)
+            if not leak.passed and self._error is None:
+                self._error = f"hooks left behind: {leak.detail}"
+            record.error = self._error
+            session.add_probe(record)
+        return self._outcome
+
+
+class ClaimItem(pytest.Item):
+    parent: ProbeFile
+
+    def runtest(self) -> None:
+        session = self.config.stash[SESSION_KEY]
+        outcome = self.parent.outcome()
+        if outcome is None:
+            raise ClaimFailed(f"ERROR: probe could not be measured: {self.parent._error}")
+        claim = next(c for c in outcome.claims if c.name == self.name)
+        self._record_properties(claim)
+        problems = []
+        if claim.verdict == "fail" or claim.verdict == "error":
+            problems.append(describe(claim))
+        elif claim.verdict == "inconclusive" and not session.options.allow_inconclusive:
+            problems.append(describe(claim) + "\n  (inconclusive fails the run; --probe-allow-inconclusive "
+                                              "accepts it)")
+        gate = session.gate_message(self.parent.probe.name, claim)
+        if gate:
+            problems.append(gate)
+        if problems:
+            raise ClaimFailed("\n".join(problems))
+
+    def _record_properties(self, claim: ClaimResult) -> None:
+        props = {"verdict": claim.verdict, "effect": claim.effect, "threshold": claim.threshold,
+                 "comparison": claim.comparison, "n": claim.n, "metric": claim.metric}
+        if claim.ci:
+            props["ci_low"], props["ci_high"] = claim.ci
+        if claim.control:
+            props["control"] = claim.control.name
+            props["control_effect"] = claim.control.effect
+            props["control_p_value"] = claim.control.p_value
+        self.user_properties.extend((k, v) for k, v in props.items() if v is not None)
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ClaimFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        line, _ = self.parent.probe.positions.get(("claims", self.name, "__key__"), (1, 1))
+        return self.path, line - 1, f"{self.parent.probe.spec.kind} claim {self.parent.probe.name}::{self.name}"

@@ -1,0 +1,149 @@
+"""logit_lens: where in depth a target token emerges in the residual stream.
+
+Per prompt, every layer's residual at the last prompt token goes through the final norm and the
+unembedding; the target's rank and probability per layer give the first layer at which it is top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..errors import DataError
+from ..report.record import ClaimResult
+from ..spec import OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..spec.fields import LayerSpec
+from ..stats import bootstrap_ci, wilson_interval
+from ..subject import Site, resolve_layer
+from .base import Outcome, ProbeKind, judge
+
+NEVER = 2.0  # first-layer fraction recorded for a target that never reaches top-k (beyond the last layer)
+
+
+class LensExpect(OneExpectation):
+    final_accuracy: Threshold | None = Field(None, description="share of prompts whose target is top-k at the last layer")
+    share_by_layer: Threshold | None = Field(None, description="share of prompts whose target is top-k at or before `layer`")
+    median_first_layer: Threshold | None = Field(
+        None, description="median first layer (fraction of depth, (l+1)/L) at which the target is top-k")
+
+
+class LensClaim(Strict):
+    expect: LensExpect
+    layer: LayerSpec | None = Field(None, description="for share_by_layer: int, negative, or fraction of depth")
+    top_k: int = Field(1, ge=1)
+    only_correct: bool = Field(False, description="measure only prompts whose target is top-1 at the last layer")
+    tolerance: Tolerance | None = None
+
+
+class LogitLensSpec(ProbeBase):
+    kind: Literal["logit_lens"]
+    prompts: str = Field(description='JSONL file, one {"prompt": ..., "answer": ...} per line')
+    chat_template: bool = False
+    system: str | None = None
+    target: Literal["first_token", "single_token"] = Field(
+        "first_token", description="first_token: the answer's first token; single_token: answers must be one token")
+    component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
+    claims: dict[str, LensClaim] = Field(min_length=1)
+
+
+class LogitLens(ProbeKind):
+    name = "logit_lens"
+    Spec = LogitLensSpec
+
+    def setup(self) -> None:
+        spec, subject = self.spec, self.subject
+        self.rows = self.probe.rows(spec.prompts, ("prompts",), ("prompt", "answer"))
+        self.ids = subject.encode_all([r["prompt"] for r in self.rows], spec.chat_template, spec.system)
+        self.targets = []
+        self.multi_token = 0
+        for i, row in enumerate(self.rows):
+            toks = subject.token_id(row["answer"])
+            if not toks:
+                raise DataError(f"{self.probe.path.parent / spec.prompts}:{i + 1}: answer {row['answer']!r} "
+                                "is empty after tokenization")
+            if len(toks) > 1:
+                if spec.target == "single_token":
+                    raise DataError(
+                        f"{self.probe.path.parent / spec.prompts}:{i + 1}: answer {row['answer']!r} is "
+                        f"{len(toks)} tokens for model '{subject.info.id}'; target: single_token needs one")
+                self.multi_token += 1
+            self.targets.append(toks[0])
+        self.claim_layers = {}
+        for name, claim in spec.claims.items():
+            if claim.expect.statistic == "share_by_layer":
+                if claim.layer is None:
+                    raise self.probe.error("share_by_layer needs a 'layer'", ("claims", name))
+                layers = resolve_layer(claim.layer, subject.n_layers, ("claims", name, "layer"))
+                self.claim_layers[name] = max(layers)
+
+    def _lens(self) -> tuple[np.ndarray, np.ndarray]:
+        """rank[n, L] and prob[n, L] of each prompt's target, decoding every layer's residual."""
+        subject = self.subject
+        n_layers = subject.n_layers
+        sites = [Site(self.spec.component, layer) for layer in range(n_layers)]
+        targets = torch.tensor(self.targets)
+        rank = np.zeros((len(self.ids), n_layers), dtype=np.int64)
+        prob = np.zeros((len(self.ids), n_layers), dtype=np.float64)
+        for fw in subject.run(self.ids, capture=sites, logits=None, batch_size=self.spec.batch_size,
+                              desc="logit lens"):
+            tgt = targets[fw.batch.rows].to(subject.device)
+            for layer, site in enumerate(sites):
+                logits = subject.unembed(fw.at(site))  # [b, vocab]
+                t_logit = logits.gather(1, tgt[:, None])
+                rank[fw.batch.rows, layer] = (logits > t_logit).sum(-1).cpu().numpy()
+                prob[fw.batch.rows, layer] = logits.softmax(-1).gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+        return rank, prob
+
+    def measure(self) -> Outcome:
+        spec = self.spec
+        n_layers = self.subject.n_layers
+        rank, prob = self._lens()
+        correct = rank[:, -1] == 0
+        settings = {
+            "prompts": spec.prompts, "n_prompts": len(self.rows), "n_correct_at_last_layer": int(correct.sum()),
+            "component": spec.component,
+            "site": f"blocks.*.hook_{spec.component}", "position": "last", "target": spec.target,
+            "answers_with_several_tokens": self.multi_token, "chat_template": spec.chat_template,
+            "n_layers": n_layers,
+        }
+        claims = []
+        for name, claim in spec.claims.items():
+            keep = correct if claim.only_correct else np.ones(len(rank), dtype=bool)
+            claims.append(self._claim(name, claim, rank[keep], prob[keep], int(keep.sum())))
+        return Outcome(settings, claims)
+
+    def _claim(self, name: str, claim: LensClaim, rank: np.ndarray, prob: np.ndarray, n: int) -> ClaimResult:
+        n_layers = rank.shape[1] if rank.size else self.subject.n_layers
+        topk = rank < claim.top_k
+        reached = topk.any(axis=1)
+        first = np.where(reached, topk.argmax(axis=1), -1)
+        first_frac = np.where(reached, (first + 1) / n_layers, NEVER)
+        curves = {
+            f"share_top{claim.top_k}": topk.mean(axis=0).tolist() if n else [],
+            "mean_target_prob": prob.mean(axis=0).tolist() if n else [],
+            "median_target_rank": np.median(rank, axis=0).tolist() if n else [],
+        }
+        details = {"top_k": claim.top_k, "never_reached": int((~reached).sum()), "only_correct": claim.only_correct,
+                   "final_layer_accuracy": float(topk[:, -1].mean()) if n else None}
+        stat = claim.expect.statistic
+        untestable = "no prompts left to measure" if n == 0 else None
+        if stat == "final_accuracy":
+            k = int(topk[:, -1].sum())
+            effect, ci = (k / n if n else None), wilson_interval(k, n)
+            metric = f"share of prompts with the target top-{claim.top_k} at the last layer"
+        elif stat == "share_by_layer":
+            layer = self.claim_layers[name]
+            k = int((reached & (first <= layer)).sum())
+            effect, ci = (k / n if n else None), wilson_interval(k, n)
+            metric = f"share of prompts with the target top-{claim.top_k} by layer {layer} ({(layer + 1) / n_layers:.2f} of depth)"
+            details["layer"] = layer
+        else:
+            effect, lo, hi = bootstrap_ci(first_frac, np.median, seed=self.spec.seed) if n else (None, 0, 1)
+            ci = (lo, hi)
+            metric = (f"median first layer (fraction of depth) with the target top-{claim.top_k}; "
+                      f"never = {NEVER}")
+        return judge(name, claim.expect, effect, ci if n else None, n, metric, details=details, curves=curves,
+                     tolerance=claim.tolerance, untestable=untestable)

@@ -1,0 +1,24 @@
+"""The site vocabulary (TransformerLens names), shared by probe files and the engine. No torch here."""
+
+from __future__ import annotations
+
+COMPONENTS = (
+    "embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
+    "attn.z", "mlp.post", "final", "logits",
+)
+PER_LAYER = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn.z", "mlp.post"})
+
+
+def canonical_name(component: str, layer: int | None) -> str:
+    """TransformerLens hook name, so a site pastes into TransformerLens / SAELens."""
+    if component == "embed":
+        return "hook_embed"
+    if component == "final":
+        return "ln_final.hook_normalized"
+    if component == "logits":
+        return "unembed"
+    if component == "attn.z":
+        return f"blocks.{layer}.attn.hook_z"
+    if component == "mlp.post":
+        return f"blocks.{layer}.mlp.hook_post"
+    return f"blocks.{layer}.hook_{component}"

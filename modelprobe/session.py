@@ -1,0 +1,250 @@
+"""One pytest run: the options, the model (loaded once, lazily), the run record and the baseline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelLoadError
+from .report.record import ModelInfo, PreflightResult, ProbeRecord, RunRecord
+
+DEFAULTS: dict[str, Any] = {
+    "probe_model": "smollm2-135m-instruct",
+    "probe_device": "cpu",
+    "probe_dtype": "float32",
+    "probe_report_dir": "reports",
+    "trust_remote_code": False,
+    "probe_allow_inconclusive": False,
+    "probe_batch_size": 16,
+    "probe_save": None,
+    "probe_compare": None,
+    "probe_tolerance": None,
+    "probe_strict": False,
+    "probe_allow_model_change": False,
+}
+
+
+@dataclass
+class Options:
+    model: str
+    device: str
+    dtype: str
+    report_dir: Path
+    trust_remote_code: bool
+    allow_inconclusive: bool
+    batch_size: int
+    save: str | None
+    compare: str | None
+    tolerance: str | None
+    strict: bool
+    allow_model_change: bool
+
+    @classmethod
+    def from_config(cls, config: Any) -> Options:
+        def get(name: str) -> Any:
+            value = config.getoption(name, default=None)
+            if value is None:
+                ini = config.getini(name)
+                value = ini if ini not in ("", [], None) else DEFAULTS[name]
+            if isinstance(DEFAULTS[name], bool) and isinstance(value, str):
+                value = value.strip().lower() in ("1", "true", "yes", "on")
+            return value
+
+        return cls(
+            model=str(get("probe_model")), device=str(get("probe_device")), dtype=str(get("probe_dtype")),
+            report_dir=Path(get("probe_report_dir")), trust_remote_code=bool(get("trust_remote_code")),
+            allow_inconclusive=bool(get("probe_allow_inconclusive")), batch_size=int(get("probe_batch_size")),
+            save=get("probe_save"), compare=get("probe_compare"), tolerance=get("probe_tolerance"),
+            strict=bool(get("probe_strict")), allow_model_change=bool(get("probe_allow_model_change")),
+        )
+
+
+def _git_commit(path: Path) -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+        if out.returncode != 0:
+            return ""
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "."],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class ProbeSession:
+    def __init__(self, options: Options, rootdir: Path, progress: bool = True):
+        self.options = options
+        self.rootdir = rootdir
+        self.progress = progress
+        self._subject: Any = None
+        self.load_error: str | None = None
+        self.preflight_failed: str | None = None
+        self.record = RunRecord(model=ModelInfo(id=options.model, slug=options.model), started=_now(),
+                                seed=0, probes_commit=_git_commit(rootdir))
+        self.record.versions = {"python": platform.python_version()}
+        self.probes_run = 0
+        self.gate: BaselineGate | None = BaselineGate(self) if options.compare else None
+        self.report_paths: list[Path] = []
+        self.report_error: str | None = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._subject is not None
+
+    def subject(self) -> Any:
+        """The model, loaded on first use; a load failure is remembered and re-raised as one line."""
+        if self._subject is not None:
+            return self._subject
+        if self.load_error is not None:
+            raise ModelLoadError(self.load_error)
+        import torch
+
+        from . import __version__
+        from .subject import load_subject
+        from .subject.preflight import run_preflight
+
+        try:
+            subject = load_subject(self.options.model, self.options.device, self.options.dtype,
+                                   self.options.trust_remote_code, self.options.batch_size, self.progress)
+        except ModelLoadError as e:
+            self.load_error = str(e)
+            raise
+        self._subject = subject
+        self.record.model = subject.info
+        self.record.versions.update(subject.cache.get("versions", {}))
+        self.record.versions.update({"modelprobe": __version__})
+        self.record.preflight = run_preflight(subject)
+        self.record.tokenization = tokenization_record(subject)
+        self.record.tokenization["site_map"] = subject.sitemap.features()
+        if self.gate:
+            self.gate.check_model()
+        failed = [p for p in self.record.preflight if not p.passed]
+        if failed:
+            self.preflight_failed = "; ".join(f"{p.name}: {p.detail}" for p in failed)
+        del torch
+        return subject
+
+    def gate_message(self, probe_name: str, claim: Any) -> str | None:
+        return self.gate.message(probe_name, claim) if self.gate else None
+
+    def after_probe(self, probe_name: str) -> PreflightResult:
+        from .subject.preflight import check_no_hooks_left
+        result = check_no_hooks_left(self._subject, after=f"probe {probe_name}")
+        if not result.passed:
+            self.record.preflight.append(result)
+        return result
+
+    def add_probe(self, probe: ProbeRecord) -> None:
+        self.record.probes = [p for p in self.record.probes if p.file != probe.file] + [probe]
+
+    def finish(self, interrupted: bool) -> None:
+        self.record.finished = _now()
+        self.record.interrupted = interrupted
+
+    def write_reports(self) -> None:
+        """report.{json,md,html} (+ baseline); a write failure is kept as one line, never a crash."""
+        from .report.baseline import save_baseline
+        from .report.errors import ReportError
+        from .report.writers import write_all
+
+        directory = self.options.report_dir / self.record.model.slug
+        try:
+            self.report_paths = list(write_all(self.record, directory))
+            if self.options.save:
+                self.report_paths.append(save_baseline(self.record, self.options.report_dir, self.options.save))
+        except ReportError as e:
+            self.report_error = str(e)
+
+
+def tokenization_record(subject: Any) -> dict[str, Any]:
+    """The exact chat template and one example's token ids, so a reader can audit BOS and template."""
+    tok = subject.tokenizer
+    example = "Give me a short example."
+    out: dict[str, Any] = {
+        "bos_token": tok.bos_token, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "pad_token_id": subject.pad_id, "padding_side": "left", "tokenizer_adds_bos": subject.adds_bos,
+        "plain_example": {"text": example, "ids": subject.encode(example)},
+        "chat_template": getattr(tok, "chat_template", None),
+    }
+    if subject.has_chat_template():
+        out["chat_example"] = {"text": subject.render(example, True), "ids": subject.encode(example, True)}
+    return out
+
+
+def parse_tolerance(text: str | None) -> tuple[float | None, float | None]:
+    """'0.05' or 'abs:0.05' or 'rel:0.1' or 'abs:0.05,rel:0.1' → (abs, rel)."""
+    if not text:
+        return None, None
+    tol_abs = tol_rel = None
+    for part in str(text).split(","):
+        key, _, value = part.strip().rpartition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"--probe-tolerance {text!r}: expected e.g. 0.05, abs:0.05 or rel:0.1") from None
+        if key in ("", "abs"):
+            tol_abs = number
+        elif key == "rel":
+            tol_rel = number
+        else:
+            raise ValueError(f"--probe-tolerance {text!r}: unknown part {key!r} (abs or rel)")
+    return tol_abs, tol_rel
+
+
+class BaselineGate:
+    """--probe-compare: each claim is held against the same claim of a stored run as it finishes."""
+
+    def __init__(self, session: ProbeSession):
+        self.session = session
+        self.before: RunRecord | None = None
+        self.error: str | None = None
+        opts = session.options
+        self.tol_abs, self.tol_rel = parse_tolerance(opts.tolerance)
+        from .report.baseline import BaselineError, load_report
+        try:
+            self.before = load_report(opts.compare, opts.report_dir, _slug_guess(opts.model))
+        except BaselineError as e:
+            self.error = str(e)
+
+    def check_model(self) -> None:
+        from .report.baseline import BaselineError, compare
+        if self.before is None or self.error:
+            return
+        empty = RunRecord(model=self.session.record.model)
+        try:
+            compare(self.before, empty, allow_model_change=self.session.options.allow_model_change)
+        except BaselineError as e:
+            self.error = str(e)
+
+    def message(self, probe_name: str, claim: Any) -> str | None:
+        from .report.baseline import compare
+        if self.error:
+            return f"baseline comparison impossible: {self.error}"
+        if self.before is None:
+            return None
+        before_probe = next((p for p in self.before.probes if p.name == probe_name), None)
+        before_claim = next((c for c in before_probe.claims if c.name == claim.name), None) if before_probe else None
+        if before_claim is None:
+            return ("claim is new since the baseline (fails under --probe-strict)"
+                    if self.session.options.strict else None)
+        b = self.before.model_copy(update={"probes": [before_probe.model_copy(update={"claims": [before_claim]})]})
+        after = RunRecord(model=self.session.record.model, seed=b.seed,
+                          probes=[before_probe.model_copy(update={"claims": [claim]})])
+        result = compare(b, after, self.tol_abs, self.tol_rel, strict=self.session.options.strict,
+                         allow_model_change=True)
+        failing = [r for r in result.rows if r.failing]
+        return f"regression against baseline: {failing[0].message}" if failing else None
+
+
+def _slug_guess(model: str) -> str:
+    from .subject.resolve import slugify  # pure string work; no torch import
+    return slugify(model)

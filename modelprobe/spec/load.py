@@ -1,0 +1,155 @@
+"""Read a probe file: YAML with positions → the kind's pydantic spec, errors as `file:line:col: loc: msg`."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from ..errors import DataError, SpecError
+from .fields import ProbeBase
+from .yaml_loader import Positions, load_yaml, position_of
+
+PROBE_SUFFIX = ".probe.yaml"
+
+
+@dataclass
+class LoadedProbe:
+    path: Path
+    spec: ProbeBase
+    positions: Positions
+    file_hash: str
+    data: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # relative path -> rows
+
+    @property
+    def name(self) -> str:
+        return self.path.name[: -len(PROBE_SUFFIX)] if self.path.name.endswith(PROBE_SUFFIX) else self.path.stem
+
+    def error(self, message: str, loc: tuple = (), key: bool = False) -> SpecError:
+        """A SpecError at `loc` of this file."""
+        line, col = position_of(loc, self.positions, key)
+        return SpecError(message, loc, str(self.path), line, col)
+
+    def locate(self, err: SpecError) -> SpecError:
+        line, col = position_of(err.loc, self.positions)
+        return err.located(str(self.path), line, col)
+
+    def rows(self, rel: str, loc: tuple, required: tuple[str, ...] = ("prompt",)) -> list[dict[str, Any]]:
+        """Rows of a JSONL data file named in the probe (relative to the probe file), read once."""
+        if rel not in self.data:
+            self.data[rel] = read_jsonl(self.path.parent / rel, required, self, loc)
+        rows = self.data[rel]
+        for i, row in enumerate(rows):
+            missing = [f for f in required if f not in row]
+            if missing:
+                raise DataError(f"{self.path.parent / rel}:{i + 1}: missing field '{missing[0]}'")
+        return rows
+
+
+def read_jsonl(path: Path, required: tuple[str, ...], probe: LoadedProbe, loc: tuple) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise probe.error(f"data file '{path}' not found", loc)
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{i + 1}:{e.colno}: not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i + 1}: each line must be a JSON object")
+        missing = [f for f in required if f not in row]
+        if missing:
+            raise DataError(f"{path}:{i + 1}: missing field '{missing[0]}'")
+        rows.append(row)
+    if not rows:
+        raise probe.error(f"data file '{path}' holds no rows", loc)
+    return rows
+
+
+def _field_names(model: type[BaseModel], seen: set | None = None) -> set[str]:
+    seen = seen if seen is not None else set()
+    if model in seen:
+        return set()
+    seen.add(model)
+    names = set()
+    for name, f in model.model_fields.items():
+        names.add(f.alias or name)
+        for arg in _types_in(f.annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                names |= _field_names(arg, seen)
+    return names
+
+
+def _types_in(annotation: Any) -> list[Any]:
+    args = getattr(annotation, "__args__", None)
+    if not args:
+        return [annotation]
+    out = []
+    for a in args:
+        out.extend(_types_in(a))
+    return out
+
+
+def _message(err: dict[str, Any], spec_cls: type[BaseModel]) -> str:
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        close = difflib.get_close_matches(key, sorted(_field_names(spec_cls)), n=1)
+        return f"unknown key '{key}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+    if err["type"] == "missing":
+        return "required field is missing"
+    msg = err["msg"]
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    # pydantic puts union member names into loc (e.g. 'int', 'list[int]'); they are not keys of the file.
+    out = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in {"int", "float", "str", "bool", "dict"}
+                                       or part.startswith("function-")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def validate(data: Any, spec_cls: type[BaseModel], path: Path, positions: Positions) -> BaseModel:
+    try:
+        return spec_cls.model_validate(data)
+    except ValidationError as e:
+        errs = e.errors(include_url=False)
+        lines = []
+        for err in errs:
+            loc = _clean_loc(err["loc"])
+            line, col = position_of(loc, positions, key=err["type"] == "extra_forbidden")
+            lines.append(str(SpecError(_message(err, spec_cls), loc, str(path), line, col)))
+        first = errs[0]
+        floc = _clean_loc(first["loc"])
+        line, col = position_of(floc, positions, key=first["type"] == "extra_forbidden")
+        raise SpecError("\n".join(lines), floc, str(path), line, col) from None
+
+
+def load_probe(path: Path, kinds: Mapping[str, type[ProbeBase]]) -> LoadedProbe:
+    """Load and validate one probe file (no model needed). Raises SpecError / DataError."""
+    path = Path(path)
+    data, positions = load_yaml(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if not isinstance(data, dict):
+        raise SpecError("a probe file is a mapping with 'kind', 'claims', ...", (), str(path), 1, 1)
+    kind = data.get("kind")
+    if kind is None:
+        raise SpecError(f"required field is missing (one of: {', '.join(sorted(kinds))})", ("kind",),
+                        str(path), 1, 1)
+    if kind not in kinds:
+        line, col = position_of(("kind",), positions)
+        raise SpecError(f"unknown kind '{kind}' (known: {', '.join(sorted(kinds))})", ("kind",),
+                        str(path), line, col)
+    spec = validate(data, kinds[kind], path, positions)
+    return LoadedProbe(path, spec, positions, digest)  # type: ignore[arg-type]

@@ -1,0 +1,301 @@
+"""report.json / report.md / report.html and the summary table, from hand-built RunRecords (no model)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+
+from modelprobe.report import (
+    SUMMARY_HEADERS,
+    ClaimResult,
+    ControlResult,
+    ModelInfo,
+    PreflightResult,
+    ProbeRecord,
+    ReportWriteError,
+    RunRecord,
+    compare,
+    render_html,
+    render_markdown,
+    summary_rows,
+    verdict_counts,
+    write_all,
+    write_html,
+    write_json,
+    write_markdown,
+)
+from modelprobe.report._fmt import fmt_num
+
+PNG = "data:image/png;base64,"
+
+
+def make_record() -> RunRecord:
+    return RunRecord(
+        model=ModelInfo(id="tiny-test-model", slug="tiny", hash="abc123", model_type="llama",
+                        n_layers=6, dtype="float32", device="cpu"),
+        versions={"modelprobe": "0.1.0", "torch": "2.4.1"},
+        seed=7,
+        preflight=[
+            PreflightResult(name="logits match", passed=True, value=2e-5, tolerance=1e-3),
+            PreflightResult(name="hooks reconstruct", passed=False, detail="layer 3 off by 0.02"),
+        ],
+        tokenization={"chat_template": "<|user|>{x}", "example_ids": [1, 2, 3]},
+        probes=[
+            ProbeRecord(
+                name="lens_capitals",
+                kind="logit_lens",
+                file="probes/lens_capitals.yaml",
+                file_hash="f00dfeed" * 4,
+                about="Capitals are decodable by layer 4.",
+                settings={"layer": 4, "position": -1},
+                claims=[
+                    ClaimResult(
+                        name="top1_at_layer_4",
+                        verdict="pass",
+                        reason="accuracy above threshold",
+                        metric="top-1 accuracy",
+                        effect=0.8125,
+                        ci=(0.7051, 0.9012),
+                        threshold=0.5,
+                        comparison="at_least",
+                        n=64,
+                        control=ControlResult(name="random_direction", effect=0.031, p_value=0.001),
+                        details={"null_distribution": [0.01, 0.03, -0.02, 0.05, 0.0, 0.02], "top_k": 1},
+                        curves={"accuracy": [0.0, 0.05, 0.2, 0.6, 0.81, 0.9],
+                                "rank": [0.9, 0.7, 0.5, 0.2, 0.1, 0.05]},
+                    ),
+                    ClaimResult(
+                        name="quiet_early",
+                        verdict="inconclusive",
+                        reason="CI straddles the threshold",
+                        metric="accuracy at layer 1",
+                        effect=0.09,
+                        ci=(0.03, 0.21),
+                        threshold=0.1,
+                        comparison="at_most",
+                        n=64,
+                        curves={"accuracy": [0.0, 0.09, 0.2, 0.6, 0.81, 0.9]},
+                    ),
+                ],
+            ),
+            ProbeRecord(
+                name="ioi",
+                kind="circuit",
+                file="probes/ioi.yaml",
+                claims=[
+                    ClaimResult(
+                        name="faithfulness",
+                        verdict="fail",
+                        reason="0.421 < 0.8",
+                        metric="logit difference recovered",
+                        effect=0.4213,
+                        threshold=0.8,
+                        comparison="at_least",
+                        n=128,
+                        control=ControlResult(name="random_circuits", effect=0.12, p_value=0.004),
+                        details={"null_distribution": [0.1, 0.12, 0.15, 0.09], "logit_diff": 3.21},
+                    ),
+                ],
+            ),
+            ProbeRecord(name="broken", kind="steering", file="probes/broken.yaml",
+                        error="ValueError: layer 40 out of range"),
+        ],
+    )
+
+
+# ---------------------------------------------------------------- summary table
+
+
+def test_fmt_num_three_significant_digits():
+    assert fmt_num(0.8125) == "0.812"
+    assert fmt_num(0.031) == "0.031"
+    assert fmt_num(1234.5) == "1230"
+    assert fmt_num(3.1e-5) == "3.1e-05"
+    assert fmt_num(2) == "2"
+    assert fmt_num(None) == "—"
+    assert fmt_num(float("nan")) == "nan"
+
+
+def test_summary_rows():
+    rows = summary_rows(make_record())
+    assert SUMMARY_HEADERS == ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"]
+    assert all(len(r) == len(SUMMARY_HEADERS) for r in rows)
+    assert rows[0] == ["lens_capitals", "top1_at_layer_4", "pass", "0.812", "[0.705, 0.901]", "≥ 0.5",
+                       "random direction: 0.031 (p=0.001)"]
+    assert rows[1][5] == "≤ 0.1" and rows[1][6] == "—"
+    assert rows[2][4] == "—"  # no CI
+    assert rows[3] == ["broken", "(probe error)", "error", "—", "—", "—", "—"]
+    assert verdict_counts(make_record()) == {"pass": 1, "fail": 1, "inconclusive": 1, "error": 1}
+
+
+# ---------------------------------------------------------------- json / markdown
+
+
+def test_json_round_trips(tmp_path):
+    rec = make_record()
+    path = write_json(rec, tmp_path / "out")
+    assert path == tmp_path / "out" / "report.json"
+    text = path.read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert data["tool"] == "modelprobe" and data["schema_version"] == rec.schema_version
+    assert text.startswith("{\n  ")  # indent 2
+    for _, c in rec.claims():
+        assert f'"{c.name}"' in text
+    assert RunRecord.model_validate_json(text) == rec
+    assert RunRecord.model_validate(data) == rec
+
+
+def test_json_nan_effect_survives(tmp_path):
+    rec = make_record()
+    rec.probes[0].claims[0].effect = float("nan")
+    back = RunRecord.model_validate_json(write_json(rec, tmp_path).read_text())
+    assert math.isnan(back.probes[0].claims[0].effect)
+    assert summary_rows(rec)[0][3] == "nan"
+
+
+def test_markdown_contains_every_claim_and_number(tmp_path):
+    rec = make_record()
+    md = write_markdown(rec, tmp_path).read_text(encoding="utf-8")
+    assert md.startswith("# modelprobe report — `tiny-test-model`")
+    for p, c in rec.claims():
+        assert c.name in md and p.name in md
+        assert c.reason in md and c.metric in md
+        assert f"- **n:** {c.n}" in md
+    for s in ["0.812", "[0.705, 0.901]", "≥ 0.5", "≤ 0.1", "0.421", "≥ 0.8",
+              "random direction: 0.031 (p=0.001)", "random circuits: 0.12 (p=0.004)",
+              "| logit_diff ", "3.21", "| top_k "]:
+        assert s in md, s
+    # summary table (github format) at the top, before the per-probe sections
+    assert md.index("| probe ") < md.index("## Preflight") < md.index("## Probes")
+    assert "| claim " in md and "|-----" in md
+    # preflight and the errored probe
+    assert "logits match" in md and "hooks reconstruct" in md and "❌ failed" in md
+    assert "ValueError: layer 40 out of range" in md and "could not be measured" in md
+    assert "💥 error" in md
+
+
+def test_markdown_table_cells_are_escaped():
+    rec = make_record()
+    rec.probes[0].claims[0].reason = "a | b\nc"
+    rec.probes[0].claims[0].details["weird|key"] = "x|y"
+    md = render_markdown(rec)
+    assert "weird\\|key" in md and "x\\|y" in md
+    assert "a | b c" in md  # bullet text: one line
+
+
+def test_markdown_with_comparison_section():
+    before, after = make_record(), make_record()
+    after.probes[0].claims[0].verdict = "fail"
+    md = render_markdown(after, compare(before, after))
+    assert "## Baseline comparison" in md and "FLIPPED" in md and "pass → fail" in md
+
+
+# ---------------------------------------------------------------- errors / write_all
+
+
+def test_unwritable_directory_raises_report_write_error(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    target = blocker / "reports"
+    for writer in (write_json, write_markdown, write_html):
+        with pytest.raises(ReportWriteError) as e:
+            writer(make_record(), target)
+        msg = str(e.value)
+        assert str(target) in msg and "\n" not in msg
+    with pytest.raises(ReportWriteError):
+        write_all(make_record(), target, github_summary=False)
+
+
+def test_write_all_and_github_step_summary(tmp_path, monkeypatch):
+    summary = tmp_path / "step_summary.md"
+    summary.write_text("previous step\n", encoding="utf-8")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    paths = write_all(make_record(), tmp_path / "r")
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+    text = summary.read_text(encoding="utf-8")
+    assert text.startswith("previous step\n")
+    assert "# modelprobe report" in text and "top1_at_layer_4" in text
+    assert text.count("# modelprobe report") == 1
+
+    write_all(make_record(), tmp_path / "r", github_summary=False)
+    assert summary.read_text(encoding="utf-8") == text  # not appended again
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY")
+    write_all(make_record(), tmp_path / "r")  # no env: nothing to append, no error
+    assert summary.read_text(encoding="utf-8") == text
+
+
+# ---------------------------------------------------------------- html
+
+
+def _images(html: str) -> list[str]:
+    return re.findall(r'src="(data:image/png;base64,[^"]+)"', html)
+
+
+def test_html_is_self_contained_with_plots(tmp_path):
+    rec = make_record()
+    path = write_html(rec, tmp_path)
+    assert path == tmp_path / "report.html"
+    html = path.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>")
+    assert PNG in html
+    # no network: no external src/href, no stylesheet links, no scripts
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "http://" not in html and "https://" not in html
+    assert "<link" not in html and "<script" not in html
+    assert "<style>" in html
+    # one plot per claim with curves (two curve sets of a claim share a figure), one per null dist.
+    with_curves = sum(1 for _, c in rec.claims() if c.curves)
+    with_null = sum(1 for _, c in rec.claims() if "null_distribution" in c.details)
+    images = _images(html)
+    assert len(images) == with_curves + with_null == 4
+    assert html.count(f'alt="plot for {rec.probes[0].claims[1].name}"') == 1
+    for img in images:
+        assert base64.b64decode(img[len(PNG):])[:8] == b"\x89PNG\r\n\x1a\n"
+    for _, c in rec.claims():
+        assert c.name in html
+    for v in ("pass", "fail", "inconclusive", "error"):
+        assert f'class="pill {v}"' in html  # coloured verdicts
+    assert "ValueError: layer 40 out of range" in html
+    assert "logits match" in html
+
+
+def test_html_escapes_text():
+    rec = make_record()
+    rec.probes[0].about = "<script>alert(1)</script>"
+    html = render_html(rec)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_html_comparison_chart():
+    before, after = make_record(), make_record()
+    after.probes[0].claims[0].effect = 0.3
+    after.probes[0].claims[0].verdict = "fail"
+    html = render_html(after, compare(before, after))
+    assert len(_images(html)) == 5
+    assert "Baseline comparison" in html and "flipped" in html
+
+
+def test_html_without_plots_or_probes():
+    rec = RunRecord(model=ModelInfo(id="m", slug="m"))
+    html = render_html(rec)
+    assert PNG not in html and "No probes were run" in html
+
+
+def test_report_layer_imports_no_torch_and_leaves_pyplot_alone(tmp_path):
+    code = (
+        "import sys\n"
+        "import modelprobe.report as r\n"
+        "from modelprobe.report._sample import sample_record\n"
+        f"r.write_all(sample_record(), {str(tmp_path)!r}, github_summary=False)\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
