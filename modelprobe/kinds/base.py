@@ -39,7 +39,7 @@ class ProbeKind(ABC):
     def claim_names(self) -> list[str]:
         return list(self.spec.claims)
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook; most kinds override it
         """Model-dependent checks (layers in range, single-token answers...). Raise SpecError/SiteError."""
 
     @abstractmethod

@@ -38,16 +38,21 @@ class RunState:
             if positions in ("all", "generated"):
                 mask[:] = True
             return mask
-        if positions == "generated":
-            return mask
         pad = self.pad.to(device) if self.pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
-        if positions in ("all", "prompt"):
+        # Without a KV cache, generated tokens sit after the prompt in the same call.
+        plen = self.prompt_len or seq
+        generated = cols[None, :] >= plen
+        if positions == "generated":
+            return generated.expand(batch, seq).clone()
+        if positions == "all":
             return cols[None, :] >= pad[:, None]
+        if positions == "prompt":
+            return (cols[None, :] >= pad[:, None]) & ~generated
         if positions == "last":
-            mask[:, seq - 1] = True
+            mask[:, plen - 1] = True
             return mask
         if isinstance(positions, int):
-            target = pad + positions if positions >= 0 else torch.full_like(pad, seq + positions)
+            target = pad + positions if positions >= 0 else torch.full_like(pad, plen + positions)
             return cols[None, :] == target[:, None]
         if isinstance(positions, torch.Tensor):  # per-row token index (unpadded coordinates)
             target = pad + positions.to(device)

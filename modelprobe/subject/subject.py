@@ -212,7 +212,7 @@ class Subject:
         cache = DynamicCache() if use_cache else None
         step_ids, step_pos = tokens, pos
         with torch.inference_mode(), hooked(self.model, self.sitemap, state, interventions):
-            for step in range(max_new):
+            for _ in range(max_new):
                 if use_cache:
                     res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                                      past_key_values=cache, use_cache=True)
