@@ -14,8 +14,9 @@ class SpecError(ModelprobeError):
     """
 
     def __init__(self, message: str, loc: tuple = (), file: str | None = None,
-                 line: int | None = None, col: int | None = None):
+                 line: int | None = None, col: int | None = None, rendered: str | None = None):
         super().__init__(message)
+        self.rendered = rendered  # several located lines, already formatted
         self.message = message
         self.loc = tuple(loc)
         self.file = file
@@ -26,6 +27,8 @@ class SpecError(ModelprobeError):
         return SpecError(self.message, self.loc, file, line, col)
 
     def __str__(self) -> str:
+        if self.rendered:
+            return self.rendered
         where = ".".join(str(p) for p in self.loc) or "<probe>"
         if self.file is None:
             return f"{where}: {self.message}"

@@ -19,6 +19,7 @@ _OPTIONS = [
     ("--trust-remote-code", "trust_remote_code", "allow model code from the model directory (off by default)", bool),
     ("--probe-allow-inconclusive", "probe_allow_inconclusive", "do not fail the run on inconclusive claims", bool),
     ("--probe-batch-size", "probe_batch_size", "prompts per forward pass (default 16)", int),
+    ("--probe-threads", "probe_threads", "torch threads (default: all cores; 1 per xdist worker)", int),
     ("--probe-save", "probe_save", "save this run as baseline NAME under <report-dir>/baselines/<model-slug>/", str),
     ("--probe-compare", "probe_compare", "compare with a baseline (NAME or path to a report.json)", str),
     ("--probe-tolerance", "probe_tolerance", "allowed effect move vs the baseline: 0.05, abs:0.05, rel:0.1", str),
@@ -48,7 +49,8 @@ def pytest_configure(config: pytest.Config) -> None:
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
     try:
-        session = ProbeSession(options, Path(str(config.rootpath)), progress=progress)
+        session = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
+                               worker=_is_worker(config))
     except ValueError as e:
         raise pytest.UsageError(f"modelprobe: {e}") from None
     config.stash[SESSION_KEY] = session
@@ -56,6 +58,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     if file_path.name.endswith(".probe.yaml"):
+        # One bad probe file must not stop the others: keep running after its collection error.
+        parent.config.option.continue_on_collection_errors = True
         return ProbeFile.from_parent(parent, path=file_path)
     return None
 

@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "trust_remote_code": False,
     "probe_allow_inconclusive": False,
     "probe_batch_size": 16,
+    "probe_threads": 0,
     "probe_save": None,
     "probe_compare": None,
     "probe_tolerance": None,
@@ -37,6 +38,7 @@ class Options:
     trust_remote_code: bool
     allow_inconclusive: bool
     batch_size: int
+    threads: int
     save: str | None
     compare: str | None
     tolerance: str | None
@@ -58,6 +60,7 @@ class Options:
             model=str(get("probe_model")), device=str(get("probe_device")), dtype=str(get("probe_dtype")),
             report_dir=Path(get("probe_report_dir")), trust_remote_code=bool(get("trust_remote_code")),
             allow_inconclusive=bool(get("probe_allow_inconclusive")), batch_size=int(get("probe_batch_size")),
+            threads=int(get("probe_threads")),
             save=get("probe_save"), compare=get("probe_compare"), tolerance=get("probe_tolerance"),
             strict=bool(get("probe_strict")), allow_model_change=bool(get("probe_allow_model_change")),
         )
@@ -81,8 +84,9 @@ def _now() -> str:
 
 
 class ProbeSession:
-    def __init__(self, options: Options, rootdir: Path, progress: bool = True):
+    def __init__(self, options: Options, rootdir: Path, progress: bool = True, worker: bool = False):
         self.options = options
+        self.worker = worker
         self.rootdir = rootdir
         self.progress = progress
         self._subject: Any = None
@@ -112,6 +116,10 @@ class ProbeSession:
         from .subject import load_subject
         from .subject.preflight import run_preflight
 
+        # Oversubscribed threads were measured 4x slower: one thread per xdist worker.
+        threads = self.options.threads or (1 if self.worker else 0)
+        if threads:
+            torch.set_num_threads(threads)
         try:
             subject = load_subject(self.options.model, self.options.device, self.options.dtype,
                                    self.options.trust_remote_code, self.options.batch_size, self.progress)
@@ -130,7 +138,6 @@ class ProbeSession:
         failed = [p for p in self.record.preflight if not p.passed]
         if failed:
             self.preflight_failed = "; ".join(f"{p.name}: {p.detail}" for p in failed)
-        del torch
         return subject
 
     def gate_message(self, probe_name: str, claim: Any) -> str | None:
@@ -157,8 +164,9 @@ class ProbeSession:
         from .report.writers import write_all
 
         directory = self.options.report_dir / self.record.model.slug
+        comparison = self.gate.comparison(self.record) if self.gate else None
         try:
-            self.report_paths = list(write_all(self.record, directory))
+            self.report_paths = list(write_all(self.record, directory, comparison=comparison))
             if self.options.save:
                 self.report_paths.append(save_baseline(self.record, self.options.report_dir, self.options.save))
         except ReportError as e:
@@ -224,6 +232,19 @@ class BaselineGate:
             compare(self.before, empty, allow_model_change=self.session.options.allow_model_change)
         except BaselineError as e:
             self.error = str(e)
+
+    def comparison(self, after: RunRecord) -> Any:
+        """The whole-run diff for the reports (None when there is no usable baseline)."""
+        from .report.baseline import BaselineError, compare
+        if self.before is None or self.error:
+            return None
+        opts = self.session.options
+        try:
+            return compare(self.before, after, self.tol_abs, self.tol_rel, strict=opts.strict,
+                           allow_model_change=opts.allow_model_change)
+        except BaselineError as e:
+            self.error = str(e)
+            return None
 
     def message(self, probe_name: str, claim: Any) -> str | None:
         from .report.baseline import compare

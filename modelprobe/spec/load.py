@@ -133,7 +133,7 @@ def validate(data: Any, spec_cls: type[BaseModel], path: Path, positions: Positi
         first = errs[0]
         floc = _clean_loc(first["loc"])
         line, col = position_of(floc, positions, key=first["type"] == "extra_forbidden")
-        raise SpecError("\n".join(lines), floc, str(path), line, col) from None
+        raise SpecError(_message(first, spec_cls), floc, str(path), line, col, rendered="\n".join(lines)) from None
 
 
 def load_probe(path: Path, kinds: Mapping[str, type[ProbeBase]]) -> LoadedProbe:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..errors import SiteError
 from .sitemap import HookPoint, SiteMap
 from .sites import Site
 
@@ -54,8 +55,9 @@ class RunState:
         if isinstance(positions, int):
             target = pad + positions if positions >= 0 else torch.full_like(pad, plen + positions)
             return cols[None, :] == target[:, None]
-        if isinstance(positions, torch.Tensor):  # per-row token index (unpadded coordinates)
-            target = pad + positions.to(device)
+        if isinstance(positions, torch.Tensor):  # per-row token index (unpadded; negative from the end)
+            p = positions.to(device)
+            target = torch.where(p >= 0, pad + p, plen + p)
             return cols[None, :] == target[:, None]
         raise ValueError(f"unknown positions {positions!r}")
 
@@ -149,9 +151,14 @@ class MeanAblate(Intervention):
             value = m.expand(x.shape[0], x.shape[1], *m.shape)
         else:
             pad = state.pad.to(x.device) if state.pad is not None else torch.zeros(x.shape[0], dtype=torch.long)
-            idx = torch.arange(x.shape[1], device=x.device)[None, :] - pad[:, None]
+            cols = torch.arange(x.shape[1], device=x.device)[None, :]
+            idx = cols - pad[:, None]
+            # Generated tokens take the last mean, with the KV cache (phase "generated") and without it
+            # (they then sit after the prompt in the same call), so both modes generate alike.
             if state.phase == "generated":
                 idx = torch.full_like(idx, m.shape[0] - 1)
+            elif state.prompt_len:
+                idx = torch.where(cols >= state.prompt_len, m.shape[0] - 1, idx)
             idx = idx.clamp(0, m.shape[0] - 1)
             value = m[idx]  # [b, s, ...]
         return _replace_units(x, mask, value, self.site, self.unit_mask, state)
@@ -248,10 +255,13 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
                         return (process(output[0], actions), *output[1:])
                     return process(output, actions)
                 handles.append(hp.module.register_forward_hook(_tag(post)))
-        params = dict(model.named_parameters())
+        # remove_duplicate=False: a tied weight answers to both of its names (lm_head.weight too).
+        params = dict(model.named_parameters(remove_duplicate=False))
         for iv in interventions:
             if isinstance(iv, WeightDelta):
-                p = params[iv.parameter]
+                p = params.get(iv.parameter)
+                if p is None:
+                    raise SiteError(f"model type '{sitemap.model_type}' has no parameter '{iv.parameter}'")
                 weights.append((p, p.detach().clone()))
                 with torch.no_grad():
                     p.add_(iv.delta.to(p.dtype).to(p.device))
@@ -260,5 +270,6 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
         for h in handles:
             h.remove()
         with torch.no_grad():
-            for p, original in weights:
+            # Newest first: two deltas on one (or one tied) tensor must unwind to the first original.
+            for p, original in reversed(weights):
                 p.copy_(original)

@@ -52,6 +52,10 @@ def resolve_layer(spec: Any, n_layers: int, loc: tuple = ("layer",)) -> list[int
             stop = int(b) if b.strip() else n_layers
         except ValueError:
             raise SiteError(f"layer range '{spec}' is not 'start:stop'", loc) from None
+        # Negative bounds count from the end, as in Python slices ('-2:' = the last two layers).
+        start, stop = (x + n_layers if x < 0 else x for x in (start, stop))
+        if start >= stop:
+            raise SiteError(f"layer range '{spec}' is empty", loc)
         return [resolve_layer(i, n_layers, loc)[0] for i in range(start, stop)]
     if isinstance(spec, bool):
         raise SiteError(f"layer must be an int, a fraction, a list or a range, not {spec!r}", loc)

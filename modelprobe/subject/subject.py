@@ -244,7 +244,12 @@ class Subject:
         """Logit lens: final norm then unembedding, for residual vectors [..., d_model]."""
         with torch.inference_mode():
             x = resid.to(self.device).to(next(self.model.parameters()).dtype)
-            return self.sitemap.unembed(self.sitemap.final_norm(x)).float()
+            logits = self.sitemap.unembed(self.sitemap.final_norm(x)).float()
+            # Gemma 2 soft-caps its logits after the unembedding; without it probabilities differ.
+            config = self.model.config
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            cap = getattr(text, "final_logit_softcapping", None)
+            return torch.tanh(logits / cap) * cap if cap else logits
 
     # ---- hygiene -------------------------------------------------------------------------------
     def leaked_hooks(self) -> list[str]:

@@ -1,0 +1,184 @@
+"""The plugin as a user meets it: collection, verdicts, errors, reports, markers, baselines, xdist."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.toy_models import copy_task_rows, save_copy_model, save_random_model, write_jsonl
+
+LENS_PROBE = """\
+kind: logit_lens
+about: the last token is decoded from the first layer on
+tags: [lens, toy]
+prompts: data/copy.jsonl
+claims:
+  emerges_early:
+    expect: {median_first_layer: {at_most: 0.5}}
+  emerges_late:
+    expect: {median_first_layer: {at_least: 0.9}}
+  final_accuracy:
+    expect: {final_accuracy: {at_least: 0.9}}
+    tolerance: {abs: 0.05}
+"""
+
+
+@pytest.fixture(scope="session")
+def copy_model(tmp_path_factory) -> Path:
+    return save_copy_model(tmp_path_factory.mktemp("copy_model"))
+
+
+@pytest.fixture(scope="session")
+def random_model(tmp_path_factory) -> Path:
+    return save_random_model(tmp_path_factory.mktemp("random_model"))
+
+
+@pytest.fixture
+def probe_dir(pytester):
+    write_jsonl(pytester.path / "probes" / "data" / "copy.jsonl", copy_task_rows())
+    (pytester.path / "probes" / "lens.probe.yaml").write_text(LENS_PROBE)
+    return pytester.path / "probes"
+
+
+def run(pytester, model: Path, *args: str, subprocess: bool = False):
+    runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+    return runner("probes", f"--model={model}", "--probe-report-dir=out", "-p", "no:cacheprovider",
+                              "-p", "no:randomly", *args)
+
+
+def report(pytester, model: Path) -> dict:
+    return json.loads((pytester.path / "out" / model.name / "report.json").read_text())
+
+
+def test_planted_true_claim_passes_false_claim_fails(pytester, probe_dir, copy_model):
+    result = run(pytester, copy_model, "-v")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(["*lens.probe.yaml::emerges_early PASSED*",
+                                 "*lens.probe.yaml::emerges_late FAILED*"])
+    result.stdout.fnmatch_lines(["*FAIL: median first layer*", "*misses at_least 0.9*"])
+    assert "Traceback" not in result.stdout.str()
+    rec = report(pytester, copy_model)
+    claims = {c["name"]: c for c in rec["probes"][0]["claims"]}
+    # The copy model decodes the input token at the first layer: first layer = 1/L = 0.25 exactly.
+    assert claims["emerges_early"]["effect"] == pytest.approx(0.25)
+    assert claims["final_accuracy"]["effect"] == 1.0
+    assert claims["emerges_late"]["verdict"] == "fail"
+    assert rec["model"]["model_type"] == "llama" and rec["model"]["n_layers"] == 4
+    assert all(p["passed"] for p in rec["preflight"])
+    assert rec["tokenization"]["plain_example"]["ids"][0] == rec["tokenization"]["bos_token_id"]
+    for name in ("report.md", "report.html"):
+        assert (pytester.path / "out" / copy_model.name / name).exists()
+
+
+def test_known_negative_model_fails(pytester, probe_dir, random_model):
+    run(pytester, random_model)
+    rec = report(pytester, random_model)
+    claims = {c["name"]: c for c in rec["probes"][0]["claims"]}
+    assert claims["emerges_early"]["verdict"] != "pass"
+    assert claims["final_accuracy"]["verdict"] == "fail"
+
+
+def test_summary_table_and_junit_properties(pytester, probe_dir, copy_model):
+    result = run(pytester, copy_model, "--junitxml=junit.xml", "-o", "junit_family=xunit1")
+    result.stdout.fnmatch_lines(["*modelprobe*", "*probe*claim*verdict*effect*CI*threshold*control*",
+                                 "*lens*emerges_early*pass*0.25*"])
+    xml = (pytester.path / "junit.xml").read_text()
+    assert 'name="verdict" value="pass"' in xml and 'name="ci_low"' in xml and 'name="threshold"' in xml
+
+
+def test_tags_are_markers_and_keywords(pytester, probe_dir, copy_model):
+    run(pytester, copy_model, "-m", "toy", "-k", "early").assert_outcomes(passed=1, deselected=2)
+    run(pytester, copy_model, "-m", "not toy").assert_outcomes(deselected=3)
+
+
+def test_only_probe_yaml_is_collected(pytester, probe_dir, copy_model):
+    (probe_dir / "notes.yaml").write_text("kind: nonsense\n")
+    (probe_dir / "data" / "other.yml").write_text("- 1\n")
+    run(pytester, copy_model).assert_outcomes(passed=2, failed=1)
+
+
+BAD_PROBES = {
+    "misspelt_key": ("claims:\n  c:\n    expct: {final_accuracy: {at_least: 0.5}}\n",
+                     "bad.probe.yaml:8:5: claims.c.expct: unknown key 'expct' (did you mean 'expect'?)"),
+    "wrong_type": ("claims:\n  c:\n    top_k: many\n    expect: {final_accuracy: {at_least: 0.5}}\n",
+                   "bad.probe.yaml:8:12: claims.c.top_k: Input should be a valid integer*"),
+    "bad_threshold": ("claims:\n  c:\n    expect: {final_accuracy: {at_least: 0.5, at_most: 0.9}}\n",
+                      "bad.probe.yaml:8:30: claims.c.expect.final_accuracy: give exactly one of at_least or at_most"),
+    "layer_beyond_depth": ("claims:\n  c:\n    layer: 12\n    expect: {share_by_layer: {at_least: 0.5}}\n",
+                           "bad.probe.yaml:8:12: claims.c.layer: layer 12 is beyond the model's depth (4 layers*"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PROBES))
+def test_bad_probe_is_one_line_error_and_others_still_run(pytester, probe_dir, copy_model, case):
+    body, expected = BAD_PROBES[case]
+    head = "kind: logit_lens\nabout: x\nprompts: data/copy.jsonl\n# a comment\n# another\n"
+    (probe_dir / "bad.probe.yaml").write_text(head + body)
+    result = run(pytester, copy_model)
+    result.assert_outcomes(passed=2, failed=1, errors=1)
+    result.stdout.fnmatch_lines([f"*{expected}"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_unknown_kind_missing_data_and_multi_token_answer(pytester, probe_dir, copy_model):
+    (probe_dir / "a.probe.yaml").write_text("kind: telepathy\nclaims: {}\n")
+    (probe_dir / "b.probe.yaml").write_text(
+        "kind: logit_lens\nprompts: data/missing.jsonl\nclaims:\n  c:\n    expect: {final_accuracy: {at_least: 1}}\n")
+    write_jsonl(probe_dir / "data" / "multi.jsonl", [{"prompt": "t1 t2", "answer": " t3"},
+                                                     {"prompt": "t1", "answer": " t3 t4"}])
+    (probe_dir / "c.probe.yaml").write_text(
+        "kind: logit_lens\nprompts: data/multi.jsonl\ntarget: single_token\n"
+        "claims:\n  c:\n    expect: {final_accuracy: {at_least: 1}}\n")
+    result = run(pytester, copy_model)
+    result.assert_outcomes(passed=2, failed=1, errors=3)
+    result.stdout.fnmatch_lines([
+        "*a.probe.yaml:1:7: kind: unknown kind 'telepathy' (known: *logit_lens*",
+        "*b.probe.yaml:2:10: prompts: data file '*missing.jsonl' not found",
+        "*multi.jsonl:2: answer ' t3 t4' is 2 tokens for model *; target: single_token needs one",
+    ])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_unloadable_model_is_one_clear_error(pytester, probe_dir, tmp_path):
+    result = run(pytester, tmp_path / "nowhere")
+    result.stdout.fnmatch_lines(["*neither the alias 'smollm2-135m-instruct', a local directory*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_report_written_when_interrupted(pytester, probe_dir, copy_model):
+    pytester.makeconftest("""
+        import pytest
+        def pytest_runtest_teardown(item):
+            if item.name == "emerges_late":
+                raise KeyboardInterrupt
+    """)
+    run(pytester, copy_model, subprocess=True)  # in-process, the interrupt would stop this session too
+    rec = report(pytester, copy_model)
+    assert rec["interrupted"] is True
+    assert {c["name"] for c in rec["probes"][0]["claims"]} >= {"emerges_early"}
+
+
+def test_baseline_gate_catches_a_damaged_model(pytester, probe_dir, copy_model, random_model):
+    run(pytester, copy_model, "--probe-save=clean")
+    baseline = pytester.path / "out" / "baselines" / copy_model.name / "clean.json"
+    assert baseline.exists()
+    same = run(pytester, copy_model, f"--probe-compare={baseline}")
+    same.assert_outcomes(passed=2, failed=1)
+    damaged = run(pytester, random_model, f"--probe-compare={baseline}", "--probe-allow-model-change")
+    damaged.stdout.fnmatch_lines(["*regression against baseline: *pass → fail*"])
+
+
+def test_xdist_matches_serial(pytester, probe_dir, copy_model):
+    serial = run(pytester, copy_model)
+    serial_rec = report(pytester, copy_model)
+    parallel = run(pytester, copy_model, "-n", "2", "--dist", "loadgroup")
+    parallel.assert_outcomes(passed=2, failed=1)
+    par_rec = report(pytester, copy_model)
+    assert serial.ret == parallel.ret
+
+    def key(rec):
+        return {(p["name"], c["name"]): (c["verdict"], c["effect"], c["ci"]) for p in rec["probes"]
+                for c in p["claims"]}
+    assert key(serial_rec) == key(par_rec)
