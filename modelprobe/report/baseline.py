@@ -245,6 +245,9 @@ def _check_models(before: RunRecord, after: RunRecord, allow_model_change: bool)
         return f"{m.slug} ({m.hash[:12]})" if m.hash else m.slug
 
     what = f"baseline model {desc(bm)} vs this run's model {desc(am)}"
+    if same_slug:
+        # A new revision of the same model is exactly what a release gate compares.
+        return [f"weights changed since the baseline: {what}"]
     if not allow_model_change:
         raise BaselineError(
             f"cannot compare different models: {what}; "

@@ -19,11 +19,12 @@ def _config(vocab: int, tie: bool) -> LlamaConfig:
                        tie_word_embeddings=tie, bos_token_id=2, eos_token_id=3, pad_token_id=0)
 
 
-def save_copy_model(directory: Path) -> Path:
+def save_copy_model(directory: Path, damaged: bool = False) -> Path:
     """Every sublayer writes nothing, embeddings are tied: each layer's residual decodes to the input token.
 
     So a logit lens puts the last prompt token at rank 0 from the first layer on: the answer "emerges"
-    at 1/L of depth — a planted, exactly known mechanism.
+    at 1/L of depth — a planted, exactly known mechanism. `damaged` bakes a broken component into the
+    weights (layer 0's MLP writes large noise), as a bad release would.
     """
     tok = AutoTokenizer.from_pretrained(TOY_TOKENIZER)
     torch.manual_seed(0)
@@ -32,6 +33,8 @@ def save_copy_model(directory: Path) -> Path:
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
+        if damaged:
+            model.model.layers[0].mlp.down_proj.weight.normal_(0, 5.0)
     model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
