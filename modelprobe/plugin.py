@@ -69,8 +69,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if session is None:
         return []
     o = session.options
-    line = f"modelprobe: model={o.model} dtype={o.dtype} device={o.device} reports={o.report_dir}"
-    return [line]
+    from .errors import ModelprobeError
+    from .subject.resolve import resolve  # path work only: no torch
+    try:
+        r = resolve(o.model)
+        where = f"path={r.path / r.gguf_file if r.gguf_file else r.path} hash={r.fingerprint}"
+    except ModelprobeError as e:
+        where = f"(unresolved: {e})"
+    return [f"modelprobe: model={o.model} {where} dtype={o.dtype} device={o.device} reports={o.report_dir}"]
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -86,7 +92,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _is_worker(config):
         config.workeroutput["modelprobe_record"] = ps.record.model_dump_json()
         return
-    if not ps.record.probes and not ps.loaded:
+    if not ps.record.probes and (not ps.loaded or config.option.collectonly):
         return
     ps.write_reports()
     if ps.report_error or (ps.gate and ps.gate.error):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from ..spec import LoadedProbe, load_probe
 from .base import Outcome, ProbeKind
+from .circuit import Circuit
 from .logit_lens import LogitLens
 
-KINDS: dict[str, type[ProbeKind]] = {k.name: k for k in (LogitLens,)}
+KINDS: dict[str, type[ProbeKind]] = {k.name: k for k in (Circuit, LogitLens,)}
 
 
 def load(path: Path) -> LoadedProbe:

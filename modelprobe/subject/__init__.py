@@ -1,23 +1,26 @@
-"""The model under test. Knows models, tokenizers and hooks; nothing about claims."""
+"""The model under test. Knows models, tokenizers and hooks; nothing about claims.
 
-from .interventions import (
-    AblateDirection,
-    Add,
-    Intervention,
-    MeanAblate,
-    Patch,
-    RunState,
-    WeightDelta,
-    ZeroAblate,
-    hooked,
-    leaked_hooks,
-)
-from .sitemap import SiteMap, canonical_name
-from .sites import Site, resolve_layer, resolve_sites
-from .subject import Batch, Forward, Subject, load_subject
+Names are loaded on first use, so `modelprobe.subject.resolve` (pure path work) never imports torch.
+"""
 
-__all__ = [
-    "AblateDirection", "Add", "Batch", "Forward", "Intervention", "MeanAblate", "Patch", "RunState", "Site",
-    "SiteMap", "Subject", "WeightDelta", "ZeroAblate", "canonical_name", "hooked", "leaked_hooks",
-    "load_subject", "resolve_layer", "resolve_sites",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "AblateDirection": "interventions", "Add": "interventions", "Intervention": "interventions",
+    "MeanAblate": "interventions", "Patch": "interventions", "RunState": "interventions",
+    "WeightDelta": "interventions", "ZeroAblate": "interventions", "hooked": "interventions",
+    "leaked_hooks": "interventions", "SiteMap": "sitemap", "canonical_name": "sitemap", "Site": "sites",
+    "resolve_layer": "sites", "resolve_sites": "sites", "Batch": "subject", "Forward": "subject",
+    "Subject": "subject", "load_subject": "subject",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'modelprobe.subject' has no attribute '{name}'")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

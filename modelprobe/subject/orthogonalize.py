@@ -48,19 +48,24 @@ def _writes_rows(module: nn.Module, conv1d: bool) -> bool:
     return conv1d or type(module).__name__ == "Conv1D"
 
 
+def check_orthogonalizable(sitemap: SiteMap) -> None:
+    """Raise SiteError where weight orthogonalisation is not equivalent to ablating the direction."""
+    if sitemap.family.post_norm:
+        raise SiteError(
+            f"weight_orthogonalize is not available for model type '{sitemap.model_type}': its attention and "
+            "MLP outputs pass through a post-norm before they join the residual stream, so editing the "
+            "projections does not keep the stream orthogonal to the direction (use ablate, which hooks "
+            "after the post-norm)")
+
+
 def orthogonalizing_deltas(sitemap: SiteMap, direction: torch.Tensor) -> list[WeightDelta]:
     """The weight edits that stop every residual writer from writing along `direction`.
 
     Raises SiteError for families with post-norm sublayers, where the edit is not equivalent to
     ablating the direction.
     """
+    check_orthogonalizable(sitemap)
     family = sitemap.family
-    if family.post_norm:
-        raise SiteError(
-            f"weight_orthogonalize is not available for model type '{sitemap.model_type}': its attention and "
-            "MLP outputs pass through a post-norm before they join the residual stream, so editing the "
-            "projections does not keep the stream orthogonal to the direction (use ablate, which hooks "
-            "after the post-norm)")
     u = direction.detach().double().flatten().cpu()
     if u.numel() != sitemap.d_model:
         raise ValueError(f"direction has {u.numel()} entries; the model's residual width is {sitemap.d_model}")
@@ -104,4 +109,4 @@ def orthogonalized(model: nn.Module, sitemap: SiteMap, direction: torch.Tensor) 
         yield deltas
 
 
-__all__ = ["orthogonalization_notes", "orthogonalized", "orthogonalizing_deltas"]
+__all__ = ["check_orthogonalizable", "orthogonalization_notes", "orthogonalized", "orthogonalizing_deltas"]
