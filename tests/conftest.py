@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from modelprobe.subject import Subject
 
 torch.set_num_threads(1)
 
@@ -105,7 +109,7 @@ def build_tiny_model(family: str, tokenizer, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tiny_subject(toy_tokenizer) -> Callable[[str], object]:
+def tiny_subject(toy_tokenizer) -> Callable[[str], Subject]:
     """Factory: `tiny_subject("gpt2")` -> a Subject over a session-wide tiny model of that family."""
     from modelprobe.report.record import ModelInfo
     from modelprobe.subject import SiteMap, Subject

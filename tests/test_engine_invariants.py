@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import FAMILIES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import FAMILIES
 from modelprobe.subject import AblateDirection, Add, Intervention, Site, Subject
 from modelprobe.subject.preflight import (
     PREFLIGHT_PROMPTS,
@@ -21,7 +21,8 @@ from modelprobe.subject.preflight import (
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 FIRST_WORD = 7  # ids below are special tokens in the toy tokenizer
-SITES = [Site(c, layer) for layer in (0, 1) for c in ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")]
+RESIDUAL = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+SITES = [Site(c, layer) for layer in (0, 1) for c in RESIDUAL]
 
 
 def _prompts(vocab: int):

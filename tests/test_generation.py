@@ -41,9 +41,9 @@ class RecordingMeanAblate(MeanAblate):
 def _hf_greedy(subject, ids: list[int], n: int) -> list[int]:
     model, tok = subject.model, subject.tokenizer
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
-                             pad_token_id=subject.pad_id)
+        prompt = torch.tensor([ids])
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                             do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=subject.pad_id)
     new = out[0, len(ids):].tolist()
     return new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
 
@@ -116,7 +116,8 @@ def test_generated_positions_leave_the_first_token_alone(tiny_subject, family, u
     torch.manual_seed(9)
     push = Add(Site("resid_pre", 1), "generated", vector=torch.randn(subject.sitemap.d_model), scale=5.0)
     base = subject.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
-    steered = subject.generate(ids, N_NEW, [push], batch_size=len(ids), use_cache=use_cache, stop_at_eos=False)
+    steered = subject.generate(ids, N_NEW, [push], batch_size=len(ids), use_cache=use_cache,
+                               stop_at_eos=False)
     assert [s[0] for s in steered] == [b[0] for b in base]
     assert any(s[1:] != b[1:] for s, b in zip(steered, base))
     # Acting on the prompt instead does reach the first token.

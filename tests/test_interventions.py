@@ -79,10 +79,12 @@ def test_add_equals_a_hand_written_hook(tiny_subject, family, positions):
     torch.manual_seed(1)
     v = torch.randn(subject.sitemap.d_model)
     real = batch.attention_mask.bool()
-    cols = real if positions == "all" else torch.zeros_like(real).index_fill_(1, torch.tensor([real.shape[1] - 1]), True)
+    cols = real.clone()
+    if positions == "last":
+        cols[:, :-1] = False
 
-    fw = subject.forward(batch, [Site("resid_post", 1)], [Add(Site("resid_pre", 1), positions, vector=v, scale=2.0)],
-                         logits="all")
+    add = Add(Site("resid_pre", 1), positions, vector=v, scale=2.0)
+    fw = subject.forward(batch, [Site("resid_post", 1)], [add], logits="all")
     captured = {}
     with hand_hook(subject.sitemap.layers[1], lambda x: x + 2.0 * v * cols[..., None], pre=True), \
             hand_hook(subject.sitemap.layers[1], lambda x: captured.setdefault("post", x.clone()), pre=False):
@@ -182,7 +184,7 @@ def test_mean_ablate_indexes_means_by_unpadded_position(tiny_subject, family):
     assert pad[0] > 0 and pad[1] == 0
     sm = subject.sitemap
     T = max(lengths)
-    means = torch.arange(1, T + 1, dtype=torch.float32)[:, None, None].expand(T, sm.n_heads, sm.d_head).clone()
+    means = torch.arange(1.0, T + 1)[:, None, None].expand(T, sm.n_heads, sm.d_head).clone()
     z = Site("attn.z", 1)
     base = subject.forward(batch, [z]).acts[z]
     got = subject.forward(batch, [z], [MeanAblate(Site("attn.z", 1, heads=(1,)), means=means)]).acts[z]
@@ -198,7 +200,8 @@ def test_mean_ablate_single_mean_whole_vector(tiny_subject):
     batch = batch_of(subject, SHORT_LONG)
     site = Site("mlp_out", 0)
     mean = torch.linspace(-1, 1, subject.sitemap.d_model)
-    got = subject.forward(batch, [site], [MeanAblate(site, "last", means=mean, per_position=False)]).acts[site]
+    ablate = MeanAblate(site, "last", means=mean, per_position=False)
+    got = subject.forward(batch, [site], [ablate]).acts[site]
     base = subject.forward(batch, [site]).acts[site]
     assert torch.equal(got[:, -1], mean.expand(2, -1))
     assert torch.equal(got[:, :-1], base[:, :-1])

@@ -148,18 +148,46 @@ def test_sequential_neox_has_resid_mid(toy_tokenizer):
     from modelprobe.subject import Subject
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=len(toy_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, use_parallel_residual=False, initializer_range=0.2)
+    cfg = GPTNeoXConfig(vocab_size=len(toy_tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, use_parallel_residual=False,
+                        initializer_range=0.2)
     model = GPTNeoXForCausalLM(cfg).eval()
     subject = Subject(model, toy_tokenizer, ModelInfo(id="seq-neox", slug="seq-neox"), SiteMap(model),
                       progress=False)
     assert subject.sitemap.features()["parallel_attn_mlp"] is False
     acts, _ = _capture_all(subject)
     for layer in (0, 1):
-        torch.testing.assert_close(acts["resid_mid", layer], acts["resid_pre", layer] + acts["attn_out", layer],
-                                   atol=ATOL, rtol=0)
-        torch.testing.assert_close(acts["resid_post", layer], acts["resid_mid", layer] + acts["mlp_out", layer],
-                                   atol=ATOL, rtol=0)
+        pre, mid, post = acts["resid_pre", layer], acts["resid_mid", layer], acts["resid_post", layer]
+        torch.testing.assert_close(mid, pre + acts["attn_out", layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(post, mid + acts["mlp_out", layer], atol=ATOL, rtol=0)
+
+
+def test_multimodal_gemma3_reads_its_text_decoder(toy_tokenizer):
+    """model_type 'gemma3' (Gemma 3 4B and up) loads with a vision tower; text sites still resolve."""
+    import transformers as tf
+
+    from modelprobe.report.record import ModelInfo
+    from modelprobe.subject import Subject
+    from modelprobe.subject.preflight import run_preflight
+
+    n = len(toy_tokenizer)  # three extra ids for the image markers
+    text = dict(vocab_size=n + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, initializer_range=0.2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, boi_token_index=n,
+                          eoi_token_index=n + 1, image_token_index=n + 2)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    subject = Subject(model, toy_tokenizer, ModelInfo(id="g3", slug="g3", dtype="float32"), SiteMap(model),
+                      progress=False)
+    assert subject.sitemap.features()["post_norm_sublayers"] and subject.n_layers == 2
+    acts, fw = _capture_all(subject)
+    for layer in (0, 1):
+        pre, post = acts["resid_pre", layer], acts["resid_post", layer]
+        torch.testing.assert_close(post, pre + acts["attn_out", layer] + acts["mlp_out", layer], atol=ATOL, rtol=0)
+    torch.testing.assert_close(subject.unembed(acts["resid_post", 1]), fw.logits, atol=1e-4, rtol=0)
+    assert all(r.passed for r in run_preflight(subject))
 
 
 # ---- detected features ------------------------------------------------------------------------
@@ -216,6 +244,12 @@ def test_unsupported_model_type(kind):
         SiteMap(model)
 
 
+def test_model_without_lm_head_is_a_site_error(tiny_subject):
+    """A bare decoder (LlamaModel, not LlamaForCausalLM): a clear SiteError, not an AttributeError."""
+    with pytest.raises(SiteError, match="'llama': LlamaModel has no decoder layers at 'model.layers'"):
+        SiteMap(tiny_subject("llama").model.model)
+
+
 def test_layer_out_of_range(tiny_subject):
     sm = tiny_subject("llama").sitemap
     for bad in (2, -1, None):
@@ -239,6 +273,8 @@ def test_head_and_neuron_bounds(tiny_subject):
     assert resolve_sites({"component": "mlp.post", "layer": 0, "neuron": 127}, sm)[0].neurons == (127,)
     with pytest.raises(SiteError, match="neuron index 128"):
         resolve_sites({"component": "mlp.post", "layer": 0, "neuron": 128}, sm)
+    with pytest.raises(SiteError, match="head index True"):  # YAML `head: true` is not head 1
+        resolve_sites({"component": "attn.z", "layer": 0, "head": True}, sm)
     with pytest.raises(SiteError, match="only applies to component attn.z"):
         resolve_sites({"component": "resid_post", "head": 0}, sm)
     with pytest.raises(SiteError, match="unknown component"):

@@ -150,7 +150,8 @@ class MeanAblate(Intervention):
         if not self.per_position:
             value = m.expand(x.shape[0], x.shape[1], *m.shape)
         else:
-            pad = state.pad.to(x.device) if state.pad is not None else torch.zeros(x.shape[0], dtype=torch.long)
+            pad = (state.pad.to(x.device) if state.pad is not None
+                   else torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
             cols = torch.arange(x.shape[1], device=x.device)[None, :]
             idx = cols - pad[:, None]
             # Generated tokens take the last mean, with the KV cache (phase "generated") and without it

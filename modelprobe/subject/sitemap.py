@@ -56,6 +56,10 @@ _GEMMA = Family(
     notes=("post-norm sublayers: attn_out/mlp_out are read after the post-norm, where they join the "
            "residual stream",),
 )
+# model_type "gemma3" (Gemma 3 4B and up) loads as Gemma3ForConditionalGeneration: the text decoder sits
+# under model.language_model; text-only prompts never touch the vision tower.
+_GEMMA3_MM = Family(**{**_GEMMA.__dict__, "layers": "model.language_model.layers",
+                       "embed": "model.language_model.embed_tokens", "final_norm": "model.language_model.norm"})
 _GPT2 = Family(
     name="gpt2", layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
     unembed="lm_head", attn="attn", attn_write="attn", mlp_write="mlp", attn_out_proj="attn.c_proj",
@@ -72,7 +76,7 @@ _NEOX = Family(
 
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
-    "gemma2": _GEMMA, "gemma3": _GEMMA, "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA, "gemma3": _GEMMA3_MM, "gemma3_text": _GEMMA,
     "gpt2": _GPT2, "gpt_neox": _NEOX,
 }
 
@@ -111,7 +115,11 @@ class SiteMap:
             family = Family(**{**family.__dict__, "unembed": "lm_head"})
         self.family = family
         self.model = model
-        self.layers: nn.ModuleList = _get(model, family.layers)
+        try:
+            self.layers: nn.ModuleList = _get(model, family.layers)
+        except AttributeError:  # e.g. a bare decoder without its LM head: say so instead of a traceback
+            raise SiteError(f"model type '{self.model_type}': {type(model).__name__} has no decoder layers at "
+                            f"'{family.layers}' (load it as a causal LM)") from None
         self.n_layers = len(self.layers)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.d_model = int(getattr(text, "hidden_size", None) or text.n_embd)

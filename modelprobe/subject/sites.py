@@ -76,7 +76,8 @@ def _indices(value: Any, limit: int, what: str, loc: tuple) -> tuple[int, ...] |
         return None
     values = [value] if isinstance(value, int) else list(value)
     for i, v in enumerate(values):
-        if not isinstance(v, int) or not 0 <= v < limit:
+        # bool is an int to Python, but YAML `true` is no index.
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < limit:
             raise SiteError(f"{what} index {v} is out of range (the model has {limit})",
                             loc if len(values) == 1 else (*loc, i))
     return tuple(values)
