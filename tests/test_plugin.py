@@ -202,3 +202,12 @@ def test_unwritable_report_dir_is_one_clear_line(pytester, probe_dir, copy_model
     result.stdout.fnmatch_lines(["*report NOT written: *blocked*"])
     assert "Traceback" not in result.stdout.str()
     assert result.ret != 0
+
+
+def test_last_failed_and_exitfirst_work_on_claims(pytester, probe_dir, copy_model):
+    args = ("probes", f"--model={copy_model}", "--probe-report-dir=out", "-p", "cacheprovider")
+    pytester.runpytest(*args).assert_outcomes(passed=2, failed=1)
+    rerun = pytester.runpytest(*args, "--lf", "-v")
+    assert rerun.parseoutcomes().get("failed") == 1 and "passed" not in rerun.parseoutcomes()
+    rerun.stdout.fnmatch_lines(["*emerges_late FAILED*"])
+    pytester.runpytest(*args, "-x", "-p", "no:randomly").assert_outcomes(passed=1, failed=1)
