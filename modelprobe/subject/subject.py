@@ -153,10 +153,12 @@ class Subject:
     def forward(self, batch: Batch, capture: Sequence[Site] = (), interventions: InterventionsFor = (),
                 logits: str = "last") -> Forward:
         state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
-        with torch.inference_mode(), hooked(self.model, self.sitemap, state,
-                                            self._interventions(interventions, batch.rows), capture) as cap:
+        edits = self._interventions(interventions, batch.rows)
+        # Unembedding every position is a quarter of a small model's prefill: skip it when unused.
+        keep = {} if logits == "all" or _touches_logits(capture, edits) else {"logits_to_keep": 1}
+        with torch.inference_mode(), hooked(self.model, self.sitemap, state, edits, capture) as cap:
             out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False)
+                             position_ids=batch.position_ids, use_cache=False, **keep)
         lg = None
         if logits == "last":
             lg = out.logits[:, -1].float()
@@ -211,16 +213,18 @@ class Subject:
         out: list[list[int]] = [[] for _ in range(b)]
         cache = DynamicCache() if use_cache else None
         step_ids, step_pos = tokens, pos
+        keep = {} if _touches_logits((), interventions) else {"logits_to_keep": 1}
         with torch.inference_mode(), hooked(self.model, self.sitemap, state, interventions):
             for _ in range(max_new):
                 if use_cache:
                     res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                     past_key_values=cache, use_cache=True)
+                                     past_key_values=cache, use_cache=True, **keep)
                 else:
                     # Recompute everything, marking which columns are generated so interventions
                     # touch the same tokens as with the cache.
                     state.phase = "prompt"
-                    res = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False)
+                    res = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False,
+                                     **keep)
                 nxt = res.logits[:, -1].argmax(-1)
                 if eos is not None:
                     nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
@@ -259,6 +263,11 @@ class Subject:
     def no_grad(self):
         with torch.inference_mode():
             yield
+
+
+def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:
+    sites = list(capture) + [e.site for e in edits if getattr(e, "site", None) is not None]
+    return any(s.component == "logits" or s.module is not None for s in sites)
 
 
 def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
