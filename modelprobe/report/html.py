@@ -79,11 +79,26 @@ def curves_plot(claim: ClaimResult, layer: int | None = None) -> str | None:
         return None
     fig, ax = _figure()
     longest = 0
-    for name, ys in curves.items():
-        ys = [y if y is not None else math.nan for y in ys]
-        longest = max(longest, len(ys))
-        ax.plot(range(len(ys)), ys, marker="o" if len(ys) <= 40 else None, markersize=2.5,
-                linewidth=1.4, label=name)
+    # Rates and probabilities live in [0, 1]; ranks and norms do not: those go on their own
+    # (log, when positive) right-hand axis so neither flattens the other.
+    small = {k: v for k, v in curves.items() if max((abs(y) for y in _floats(v)), default=0) <= 1.5}
+    large = {k: v for k, v in curves.items() if k not in small}
+    axes = [(ax, small or large)]
+    if small and large:
+        twin = ax.twinx()
+        twin.tick_params(labelsize=8)
+        if all(y > 0 for ys in large.values() for y in _floats(ys)):
+            twin.set_yscale("log")
+        axes.append((twin, large))
+    colours = iter(f"C{i}" for i in range(10 * len(curves)))
+    handles = []
+    for axis, group in axes:
+        for name, ys in group.items():
+            ys = [y if y is not None else math.nan for y in ys]
+            longest = max(longest, len(ys))
+            label = name + (" (right axis)" if axis is not ax else "")
+            handles += axis.plot(range(len(ys)), ys, marker="o" if len(ys) <= 40 else None, markersize=2.5,
+                                 linewidth=1.4, label=label, color=next(colours))
     if layer is not None and 0 <= layer < longest:
         ax.axvline(layer, color="#57606a", linestyle=":", linewidth=1, label=f"layer {layer}")
     ax.set_xlabel("layer", fontsize=8)
@@ -91,7 +106,8 @@ def curves_plot(claim: ClaimResult, layer: int | None = None) -> str | None:
     if longest > 1:
         ax.set_xlim(-0.5, longest - 0.5)
     if len(curves) > 1 or layer is not None:
-        ax.legend(fontsize=7, frameon=False)
+        ax.legend(handles=handles + ([ax.lines[-1]] if layer is not None and 0 <= layer < longest else []),
+                  fontsize=7, frameon=False)
     return _png(fig)
 
 
