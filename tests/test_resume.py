@@ -83,3 +83,23 @@ def test_unsupported_family_falls_back_to_full_forward(tiny_subject, family):
     full = subject.forward(batch, interventions=iv)
     resumed = resume(subject, batch, 1, _cached(subject, batch, 1), interventions=iv)
     _close(resumed.logits, full.logits)
+
+
+@pytest.mark.slow
+def test_resume_on_the_default_model():
+    from modelprobe.subject import load_subject
+
+    subject = load_subject("smollm2-135m-instruct", progress=False)
+    prompts = ["When Mary and John went to the store, John gave a drink to", "The capital of France is",
+               "Then, Lisa and Andrew had a long chat at the cafe. Andrew offered a cookie to"]
+    ids = subject.encode_all(prompts)
+    batch = subject.make_batch(ids, list(range(len(ids))))
+    sm = subject.sitemap
+    means = torch.randn(batch.input_ids.shape[1], sm.n_heads, sm.d_head, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, sm.n_heads, dtype=torch.bool)
+    mask[0, 6] = mask[2, :4] = True
+    ivs = [MeanAblate(Site("attn.z", 12), means=means * 0.1, unit_mask=mask)]
+    for interventions in ([], ivs):
+        full = subject.forward(batch, interventions=interventions)
+        resumed = resume(subject, batch, 12, _cached(subject, batch, 12), interventions=interventions)
+        torch.testing.assert_close(resumed.logits, full.logits, rtol=1e-4, atol=1e-4)

@@ -7,9 +7,10 @@ from pathlib import Path
 from ..spec import LoadedProbe, load_probe
 from .base import Outcome, ProbeKind
 from .circuit import Circuit
+from .direction import Direction
 from .logit_lens import LogitLens
 
-KINDS: dict[str, type[ProbeKind]] = {k.name: k for k in (Circuit, LogitLens,)}
+KINDS: dict[str, type[ProbeKind]] = {k.name: k for k in (Circuit, Direction, LogitLens,)}
 
 
 def load(path: Path) -> LoadedProbe:

@@ -10,8 +10,10 @@ possible) give the null the circuit must beat.
 How the work is organised (the expensive part is many ablated forwards):
 - every ablation set is a boolean vector over the scope's units (heads, whole MLPs or neurons);
   many sets run in one batch, each row with its own unit mask (prompts repeated across rows);
-- rows that first change layer l resume from the clean run's cached resid_pre at l
-  (`subject.resume`), so the layers below are never recomputed;
+- two residual streams are cached per prompt, the clean model and the model with the whole scope
+  ablated; a row equals the first below its first ablated unit and the second below its first kept
+  unit, and resumes (`subject.resume`) from whichever it follows longer, so the layers below the
+  first one it changes are never recomputed;
 - prompts are batched by token length (and `group_by` value), so a batch has no padding and one
   set of per-position means.
 """
@@ -19,6 +21,7 @@ How the work is organised (the expensive part is many ablated forwards):
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,7 +226,7 @@ def build_scope(scope: Any, sitemap: Any, loc: tuple = ("scope",)) -> Scope:
 def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: Any,
                   loc: tuple = ("circuit",)) -> list[Unit]:
     """Expand the circuit's entries into scope units; SiteError (located) for anything off-model."""
-    whole_mlps = any(u.kind == "mlp" for u in scope.units)
+    kinds = {u.kind for u in scope.units}
     units: list[Unit] = []
     for i, e in enumerate(entries):
         here = (*loc, i)
@@ -238,7 +241,10 @@ def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: An
         site = resolve_sites(site_spec, sitemap, here)[0]
         if site.component == "attn.z":
             new = [Unit(site.layer, "head", h) for h in (site.heads or range(sitemap.n_heads))]
-        elif whole_mlps:
+        elif not kinds & {"mlp", "neuron"}:
+            raise SiteError(f"an MLP is not in the scope ({scope.description}); use scope: heads_and_mlps, "
+                            "or scope: {neurons: <layers>} for neurons", (*here, "component"))
+        elif "mlp" in kinds:
             if site.neurons is not None:
                 raise SiteError("scope heads_and_mlps ablates whole MLPs; name single neurons with "
                                 "scope: {neurons: <layers>}", (*here, "neuron"))
@@ -265,7 +271,6 @@ class Task:
     answers: torch.Tensor  # [n]
     wrongs: torch.Tensor | None  # [n] (logit_diff only)
     keys: list[tuple]  # batching / mean group of each prompt
-    lines: list[int]  # 1-based line of each used prompt in its file
     ref_ids: list[list[int]]
     ref_keys: list[tuple]
     ref_source: list[int] | None  # resample: reference row of each prompt
@@ -308,7 +313,7 @@ def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_r
                             "the circuit metric needs exactly one")
         return toks[0]
 
-    ids, answers, wrongs, lines = [], [], [], []
+    ids, answers, wrongs = [], [], []
     for i in used:
         row, line = prompt_rows[i], i + 1
         answers.append(one_token(row.get("answer"), "answer", line))
@@ -319,7 +324,6 @@ def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_r
             if wrongs[-1] == answers[-1]:
                 raise DataError(f"{prompt_path}:{line}: answer and wrong are the same token")
         ids.append(subject.encode(row["prompt"]))
-        lines.append(line)
     per_position = ablation in ("mean", "resample")
 
     def group_value(row: dict, path: Path, line: int) -> tuple:
@@ -336,20 +340,20 @@ def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_r
                 for j, (x, r) in enumerate(zip(ref_ids, ref_rows or []))]
     paired = bool(ref_rows) and len(ref_rows) == len(prompt_rows)
     if per_position:
+        # Files of equal length pair up line by line (IOI and its ABC partner): each partner must have
+        # the same token positions. Otherwise every prompt needs reference prompts of its own length.
         available = set(ref_keys)
+        why = (f"ablation '{ablation}' replaces token index t by reference values at index t, so the "
+               "positions must align (or use ablation: mean_all_positions)")
         for i, key in zip(used, keys):
-            if key in available:
-                continue
             what = f"{key[0]} tokens" + (f" and {group_by} {key[1]!r}" if group_by else "")
-            if paired:
-                raise DataError(f"{ref_path}:{i + 1}: reference prompt has {len(ref_ids[i])} tokens"
-                                + (f" ({group_by} {ref_keys[i][1]!r})" if group_by else "")
-                                + f" but its partner {prompt_path}:{i + 1} has {what}, and no reference prompt "
-                                f"matches it; ablation '{ablation}' compares the same token index, so the "
-                                "positions must align (or use ablation: mean_all_positions)")
-            raise DataError(f"{prompt_path}:{i + 1}: prompt has {what}, and no reference prompt in {ref_path} "
-                            f"does; ablation '{ablation}' compares the same token index, so the positions must "
-                            "align (or use ablation: mean_all_positions)")
+            if paired and ref_keys[i] != key:
+                mine = f"{ref_keys[i][0]} tokens" + (f" and {group_by} {ref_keys[i][1]!r}" if group_by else "")
+                raise DataError(f"{ref_path}:{i + 1}: reference prompt has {mine}, but its partner "
+                                f"{prompt_path}:{i + 1} has {what}; {why}")
+            if key not in available:
+                raise DataError(f"{prompt_path}:{i + 1}: prompt has {what}, and no reference prompt in "
+                                f"{ref_path} does; {why}")
     ref_source = None
     pairing = None
     if ablation == "resample":
@@ -371,7 +375,7 @@ def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_r
     }
     if pairing:
         settings["resample_source"] = pairing
-    return Task(ids, torch.tensor(answers), torch.tensor(wrongs) if wrongs else None, keys, lines, ref_ids,
+    return Task(ids, torch.tensor(answers), torch.tensor(wrongs) if wrongs else None, keys, ref_ids,
                 ref_keys, ref_source, paired, settings)
 
 
@@ -404,10 +408,9 @@ def metric_values(logits: torch.Tensor, metric: str, answers: torch.Tensor,
     return (logits.argmax(-1) == a[:, 0]).float()
 
 
-def _file_key(path: Path | None) -> str:
-    if path is None:
-        return ""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _reference_key(task: Task) -> str:
+    """Identifies the reference set exactly: its token ids and mean groups, not just its file name."""
+    return hashlib.sha256(json.dumps([task.ref_ids, task.ref_keys], default=str).encode()).hexdigest()[:16]
 
 
 class AblationRunner:
@@ -417,14 +420,15 @@ class AblationRunner:
                  ref_path: Path | None = None, group_by: str | None = None, batch_size: int | None = None):
         self.subject, self.task, self.scope = subject, task, scope
         self.metric, self.ablation, self.group_by = metric, ablation, group_by
-        self.ref_key = (str(ref_path.resolve()) if ref_path else "", _file_key(ref_path))
+        self.ref_key = _reference_key(task)
         self.batch_size = batch_size or subject.batch_size
         self.resumes = can_resume(subject)
         self.groups: dict[tuple, list[int]] = defaultdict(list)
         for i, k in enumerate(task.keys):
             self.groups[k].append(i)
-        self.resid: dict[tuple[tuple, int], torch.Tensor] = {}  # (group, layer) -> [n_g, T, d]
-        self.full: np.ndarray | None = None
+        self.resid: dict[tuple[str, tuple, int], torch.Tensor] = {}  # (stream, group, layer) -> [n_g, T, d]
+        self.full: np.ndarray | None = None  # m(M) per prompt
+        self.empty: np.ndarray | None = None  # m(∅) per prompt
         self.values: dict[Site, Any] = {}
         self.layers_run = 0  # token-rows x layers actually computed, for the report
         self.rows_run = 0
@@ -440,7 +444,7 @@ class AblationRunner:
         cache = self.subject.cache
         todo = []
         for site in self._sites():
-            key = ("circuit.means", self.subject.info.id, *self.ref_key, self.ablation, self.group_by, site)
+            key = ("circuit.means", self.subject.info.id, self.ref_key, self.ablation, site)
             if self.ablation != "resample" and key in cache:
                 self.values[site] = cache[key]
             else:
@@ -452,10 +456,12 @@ class AblationRunner:
         per_position = self.ablation in ("mean", "resample")
         sums: dict[Site, dict[tuple, torch.Tensor]] = {s: {} for s in sites}
         counts: dict[tuple, int] = defaultdict(int)
-        acts: dict[Site, list[torch.Tensor | None]] = {s: [None] * len(task.ref_ids) for s in sites}
-        for fw in self.subject.run(task.ref_ids, capture=sites, logits=None, batch_size=self.batch_size,
-                                   desc="reference activations"):
-            for r, row in enumerate(fw.batch.rows):
+        acts: dict[Site, dict[int, torch.Tensor]] = {s: {} for s in sites}
+        # resample keeps whole activations, so only the reference prompts some prompt draws from
+        wanted = sorted(set(task.ref_source)) if self.ablation == "resample" else list(range(len(task.ref_ids)))
+        for fw in self.subject.run([task.ref_ids[j] for j in wanted], capture=sites, logits=None,
+                                   batch_size=self.batch_size, desc="reference activations"):
+            for r, row in enumerate(wanted[i] for i in fw.batch.rows):
                 pad = int(fw.batch.pad[r])
                 key = task.ref_keys[row] if per_position else ()
                 counts[key] += 1 if per_position else len(task.ref_ids[row])  # prompts, or tokens
@@ -477,33 +483,77 @@ class AblationRunner:
                 value = (sums[site][()] / counts[()]).to(dtype)
             cache[key] = self.values[site] = value
 
-    # -- the clean run ---------------------------------------------------------------------------
-    def _ensure_resid(self, layers: set[int]) -> None:
-        """One clean pass per prompt group captures m(M) and resid_pre at the layers still missing."""
-        need = sorted(layer for layer in layers if layer < self.subject.n_layers) if self.resumes else []
-        missing = [layer for layer in need if (next(iter(self.groups)), layer) not in self.resid]
-        if self.full is not None and not missing:
-            return
-        full = np.zeros(len(self.task.prompt_ids)) if self.full is None else self.full
-        capture = [Site("resid_pre", layer) for layer in missing]
+    # -- cached residual streams ---------------------------------------------------------------
+    # Two runs are cached per prompt: the clean model ("clean") and the model with every scope unit
+    # ablated ("empty"). A config equals the clean run below its first ablated unit and the empty run
+    # below its first kept unit; it resumes from whichever of the two it follows longer.
+    def plan(self, config: np.ndarray) -> tuple[str, int]:
+        """(stream, first layer to run) for one config; start == n_layers: the stream's own result."""
+        n_layers = self.subject.n_layers
+        first_ablated = self.scope.start_layer(config)
+        if first_ablated is None:
+            return "clean", n_layers
+        first_kept = self.scope.start_layer(~config)
+        first_kept = n_layers if first_kept is None else first_kept
+        if not self.resumes:
+            return ("empty", n_layers) if first_kept == n_layers else ("clean", 0)
+        return ("empty", first_kept) if first_kept > first_ablated else ("clean", first_ablated)
+
+    def prime(self, *configs: np.ndarray) -> None:
+        """Run the clean and empty passes once, caching every start layer these configs will need."""
+        need: dict[str, set[int]] = {"clean": set(), "empty": set()}
+        for block in configs:
+            for c in np.asarray(block, dtype=bool).reshape(-1, len(self.scope)):
+                stream, start = self.plan(c)
+                need[stream].add(start)
+        self._ensure_streams(need)
+
+    def _ensure_streams(self, need: dict[str, set[int]]) -> None:
+        n_layers = self.subject.n_layers
+        first = next(iter(self.groups))
+        missing = {stream: sorted(x for x in layers if x < n_layers and (stream, first, x) not in self.resid)
+                   for stream, layers in need.items()} if self.resumes else {"clean": [], "empty": []}
+        if self.full is None or missing["clean"]:
+            self.full = self._pass("clean", missing["clean"], self.full)
+        if need["empty"] and (self.empty is None or missing["empty"]):
+            self.empty = self._pass("empty", missing["empty"], self.empty)
+
+    def _pass(self, stream: str, layers: list[int], known: np.ndarray | None) -> np.ndarray:
+        """One pass over every prompt (clean, or all scope units ablated), capturing resid_pre at `layers`."""
+        metric = np.zeros(len(self.task.prompt_ids)) if known is None else known
+        capture = [Site("resid_pre", layer) for layer in layers]
+        everything = np.ones(len(self.scope), dtype=bool)
+        start = self.scope.start_layer(everything) if stream == "empty" else 0
+        if stream == "empty":
+            self.prepare_values()
+            self._ensure_streams({"clean": {start}, "empty": set()})
         for key, members in self.groups.items():
             parts: dict[int, list[torch.Tensor]] = defaultdict(list)
-            for chunk in _chunks(members, self._rows_per_batch(key)):
-                batch = self.subject.make_batch([self.task.prompt_ids[i] for i in chunk], chunk)
-                fw = self.subject.forward(batch, capture=capture, logits="last")
-                self.rows_run += len(chunk)
-                self.layers_run += len(chunk) * self.subject.n_layers
-                if self.full is None:
-                    full[chunk] = self._metric(fw.logits, chunk).cpu().numpy()
-                for layer, site in zip(missing, capture):
+            for pos in _chunks(list(range(len(members))), self._rows_per_batch(key)):
+                chunk = [members[p] for p in pos]
+                batch = self.subject.make_batch([self.task.prompt_ids[i] for i in chunk], list(range(len(chunk))))
+                if stream == "clean":
+                    fw = self.subject.forward(batch, capture=capture, logits="last")
+                    start = 0
+                else:
+                    resid = self.resid[("clean", key, start)][torch.as_tensor(pos)] if self.resumes else None
+                    ivs = self._interventions(key, np.repeat(everything[None], len(chunk), axis=0), chunk)
+                    fw = resume(self.subject, batch, start if self.resumes else 0, resid, ivs, capture=capture)
+                self._count(len(chunk), start if self.resumes else 0)
+                metric[chunk] = self._metric(fw.logits, chunk).cpu().numpy()
+                for layer, site in zip(layers, capture):
                     parts[layer].append(fw.acts[site])
-            for layer in missing:
-                self.resid[(key, layer)] = torch.cat(parts[layer])
-        self.full = full
+            for layer in layers:
+                self.resid[(stream, key, layer)] = torch.cat(parts[layer])
+        return metric
+
+    def _count(self, rows: int, start: int) -> None:
+        self.rows_run += rows
+        self.layers_run += rows * (self.subject.n_layers - start)
 
     def full_model(self) -> np.ndarray:
         """m(M) per prompt."""
-        self._ensure_resid(set())
+        self._ensure_streams({"clean": set(), "empty": set()})
         return self.full
 
     def _metric(self, logits: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
@@ -523,45 +573,45 @@ class AblationRunner:
         configs = np.asarray(configs, dtype=bool).reshape(-1, len(self.scope))
         prompts = list(range(len(self.task.prompt_ids))) if prompts is None else list(prompts)
         col = {p: j for j, p in enumerate(prompts)}
-        starts = [self.scope.start_layer(c) for c in configs]
+        plans = [self.plan(c) for c in configs]
         self.prepare_values()
-        self._ensure_resid({s for s in starts if s is not None})
+        self.prime(configs)
+        n_layers = self.subject.n_layers
         out = np.empty((len(configs), len(prompts)))
-        for k, s in enumerate(starts):
-            if s is None:  # nothing ablated: the full model
-                out[k] = self.full[prompts]
-        by_start: dict[int, list[int]] = defaultdict(list)
-        for k, s in enumerate(starts):
-            if s is not None:
-                by_start[s].append(k)
+        by_start: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for k, (stream, start) in enumerate(plans):
+            if start == n_layers:  # nothing differs from a cached run: its result is the answer
+                out[k] = (self.full if stream == "clean" else self.empty)[prompts]
+            else:
+                by_start[(stream, start)].append(k)
         jobs = []
         wanted = set(prompts)
         for key, members in self.groups.items():
             mine = [(pos, i) for pos, i in enumerate(members) if i in wanted]
-            if not mine:
-                continue
-            for start, ks in sorted(by_start.items()):
+            for (stream, start), ks in sorted(by_start.items(), key=lambda kv: kv[0][1]):
                 rows = [(k, pos, i) for k in ks for pos, i in mine]
-                jobs.extend((key, start, chunk) for chunk in _chunks(rows, self._rows_per_batch(key)))
-        for key, start, chunk in bar(jobs, desc, total=len(jobs), enabled=self.subject.progress):
+                jobs.extend((key, stream, start, chunk) for chunk in _chunks(rows, self._rows_per_batch(key)))
+        for key, stream, start, chunk in bar(jobs, desc, total=len(jobs), enabled=self.subject.progress):
             ks = [k for k, _, _ in chunk]
             members = [i for _, _, i in chunk]
             batch = self.subject.make_batch([self.task.prompt_ids[i] for i in members], list(range(len(chunk))))
             resid = None
             if self.resumes:
-                resid = self.resid[(key, start)][torch.as_tensor([pos for _, pos, _ in chunk])]
-            ivs = self._interventions(key, configs[ks], members)
-            fw = resume(self.subject, batch, start, resid, ivs)
+                resid = self.resid[(stream, key, start)][torch.as_tensor([pos for _, pos, _ in chunk])]
+            fw = resume(self.subject, batch, start, resid, self._interventions(key, configs[ks], members, start))
             vals = self._metric(fw.logits, members).cpu().numpy()
             for (k, _, i), v in zip(chunk, vals):
                 out[k, col[i]] = v
-            self.rows_run += len(chunk)
-            self.layers_run += len(chunk) * (self.subject.n_layers - (start if self.resumes else 0))
+            self._count(len(chunk), start)
         return out
 
-    def _interventions(self, key: tuple, configs: np.ndarray, members: list[int]) -> list[Intervention]:
+    def _interventions(self, key: tuple, configs: np.ndarray, members: list[int],
+                       start: int = 0) -> list[Intervention]:
+        """The batch's ablations at layers >= start (below it the cached stream already holds them)."""
         ivs: list[Intervention] = []
         for site, mask in self.scope.site_masks(configs):
+            if site.layer < start:
+                continue
             if self.ablation == "zero":
                 ivs.append(ZeroAblate(site, unit_mask=mask))
             elif self.ablation == "mean":
@@ -681,18 +731,20 @@ class Circuit(ProbeKind):
             if "minimality" in tests:
                 configs[("without", u)] = everything & ~(circ & ~scope.vector([u]))
         names = list(configs)
-        m_full = runner.full_model()
-        values = runner.run(np.stack([configs[k] for k in names]), desc="circuit ablations")
-        got = dict(zip(names, values))
-        n = len(m_full)
+        main = np.stack([configs[k] for k in names])
+        n = len(self.task.prompt_ids)
         control_rows = (np.sort(np.random.default_rng(spec.seed).choice(n, spec.controls.prompts, replace=False))
                         if spec.controls.prompts else np.arange(n))
         null, matched = random_circuits(self.circuit, scope, spec.controls.random_circuits, spec.seed)
+        wanted = [t for t in ("sufficiency", "necessity") if t in tests] if len(null) else []
+        null_configs = np.concatenate([everything & ~null if t == "sufficiency" else null for t in wanted]) \
+            if wanted else np.zeros((0, len(scope)), dtype=bool)
+        runner.prime(main, null_configs)
+        got = dict(zip(names, runner.run(main, desc="circuit ablations")))
+        m_full = runner.full_model()
         null_f: dict[str, np.ndarray] = {}
-        if len(null) and tests & {"sufficiency", "necessity"}:
-            wanted = [t for t in ("sufficiency", "necessity") if t in tests]
-            stack = [everything & ~null if t == "sufficiency" else null for t in wanted]
-            vals = runner.run(np.concatenate(stack), control_rows, desc="random circuits")
+        if wanted:
+            vals = runner.run(null_configs, control_rows, desc="random circuits")
             e, m = got["empty"][control_rows], m_full[control_rows]
             for j, t in enumerate(wanted):
                 block = vals[j * len(null):(j + 1) * len(null)]
@@ -740,6 +792,11 @@ class Circuit(ProbeKind):
                    "ablated": "everything in scope except the circuit" if test == "sufficiency"
                    else "only the circuit"}
         control, beats = None, None
+        if null is not None and len(null) == 0:
+            details["control_note"] = "no other circuit of this size exists in the scope: no random-circuit control"
+        elif null is not None and not np.all(np.isfinite(null)):
+            details["control_note"] = "m(M) = m(∅) on the control prompts: random-circuit faithfulness is undefined"
+            null = None
         if null is not None and len(null) and not untestable:
             observed = float(faithfulness(mc[control_rows], me[control_rows], mm[control_rows]))
             alternative = "greater" if test == "sufficiency" else "less"

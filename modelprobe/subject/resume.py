@@ -97,7 +97,8 @@ def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor |
     Interventions and captures must all sit at layer `start` or above (ValueError otherwise: the
     cached stream would silently miss them). Families that cannot be resumed, `start` == 0 without a
     cache, and `resid_pre=None` run the full forward instead, which gives the same numbers.
-    `logits="last"` unembeds only the last position ([b, vocab]); "all" gives [b, s, vocab].
+    `logits="last"` unembeds only the last position ([b, vocab]; captures at `final`/`logits` then
+    see that position only); "all" gives [b, s, vocab].
     """
     chosen = subject._interventions(interventions, batch.rows)
     lowest = first_layer([*chosen, *capture], subject)
