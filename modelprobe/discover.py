@@ -325,20 +325,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     from .errors import DataError
+    from .spec.load import parse_jsonl
 
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1}:{e.colno}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict) or "prompt" not in row:
-            raise DataError(f"{path}:{i + 1}: each line must be a JSON object with a 'prompt'")
-        rows.append(row)
+    rows = parse_jsonl(path, ("prompt",))
     if not rows:
         raise DataError(f"{path}: holds no rows")
     return rows

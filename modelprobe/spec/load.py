@@ -53,8 +53,19 @@ class LoadedProbe:
 
 
 def read_jsonl(path: Path, required: tuple[str, ...], probe: LoadedProbe, loc: tuple) -> list[dict[str, Any]]:
+    """Rows of a data file named at `loc` of a probe: a missing file is an error at that YAML field."""
     if not path.is_file():
         raise probe.error(f"data file '{path}' not found", loc)
+    rows = parse_jsonl(path, required)
+    if not rows:
+        raise probe.error(f"data file '{path}' holds no rows", loc)
+    return rows
+
+
+def parse_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """One JSON object per line; problems are DataErrors located as `file:line`."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
@@ -69,8 +80,6 @@ def read_jsonl(path: Path, required: tuple[str, ...], probe: LoadedProbe, loc: t
         if missing:
             raise DataError(f"{path}:{i + 1}: missing field '{missing[0]}'")
         rows.append(row)
-    if not rows:
-        raise probe.error(f"data file '{path}' holds no rows", loc)
     return rows
 
 

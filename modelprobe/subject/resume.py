@@ -100,7 +100,7 @@ def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor |
     `logits="last"` unembeds only the last position ([b, vocab]; captures at `final`/`logits` then
     see that position only); "all" gives [b, s, vocab].
     """
-    chosen = subject._interventions(interventions, batch.rows)
+    chosen = subject.interventions_for(interventions, batch.rows)
     lowest = first_layer([*chosen, *capture], subject)
     if lowest < start:
         raise ValueError(f"cannot resume at layer {start}: an intervention or capture touches layer {lowest}, "

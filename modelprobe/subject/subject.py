@@ -147,13 +147,14 @@ class Subject:
             yield self.make_batch([ids[r] for r in rows], rows)
 
     # ---- forward ----------------------------------------------------------------------------
-    def _interventions(self, interventions: InterventionsFor, rows: list[int]):
+    def interventions_for(self, interventions: InterventionsFor, rows: list[int]) -> Sequence[Any]:
+        """The interventions for these rows (a callable gets the rows; a list is used as is)."""
         return interventions(rows) if callable(interventions) else interventions
 
     def forward(self, batch: Batch, capture: Sequence[Site] = (), interventions: InterventionsFor = (),
                 logits: str = "last") -> Forward:
         state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
-        edits = self._interventions(interventions, batch.rows)
+        edits = self.interventions_for(interventions, batch.rows)
         # Unembedding every position is a quarter of a small model's prefill: skip it when unused.
         keep = {} if logits == "all" or _touches_logits(capture, edits) else {"logits_to_keep": 1}
         with torch.inference_mode(), hooked(self.model, self.sitemap, state, edits, capture) as cap:
@@ -195,7 +196,7 @@ class Subject:
         eos = self.tokenizer.eos_token_id
         batches = list(self.batches(ids, batch_size))
         for batch in bar(batches, desc, total=len(batches), enabled=self.progress):
-            gen = self._generate_batch(batch, max_new_tokens, self._interventions(interventions, batch.rows),
+            gen = self._generate_batch(batch, max_new_tokens, self.interventions_for(interventions, batch.rows),
                                        use_cache, eos if stop_at_eos else None)
             for row, seq in zip(batch.rows, gen):
                 results[row] = seq
