@@ -34,6 +34,14 @@ def describe(claim: ClaimResult) -> str:
     return "\n".join(lines)
 
 
+def _relative(path, config) -> str:
+    """Paths in reports are relative to the rootdir, so a committed baseline carries no home directory."""
+    try:
+        return str(path.relative_to(config.rootpath))
+    except ValueError:
+        return str(path)
+
+
 class ProbeFile(pytest.File):
     """A probe file. Loading, model checks and the one measurement its claims share live here."""
 
@@ -71,7 +79,7 @@ class ProbeFile(pytest.File):
         if self._outcome is not None or self._error is not None:
             return self._outcome
         session = self.config.stash[SESSION_KEY]
-        record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=str(self.path),
+        record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=_relative(self.path, self.config),
                              file_hash=self.probe.file_hash, about=self.probe.spec.about)
         start = time.perf_counter()
         try:
