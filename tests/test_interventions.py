@@ -437,3 +437,16 @@ def test_two_weight_deltas_on_one_tensor_unwind(tiny_subject):
         torch.testing.assert_close(param, before + 0.25)
         assert subject.model.lm_head.weight is param
     assert torch.equal(param, before)
+
+
+def test_ablate_direction_per_row_matches_one_direction_per_prompt(tiny_subject):
+    """A [rows, d] direction ablates each row's own direction (batched random-direction controls)."""
+    subject = tiny_subject("llama")
+    ids = [[2, 10, 11, 12], [2, 13, 14], [2, 15, 16, 17, 18]]
+    torch.manual_seed(3)
+    dirs = torch.randn(len(ids), subject.sitemap.d_model)
+    site = Site("resid_pre", 1)
+    batched = subject.last_logits(ids, lambda rows: [AblateDirection(site, direction=dirs[rows])])
+    for i, x in enumerate(ids):
+        single = subject.last_logits([x], [AblateDirection(site, direction=dirs[i])])
+        torch.testing.assert_close(batched[i], single[0], atol=1e-5, rtol=1e-5)

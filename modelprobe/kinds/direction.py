@@ -113,17 +113,6 @@ class DirectionSpec(ProbeBase):
 
 # ---- engine helpers -------------------------------------------------------------------------------
 
-@dataclass
-class _AblateRows(Intervention):
-    """Project out one unit direction per row ([rows, d]): random controls for several seeds share a batch."""
-
-    directions: torch.Tensor = None
-
-    def edit(self, x, mask, state):
-        u = self.directions.to(device=x.device, dtype=x.dtype)[:, None, :]
-        return torch.where(mask[..., None], x - (x * u).sum(-1, keepdim=True) * u, x)
-
-
 def diff_in_means(subject: Any, positive: Sequence[Sequence[int]], negative: Sequence[Sequence[int]],
                   positions: Sequence[int], batch_size: int | None = None,
                   desc: str = "direction: means") -> torch.Tensor:
@@ -486,7 +475,7 @@ class Direction(ProbeKind):
             # Seeds ride in the batch dimension: row k is prompt k % n under random direction k // n.
             d = dirs[[row // n for row in rows]]
             if claim.intervention == "ablate":
-                return [_AblateRows(Site(c, li), positions="all", directions=d)
+                return [AblateDirection(Site(c, li), positions="all", direction=d)
                         for li in range(n_layers) for c in ABLATION_COMPONENTS]
             return [Add(site, positions="all", vector=d * norm, scale=claim.scale)]
 

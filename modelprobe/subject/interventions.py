@@ -93,14 +93,16 @@ class Add(Intervention):
 
 @dataclass
 class AblateDirection(Intervention):
-    """Project a unit direction out: x <- x - (x.u) u."""
+    """Project a unit direction out: x <- x - (x.u) u. A [rows, d] direction gives each row its own."""
 
     direction: torch.Tensor = None
 
     def edit(self, x, mask, state):
         u = self.direction.to(x.dtype).to(x.device)
-        u = u / u.norm()
-        return _where(mask, x - (x @ u)[..., None] * u, x)
+        if u.dim() == 2:
+            u = (u[state.rows] if state.rows is not None else u)[:, None, :]
+        u = u / u.norm(dim=-1, keepdim=True)
+        return _where(mask, x - (x * u).sum(-1, keepdim=True) * u, x)
 
 
 def _unit_mask(units: tuple[int, ...] | None, unit_mask: torch.Tensor | None, n_units: int,
