@@ -55,7 +55,7 @@ def test_planted_direction_passes_all_claims(planted):
                         "orthogonalized_weights_suppress_refusal": "pass"}, [c.reason for c in out.claims]
     s = out.settings
     assert s["position"] == -1 and s["position_token"] == "<assistant>"
-    assert 1 <= s["layer"] <= 2  # layer 3 is past 0.8 of depth; layer 0 sees identical template tokens
+    assert s["layer"] in (1, 2)  # layer 3 is past 0.8 of depth; layer 0 sees identical template tokens
     assert s["direction_norm"] > 0.5
     assert s["collateral_kl"]["mean"] < 0.1
     assert s["candidate_positions"] == {"-2": "</user>", "-1": "<assistant>"}
