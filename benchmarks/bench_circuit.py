@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modelprobe.kinds.circuit import (  # noqa: E402
+from modelprobe.kinds.ablation import (  # noqa: E402
     AblationRunner,
     Unit,
     build_scope,

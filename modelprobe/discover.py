@@ -51,7 +51,7 @@ def discover_circuit(runner: Any, target: float = 0.8, necessity: float = 0.2, m
                      max_size: int = 64, score_prompts: list[int] | None = None,
                      say: Any = None) -> Found:
     """Greedy circuit search on the runner's prompts (effects scored on `score_prompts`, default all)."""
-    from .kinds.circuit import faithfulness
+    from .kinds.ablation import faithfulness
 
     say = say or (lambda msg: None)
     scope = runner.scope
@@ -172,7 +172,7 @@ def discover_circuit(runner: Any, target: float = 0.8, necessity: float = 0.2, m
 
 def heldout_rows(rows: str | None, n: int) -> str | None:
     """The complement of a leading or trailing slice, as a slice; None when it is not one."""
-    from .kinds.circuit import parse_rows
+    from .kinds.ablation import parse_rows
 
     if rows is None:
         return None
@@ -366,7 +366,7 @@ def cli_discover(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     import torch
 
-    from .kinds.circuit import AblationRunner, build_scope, parse_rows, prepare_task
+    from .kinds.ablation import AblationRunner, build_scope, parse_rows, prepare_task
     from .subject import load_subject
 
     if args.threads:

@@ -13,7 +13,7 @@ import torch
 
 from modelprobe.errors import DataError, SpecError
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.circuit import (
+from modelprobe.kinds.ablation import (
     AblationRunner,
     Unit,
     build_scope,
@@ -175,7 +175,7 @@ def test_batched_resumed_ablations_equal_hand_ablations(induction, tiny_subject,
 
 
 def test_random_circuits_run_batched_and_resume_at_the_first_changed_layer(induction, monkeypatch):
-    import modelprobe.kinds.circuit as circuit_module
+    import modelprobe.kinds.ablation as circuit_module
 
     calls: list[tuple[int, int]] = []
     real = circuit_module.resume
