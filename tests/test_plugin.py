@@ -211,3 +211,18 @@ def test_last_failed_and_exitfirst_work_on_claims(pytester, probe_dir, copy_mode
     assert rerun.parseoutcomes().get("failed") == 1 and "passed" not in rerun.parseoutcomes()
     rerun.stdout.fnmatch_lines(["*emerges_late FAILED*"])
     pytester.runpytest(*args, "-x", "-p", "no:randomly").assert_outcomes(passed=1, failed=1)
+
+
+def test_numbers_do_not_depend_on_batch_size(pytester, probe_dir, random_model):
+    """Batch size changes padding, never verdicts or effects (a silent-wrong-number guard)."""
+    results = []
+    for size in ("1", "7"):
+        run(pytester, random_model, f"--probe-batch-size={size}")
+        rec = report(pytester, random_model)
+        claims = rec["probes"][0]["claims"]
+        results.append(({c["name"]: (c["verdict"], c["effect"]) for c in claims},
+                        [p for c in claims for p in c["curves"]["mean_target_prob"]]))
+    assert results[0][0] == results[1][0]
+    # Continuous per-layer probabilities would expose a padding or position-id error.
+    assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+    assert len(set(results[0][1])) > 3
