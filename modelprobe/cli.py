@@ -41,7 +41,7 @@ def _probe_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .kinds import instantiate, load
+    from .kinds import check_data_files, instantiate, load
 
     subject = None
     if args.model:
@@ -56,6 +56,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for f in files:
         try:
             probe = load(f)
+            check_data_files(probe)
             if subject is not None:
                 instantiate(probe, subject)
         except ModelprobeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -12,10 +13,13 @@ from modelprobe.kinds import KINDS
 from modelprobe.skeletons import SKELETONS
 from modelprobe.spec.yaml_loader import load_yaml
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_new_writes_a_skeleton_that_validates_for_every_kind(tmp_path, capsys, kind):
     assert kind in SKELETONS
+    (tmp_path / "data").symlink_to(ROOT / "probes" / "data")  # skeletons name the shipped data files
     assert main(["new", kind, "mine", "--directory", str(tmp_path)]) == 0
     assert main(["validate", str(tmp_path / "mine.probe.yaml")]) == 0
     assert "ok" in capsys.readouterr().out
@@ -28,14 +32,13 @@ def test_validate_reports_located_errors_and_exits_nonzero(tmp_path, capsys):
     assert main(["validate", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"{tmp_path / 'bad.probe.yaml'}:5:13: claims.c.expect: name exactly one statistic" in out
-    assert "good.probe.yaml: ok" in out
+    assert "good.probe.yaml: ok" not in out  # the skeleton's data file is not next to it here
+    assert "good.probe.yaml:5:10: prompts: data file" in out
 
 
 def test_committed_schema_is_current_and_accepts_every_shipped_probe():
     schema = json_schema()
     assert json.loads(SCHEMA_PATH.read_text()) == schema, "run `modelprobe schema` and commit the result"
-    from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
-    for path in sorted((root / "probes").glob("*.probe.yaml")):
+    for path in sorted((ROOT / "probes").glob("*.probe.yaml")):
         data, _ = load_yaml(path)
         jsonschema.validate(data, schema)

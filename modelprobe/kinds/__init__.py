@@ -17,8 +17,16 @@ def load(path: Path) -> LoadedProbe:
     return load_probe(path, {name: k.Spec for name, k in KINDS.items()})
 
 
+def check_data_files(probe: LoadedProbe) -> None:
+    """Every data file the probe names exists (no model needed): a located SpecError otherwise."""
+    for rel, loc in KINDS[probe.spec.kind].data_files(probe.spec):
+        path = probe.path.parent / rel
+        if not path.is_file():
+            raise probe.error(f"data file '{path}' not found", loc)
+
+
 def instantiate(probe: LoadedProbe, subject) -> ProbeKind:
     return KINDS[probe.spec.kind](probe, subject)
 
 
-__all__ = ["KINDS", "Outcome", "ProbeKind", "instantiate", "load"]
+__all__ = ["KINDS", "check_data_files", "Outcome", "ProbeKind", "instantiate", "load"]

@@ -36,6 +36,11 @@ class ProbeKind(ABC):
         except SpecError as e:
             raise (probe.locate(e) if e.file is None else e) from None
 
+    @classmethod
+    def data_files(cls, spec: Any) -> list[tuple[str, tuple]]:
+        """(path relative to the probe file, its YAML loc) of every data file the spec names."""
+        return []
+
     def claim_names(self) -> list[str]:
         return list(self.spec.claims)
 

@@ -129,6 +129,10 @@ class Circuit(ProbeKind):
     name = "circuit"
     Spec = CircuitSpec
 
+    @classmethod
+    def data_files(cls, spec: CircuitSpec) -> list[tuple[str, tuple]]:
+        return [(spec.prompts, ("prompts",))] + ([(spec.reference, ("reference",))] if spec.reference else [])
+
     def setup(self) -> None:
         spec, subject, probe = self.spec, self.subject, self.probe
         required = ("prompt", "answer") + (("wrong",) if spec.metric == "logit_diff" else ())

@@ -200,6 +200,10 @@ class Direction(ProbeKind):
     name = "direction"
     Spec = DirectionSpec
 
+    @classmethod
+    def data_files(cls, spec: DirectionSpec) -> list[tuple[str, tuple]]:
+        return [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
+
     def setup(self) -> None:
         spec, subject, probe = self.spec, self.subject, self.probe
         ps = spec.prompts

@@ -53,6 +53,10 @@ class LogitLens(ProbeKind):
     name = "logit_lens"
     Spec = LogitLensSpec
 
+    @classmethod
+    def data_files(cls, spec: LogitLensSpec) -> list[tuple[str, tuple]]:
+        return [(spec.prompts, ("prompts",))]
+
     def setup(self) -> None:
         spec, subject = self.spec, self.subject
         self.rows = self.probe.rows(spec.prompts, ("prompts",), ("prompt", "answer"))
