@@ -318,10 +318,10 @@ def _head_means(model, tok, refs):
 
 
 @torch.no_grad()
-def _ind_accuracy(model, tok, rows, ablate=(), means=None):
+def _ind_last_logits(model, tok, rows, ablate=(), means=None):
+    """Last-position logits with the given (layer, head) pairs mean-ablated at the o_proj input."""
     hd = model.config.hidden_size // model.config.num_attention_heads
     ids, att, last = _ind_batch(tok, rows)
-    answers = torch.tensor([tok(r["answer"], add_special_tokens=False)["input_ids"][0] for r in rows])
     hs = []
     for layer_idx in {li for li, _ in ablate}:
         heads = [h for li, h in ablate if li == layer_idx]
@@ -334,36 +334,25 @@ def _ind_accuracy(model, tok, rows, ablate=(), means=None):
 
         hs.append(model.model.layers[layer_idx].self_attn.o_proj.register_forward_pre_hook(pre))
     try:
-        logits = model(input_ids=ids, attention_mask=att).logits
+        return model(input_ids=ids, attention_mask=att).logits[torch.arange(len(rows)), last]
     finally:
         for h in hs:
             h.remove()
-    return (logits[torch.arange(len(rows)), last].argmax(-1) == answers).float().mean().item()
 
 
-@torch.no_grad()
+def _first_ids(tok, rows, field):
+    return torch.tensor([tok(r[field], add_special_tokens=False)["input_ids"][0] for r in rows])
+
+
+def _ind_accuracy(model, tok, rows, ablate=(), means=None):
+    logits = _ind_last_logits(model, tok, rows, ablate, means)
+    return (logits.argmax(-1) == _first_ids(tok, rows, "answer")).float().mean().item()
+
+
 def _ind_logit_diff(model, tok, rows, ablate=(), means=None):
     """Mean logit(answer) - logit(wrong) with the given heads mean-ablated."""
-    hd = model.config.hidden_size // model.config.num_attention_heads
-    ids, att, last = _ind_batch(tok, rows)
-    ans = torch.tensor([tok(r["answer"], add_special_tokens=False)["input_ids"][0] for r in rows])
-    wrong = torch.tensor([tok(r["wrong"], add_special_tokens=False)["input_ids"][0] for r in rows])
-    hs = []
-    for layer_idx in {li for li, _ in ablate}:
-        heads = [h for li, h in ablate if li == layer_idx]
-
-        def pre(mod, args, heads=heads, mean=means[layer_idx]):
-            x = args[0].clone()
-            for h in heads:
-                x[:, :, h * hd : (h + 1) * hd] = mean[: x.shape[1], h * hd : (h + 1) * hd]
-            return (x,)
-
-        hs.append(model.model.layers[layer_idx].self_attn.o_proj.register_forward_pre_hook(pre))
-    try:
-        logits = model(input_ids=ids, attention_mask=att).logits[torch.arange(len(rows)), last]
-    finally:
-        for h in hs:
-            h.remove()
+    logits = _ind_last_logits(model, tok, rows, ablate, means)
+    ans, wrong = _first_ids(tok, rows, "answer"), _first_ids(tok, rows, "wrong")
     return (logits.gather(1, ans[:, None]) - logits.gather(1, wrong[:, None])).mean().item()
 
 
