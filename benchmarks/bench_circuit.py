@@ -38,15 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modelprobe.kinds.ablation import (  # noqa: E402
-    AblationRunner,
-    Unit,
-    build_scope,
-    prepare_task,
-    random_circuits,
-)
 from modelprobe.subject import load_subject  # noqa: E402
+from modelprobe.subject.ablation import AblationRunner, Unit, build_scope  # noqa: E402
 from modelprobe.subject.resume import can_resume  # noqa: E402
+from modelprobe.toolkit.ablation_task import prepare_task  # noqa: E402
+from modelprobe.toolkit.controls import random_circuits  # noqa: E402
 
 FALLBACK_CIRCUIT = [(23, 3), (20, 0), (17, 4), (29, 1), (19, 2), (16, 0), (8, 1), (15, 7)]
 
@@ -157,7 +153,7 @@ def main() -> None:
     task = prepare_task(subject, prompts, data / "ioi.jsonl", refs, data / "ioi_abc.jsonl", "logit_diff", "mean",
                         "template", f"0:{args.prompts}")
     scope = build_scope("attention_heads", subject.sitemap)
-    runner = AblationRunner(subject, task, scope, "logit_diff", "mean", data / "ioi_abc.jsonl", "template")
+    runner = AblationRunner(subject, task, scope, task.row_metric("logit_diff"), "mean", "template")
     t0 = time.perf_counter()
     runner.prepare_values()
     means_s = time.perf_counter() - t0
@@ -170,7 +166,7 @@ def main() -> None:
               np.concatenate([~nulls, nulls]), args.naive_sample),
     ]
     # a fresh runner: the sweep must not reuse the first workload's cached streams for free
-    runner2 = AblationRunner(subject, task, scope, "logit_diff", "mean", data / "ioi_abc.jsonl", "template")
+    runner2 = AblationRunner(subject, task, scope, task.row_metric("logit_diff"), "mean", "template")
     runner2.prepare_values()
     results.append(bench(f"each of {len(scope)} heads alone", subject, runner2, naive,
                          np.eye(len(scope), dtype=bool), args.naive_sample))

@@ -51,7 +51,7 @@ def discover_circuit(runner: Any, target: float = 0.8, necessity: float = 0.2, m
                      max_size: int = 64, score_prompts: list[int] | None = None,
                      say: Any = None) -> Found:
     """Greedy circuit search on the runner's prompts (effects scored on `score_prompts`, default all)."""
-    from .kinds.ablation import faithfulness
+    from .toolkit.metrics import faithfulness
 
     say = say or (lambda msg: None)
     scope = runner.scope
@@ -172,7 +172,7 @@ def discover_circuit(runner: Any, target: float = 0.8, necessity: float = 0.2, m
 
 def heldout_rows(rows: str | None, n: int) -> str | None:
     """The complement of a leading or trailing slice, as a slice; None when it is not one."""
-    from .kinds.ablation import parse_rows
+    from .toolkit.ablation_task import parse_rows
 
     if rows is None:
         return None
@@ -366,8 +366,9 @@ def cli_discover(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     import torch
 
-    from .kinds.ablation import AblationRunner, build_scope, parse_rows, prepare_task
     from .subject import load_subject
+    from .subject.ablation import AblationRunner, build_scope
+    from .toolkit.ablation_task import parse_rows, prepare_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -386,7 +387,7 @@ def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     task = prepare_task(subject, prompt_rows, prompt_path, ref_rows, ref_path, args.metric, args.ablation,
                         args.group_by, args.rows, args.seed)
     scope = build_scope(scope_spec, subject.sitemap)
-    runner = AblationRunner(subject, task, scope, args.metric, args.ablation, ref_path, args.group_by,
+    runner = AblationRunner(subject, task, scope, task.row_metric(args.metric), args.ablation, args.group_by,
                             args.batch_size)
     n = len(task.prompt_ids)
     score = None

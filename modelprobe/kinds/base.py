@@ -1,16 +1,25 @@
-"""What every claim kind shares: setup against a model, one measurement per probe, verdicts."""
+"""The kind contract: a spec class, model-dependent setup, one measurement per probe, verdicts.
+
+A kind is `class MyKind(ProbeKind[MySpec])` with `name`, `Spec`, `setup()` and `measure()`. The
+measurement of each claim is a `Measured`; `judge()` turns it into the recorded `ClaimResult`.
+"""
 
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ..errors import SiteError, SpecError
-from ..report.record import ClaimResult, ControlResult
-from ..spec import LoadedProbe, OneExpectation, ProbeBase, Tolerance
+from ..report.record import ClaimResult, ControlResult, Plot
+from ..spec import ClaimSpec, LoadedProbe, ProbeBase
 from ..stats import decide
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+
+SpecT = TypeVar("SpecT", bound=ProbeBase)
 
 
 @dataclass
@@ -21,13 +30,33 @@ class Outcome:
     claims: list[ClaimResult] = field(default_factory=list)
 
 
-class ProbeKind(ABC):
+@dataclass
+class Measured:
+    """What a kind measured for one claim, before the verdict.
+
+    `untestable` (a reason) makes the claim inconclusive whatever the numbers say: a claim that could
+    not be measured never passes. `beats_control` is None when the claim has no control.
+    """
+
+    effect: float | None
+    ci: tuple[float, float] | None
+    n: int
+    metric: str
+    control: ControlResult | None = None
+    beats_control: bool | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    curves: dict[str, list[float]] = field(default_factory=dict)
+    plots: list[Plot] = field(default_factory=list)
+    untestable: str | None = None
+
+
+class ProbeKind(ABC, Generic[SpecT]):
     name: ClassVar[str]
     Spec: ClassVar[type[ProbeBase]]
 
-    def __init__(self, probe: LoadedProbe, subject: Any):
+    def __init__(self, probe: LoadedProbe, subject: Subject):
         self.probe = probe
-        self.spec: Any = probe.spec
+        self.spec: SpecT = probe.spec  # type: ignore[assignment]
         self.subject = subject
         try:
             self.setup()
@@ -41,8 +70,12 @@ class ProbeKind(ABC):
         """(path relative to the probe file, its YAML loc) of every data file the spec names."""
         return []
 
+    @classmethod
+    def check_data(cls, probe: LoadedProbe) -> None:
+        """Read and check the data files without a model (fields and their types); located errors."""
+
     def claim_names(self) -> list[str]:
-        return list(self.spec.claims)
+        return list(self.spec.claims)  # type: ignore[attr-defined]
 
     def setup(self) -> None:  # noqa: B027 - optional hook; most kinds override it
         """Model-dependent checks (layers in range, single-token answers...). Raise SpecError/SiteError."""
@@ -60,19 +93,16 @@ class ProbeKind(ABC):
         return outcome
 
 
-def judge(name: str, expect: OneExpectation, effect: float | None, ci: tuple[float, float] | None, n: int,
-          metric: str, control: ControlResult | None = None, beats_control: bool | None = None,
-          details: dict[str, Any] | None = None, curves: dict[str, list[float]] | None = None,
-          tolerance: Tolerance | None = None, untestable: str | None = None) -> ClaimResult:
-    """A claim's verdict from its interval and its control; `untestable` forces inconclusive with a reason."""
-    th = expect.threshold
-    if untestable:
-        verdict, reason = "inconclusive", untestable
+def judge(name: str, claim: ClaimSpec, m: Measured) -> ClaimResult:
+    """A claim's verdict from its interval and its control; `m.untestable` forces inconclusive."""
+    th = claim.expect.threshold
+    if m.untestable:
+        verdict, reason = "inconclusive", m.untestable
     else:
-        verdict, reason = decide(ci, th.value, th.comparison, beats_control)
+        verdict, reason = decide(m.ci, th.value, th.comparison, m.beats_control)
     return ClaimResult(
-        name=name, verdict=verdict, reason=reason, metric=metric, effect=effect,
-        ci=ci, threshold=th.value, comparison=th.comparison, n=n, control=control,
-        tolerance=tolerance.model_dump(exclude_none=True) if tolerance else None,
-        details=details or {}, curves=curves or {},
+        name=name, verdict=verdict, reason=reason, metric=m.metric, effect=m.effect,
+        ci=m.ci, threshold=th.value, comparison=th.comparison, n=m.n, control=m.control,
+        tolerance=claim.tolerance.model_dump(exclude_none=True) if claim.tolerance else None,
+        details=m.details, curves=m.curves, plots=m.plots,
     )

@@ -20,27 +20,27 @@ How the work is organised (the expensive part is many ablated forwards):
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from ..report.record import ClaimResult, ControlResult
-from ..spec import OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..errors import SiteError
+from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
+from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
-from .ablation import (
-    AblationRunner,
-    build_scope,
-    circuit_units,
-    faithfulness,
-    parse_rows,
-    prepare_task,
-    random_circuits,
-)
-from .base import Outcome, ProbeKind, judge
+from ..subject.sites import resolve_sites
+from ..toolkit.ablation_task import parse_rows, prepare_task
+from ..toolkit.controls import ALPHA, beats_control, random_circuits
+from ..toolkit.metrics import faithfulness
+from ..toolkit.prompts import read_rows
+from .base import Measured, Outcome, ProbeKind, judge
 
-ALPHA = 0.05  # the circuit beats its control when the empirical p-value is at most this
+if TYPE_CHECKING:
+    from ..subject.ablation import Scope, Unit
+
 Metric = Literal["logit_diff", "logprob", "accuracy"]
 Ablation = Literal["mean", "mean_all_positions", "zero", "resample"]
 
@@ -70,7 +70,7 @@ class CircuitExpect(OneExpectation):
         "is removed from the circuit")
 
 
-class CircuitClaim(Strict):
+class CircuitClaim(ClaimSpec):
     test: Literal["sufficiency", "necessity", "minimality"] = Field(
         description="sufficiency: ablate everything in scope except the circuit; necessity: ablate only the "
         "circuit; minimality: every component matters (removing it lowers sufficiency)")
@@ -123,9 +123,52 @@ class CircuitSpec(ProbeBase):
         return self
 
 
+# ---- the circuit's units ----------------------------------------------------------------------
+
+def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: Any,
+                  loc: tuple = ("circuit",)) -> list[Unit]:
+    """Expand the circuit's entries into scope units; SiteError (located) for anything off-model."""
+    from ..subject.ablation import Unit
+
+    kinds = {u.kind for u in scope.units}
+    units: list[Unit] = []
+    for i, e in enumerate(entries):
+        here = (*loc, i)
+        site_spec = {"layer": e.layer, "component": "mlp.post" if e.component == "mlp_out" else e.component,
+                     "head": e.head, "neuron": e.neuron}
+        if e.component == "attn_out":
+            site_spec["component"] = "attn.z"
+        if e.head is not None and e.component != "attn.z":
+            raise SiteError("'head' only applies to component attn.z", (*here, "head"))
+        if e.neuron is not None and e.component != "mlp.post":
+            raise SiteError("'neuron' only applies to component mlp.post", (*here, "neuron"))
+        site = resolve_sites(site_spec, sitemap, here)[0]
+        if site.component == "attn.z":
+            new = [Unit(site.layer, "head", h) for h in (site.heads or range(sitemap.n_heads))]
+        elif not kinds & {"mlp", "neuron"}:
+            raise SiteError(f"an MLP is not in the scope ({scope.description}); use scope: heads_and_mlps, "
+                            "or scope: {neurons: <layers>} for neurons", (*here, "component"))
+        elif "mlp" in kinds:
+            if site.neurons is not None:
+                raise SiteError("scope heads_and_mlps ablates whole MLPs; name single neurons with "
+                                "scope: {neurons: <layers>}", (*here, "neuron"))
+            new = [Unit(site.layer, "mlp")]
+        else:
+            new = [Unit(site.layer, "neuron", n) for n in (site.neurons or range(sitemap.d_mlp))]
+        for u in new:
+            if u not in scope.index:
+                raise SiteError(f"{u.name} is not in the scope ({scope.description}); widen 'scope' or drop it",
+                                (*here, "component"))
+            if u in units:
+                raise SiteError(f"{u.name} is listed twice in the circuit", here)
+            units.append(u)
+    return units
+
+
+
 # ---- the kind -------------------------------------------------------------------------------
 
-class Circuit(ProbeKind):
+class Circuit(ProbeKind[CircuitSpec]):
     name = "circuit"
     Spec = CircuitSpec
 
@@ -133,11 +176,19 @@ class Circuit(ProbeKind):
     def data_files(cls, spec: CircuitSpec) -> list[tuple[str, tuple]]:
         return [(spec.prompts, ("prompts",))] + ([(spec.reference, ("reference",))] if spec.reference else [])
 
-    def setup(self) -> None:
-        spec, subject, probe = self.spec, self.subject, self.probe
+    @classmethod
+    def check_data(cls, probe: Any) -> tuple[list[dict], list[dict] | None]:
+        spec = probe.spec
         required = ("prompt", "answer") + (("wrong",) if spec.metric == "logit_diff" else ())
-        prompt_rows = probe.rows(spec.prompts, ("prompts",), required)
-        ref_rows = probe.rows(spec.reference, ("reference",)) if spec.reference else None
+        prompt_rows = read_rows(probe, spec.prompts, ("prompts",), required, optional_text=("wrong",))
+        ref_rows = read_rows(probe, spec.reference, ("reference",)) if spec.reference else None
+        return prompt_rows, ref_rows
+
+    def setup(self) -> None:
+        from ..subject.ablation import AblationRunner, build_scope  # the engine: torch, at setup only
+
+        spec, subject, probe = self.spec, self.subject, self.probe
+        prompt_rows, ref_rows = self.check_data(probe)
         base = probe.path.parent
         self.ref_path = base / spec.reference if spec.reference else None
         try:
@@ -154,8 +205,8 @@ class Circuit(ProbeKind):
         if spec.controls.prompts is not None and spec.controls.prompts > n:
             raise probe.error(f"controls.prompts is {spec.controls.prompts}, but only {n} prompts are used",
                               ("controls", "prompts"))
-        self.runner = AblationRunner(subject, self.task, self.scope, spec.metric, spec.ablation, self.ref_path,
-                                     spec.group_by, spec.batch_size)
+        self.runner = AblationRunner(subject, self.task, self.scope, self.task.row_metric(spec.metric),
+                                     spec.ablation, spec.group_by, spec.batch_size)
 
     def measure(self) -> Outcome:
         spec, scope, runner = self.spec, self.scope, self.runner
@@ -186,18 +237,7 @@ class Circuit(ProbeKind):
             for j, t in enumerate(wanted):
                 block = vals[j * len(null):(j + 1) * len(null)]
                 null_f[t] = faithfulness(block, e[None, :], m[None, :], axis=1)
-        denom = float(m_full.mean() - got["empty"].mean())
-        per_component = []
-        for u in self.circuit:
-            alone = got[("alone", u)]
-            per_component.append({
-                "component": u.name, "metric_when_ablated_alone": float(alone.mean()),
-                "normalized_effect": float((m_full.mean() - alone.mean()) / denom) if denom else None})
-        common = {
-            "m_full": float(m_full.mean()), "m_empty": float(got["empty"].mean()),
-            "full_model_share_metric_positive": float((m_full > 0).mean()) if spec.metric != "accuracy" else None,
-            "per_component": per_component,
-        }
+        common = self._common(got, m_full)
         settings = {
             **self.task.settings, **runner.describe(), "metric": spec.metric, "position": "last",
             "reference": spec.reference, "group_by": spec.group_by, "scope": scope.description,
@@ -216,6 +256,28 @@ class Circuit(ProbeKind):
                                                  null_f.get(claim.test), control_rows, matched))
         return Outcome(settings, claims)
 
+    def _common(self, got: dict, m_full: np.ndarray) -> dict[str, Any]:
+        """Numbers every claim of the probe reports: m(M), m(∅) and each component ablated alone."""
+        denom = float(m_full.mean() - got["empty"].mean())
+        per_component = []
+        for u in self.circuit:
+            alone = got[("alone", u)]
+            per_component.append({
+                "component": u.name, "metric_when_ablated_alone": float(alone.mean()),
+                "normalized_effect": float((m_full.mean() - alone.mean()) / denom) if denom else None})
+        return {
+            "m_full": float(m_full.mean()), "m_empty": float(got["empty"].mean()),
+            "full_model_share_metric_positive": float((m_full > 0).mean()) if self.spec.metric != "accuracy" else None,
+            "per_component": per_component,
+        }
+
+    def _component_bars(self, common: dict[str, Any]) -> Bars:
+        comps = common["per_component"]
+        return Bars(title=f"{self.spec.metric}: full model vs each component ablated alone",
+                    value_label=f"mean {self.spec.metric}", labels=[c["component"] for c in comps],
+                    before=[common["m_full"]] * len(comps), after=[c["metric_when_ablated_alone"] for c in comps],
+                    before_label="full model", after_label="ablated alone")
+
     def _faithfulness(self, name: str, claim: CircuitClaim, mc: np.ndarray, me: np.ndarray, mm: np.ndarray,
                       common: dict, null: np.ndarray | None, control_rows: np.ndarray,
                       matched: bool) -> ClaimResult:
@@ -228,34 +290,39 @@ class Circuit(ProbeKind):
         details = {**common, "m_circuit": float(mc.mean()), "test": test,
                    "ablated": "everything in scope except the circuit" if test == "sufficiency"
                    else "only the circuit"}
-        control, beats = None, None
+        metric = (f"faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) of {self.spec.metric}, "
+                  + ("everything in scope but the circuit ablated" if test == "sufficiency"
+                     else "only the circuit ablated") + f" ({self.spec.ablation} ablation)")
+        m = Measured(effect, ci, len(mm), metric, details=details, untestable=untestable,
+                     plots=[self._component_bars(common)])
         if null is not None and len(null) == 0:
             details["control_note"] = "no other circuit of this size exists in the scope: no random-circuit control"
         elif null is not None and not np.all(np.isfinite(null)):
             details["control_note"] = "m(M) = m(∅) on the control prompts: random-circuit faithfulness is undefined"
-            null = None
-        if null is not None and len(null) and not untestable:
-            observed = float(faithfulness(mc[control_rows], me[control_rows], mm[control_rows]))
-            alternative = "greater" if test == "sufficiency" else "less"
-            p = empirical_pvalue(observed, null, alternative)
-            beats = p <= ALPHA
-            q = 95 if test == "sufficiency" else 5
-            details.update({
-                "null_distribution": [float(x) for x in null],
-                "null_mean": float(null.mean()), f"null_p{q}": float(np.percentile(null, q)),
-                "circuit_percentile_in_null": float((null < observed).mean() * 100),
-                "circuit_faithfulness_on_control_prompts": observed,
-            })
-            control = ControlResult(
-                name=f"{len(null)} random circuits of the same size" + (", same layers" if matched else ""),
-                effect=float(null.mean()), p_value=p,
-                detail={"alternative": alternative, "alpha": ALPHA, f"p{q}": float(np.percentile(null, q)),
-                        "prompts": int(len(control_rows))})
-        metric = (f"faithfulness (m(C) − m(∅)) / (m(M) − m(∅)) of {self.spec.metric}, "
-                  + ("everything in scope but the circuit ablated" if test == "sufficiency"
-                     else "only the circuit ablated") + f" ({self.spec.ablation} ablation)")
-        return judge(name, claim.expect, effect, ci, len(mm), metric, control=control, beats_control=beats,
-                     details=details, tolerance=claim.tolerance, untestable=untestable)
+        elif null is not None and not untestable:
+            self._random_circuit_control(m, test, mc, me, mm, null, control_rows, matched)
+        return judge(name, claim, m)
+
+    def _random_circuit_control(self, m: Measured, test: str, mc: np.ndarray, me: np.ndarray, mm: np.ndarray,
+                                null: np.ndarray, control_rows: np.ndarray, matched: bool) -> None:
+        observed = float(faithfulness(mc[control_rows], me[control_rows], mm[control_rows]))
+        alternative = "greater" if test == "sufficiency" else "less"
+        p = empirical_pvalue(observed, null, alternative)
+        q = 95 if test == "sufficiency" else 5
+        m.details.update({
+            "null_mean": float(null.mean()), f"null_p{q}": float(np.percentile(null, q)),
+            "circuit_percentile_in_null": float((null < observed).mean() * 100),
+            "circuit_faithfulness_on_control_prompts": observed,
+        })
+        name = f"{len(null)} random circuits of the same size" + (", same layers" if matched else "")
+        m.control = ControlResult(
+            name=name, effect=float(null.mean()), p_value=p,
+            detail={"alternative": alternative, "alpha": ALPHA, f"p{q}": float(np.percentile(null, q)),
+                    "prompts": int(len(control_rows))})
+        m.beats_control = beats_control(p)
+        m.plots.append(NullHistogram(title=f"{test}: {name}", x_label="faithfulness",
+                                     values=[float(x) for x in null], effect=observed,
+                                     effect_label=f"circuit on the {len(control_rows)} control prompts"))
 
     def _minimality(self, name: str, claim: CircuitClaim, got: dict, mm: np.ndarray, common: dict) -> ClaimResult:
         me, mc = got["empty"], got["circuit_only"]
@@ -275,8 +342,12 @@ class Circuit(ProbeKind):
                   "drop": float(f_c - faithfulness(w, me, mm))} for u, w in zip(self.circuit, without)]
         details = {**common, "m_circuit": float(mc.mean()), "test": "minimality", "drops": drops}
         metric = "smallest drop of sufficiency faithfulness when one component is removed from the circuit"
-        return judge(name, claim.expect, effect, ci, len(mm), metric, details=details, tolerance=claim.tolerance,
-                     untestable=untestable)
+        bars = Bars(title="sufficiency faithfulness without each component", value_label="faithfulness",
+                    labels=[d["component"] for d in drops], before=[float(f_c)] * len(drops),
+                    after=[d["faithfulness_without"] for d in drops], before_label="whole circuit",
+                    after_label="without it")
+        return judge(name, claim, Measured(effect, ci, len(mm), metric, details=details, untestable=untestable,
+                                           plots=[bars]))
 
 
 def _undefined(mm: np.ndarray, me: np.ndarray) -> str | None:

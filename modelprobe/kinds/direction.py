@@ -22,25 +22,33 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
+from .._lazy import LazyModule, torch
 from ..errors import SiteError
-from ..report.record import ClaimResult, ControlResult
-from ..spec import OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..names import canonical_name
+from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
+from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
 from ..spec.fields import LayerSpec
-from ..stats import bootstrap_ci, paired_difference, paired_permutation_pvalue, wilson_interval
-from ..subject import AblateDirection, Add, Intervention, Site, canonical_name, resolve_layer
-from ..subject.orthogonalize import check_orthogonalizable, orthogonalization_notes, orthogonalizing_deltas
-from .base import Outcome, ProbeKind, judge
+from ..stats import bootstrap_ci, paired_difference, wilson_interval
+from ..subject.sites import Site, resolve_layer
+from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
+from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control, random_unit_directions
+from ..toolkit.metrics import kl as _kl
+from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
+from ..toolkit.steering import ablate_direction_everywhere, add_at_layer
+from .base import Measured, Outcome, ProbeKind, judge
 from .graders import Grader, GraderSpec, build_grader
 
+if TYPE_CHECKING:
+    from ..subject.interventions import Intervention
+
+orthogonalize: Any = LazyModule("modelprobe.subject.orthogonalize")  # torch: loaded when first used
+
 SETS = ("positive", "negative")
-ABLATION_COMPONENTS = ("resid_pre", "attn_out", "mlp_out")  # every block input and sublayer write
-CONTROL_ALPHA = 0.05
 EXAMPLES = 3  # replies shown per claim in the report
 
 
@@ -90,7 +98,7 @@ class DirectionExpect(OneExpectation):
     rate: Threshold | None = Field(None, description="the behaviour rate under the intervention")
 
 
-class DirectionClaim(Strict):
+class DirectionClaim(ClaimSpec):
     intervention: Literal["ablate", "add", "weight_orthogonalize"] = Field(
         description="ablate: project the unit direction out of every block input, attention output and MLP "
                     "output, all positions, generated tokens included; add: add the raw difference of means "
@@ -152,22 +160,7 @@ def post_instruction_positions(subject: Any, system: str | None = None) -> list[
     return list(range(-k, 0)) if k else [-1]
 
 
-def ablation(n_layers: int, direction: torch.Tensor) -> list[Intervention]:
-    """Project the unit direction out of every block input, attention output and MLP output."""
-    return [AblateDirection(Site(c, layer), positions="all", direction=direction)
-            for layer in range(n_layers) for c in ABLATION_COMPONENTS]
-
-
-def _kl(base: torch.Tensor, other: torch.Tensor) -> np.ndarray:
-    """Per-row KL(base ‖ other) of next-token distributions, in nats."""
-    lp, lq = torch.log_softmax(base.double(), -1), torch.log_softmax(other.double(), -1)
-    return (lp.exp() * (lp - lq)).sum(-1).clamp(min=0).numpy()
-
-
-def _rate(flags: np.ndarray) -> dict[str, Any]:
-    k, n = int(flags.sum()), int(flags.size)
-    lo, hi = wilson_interval(k, n)
-    return {"rate": k / n if n else None, "ci": [lo, hi], "k": k, "n": n}
+ablation = ablate_direction_everywhere  # the name the benchmark and older callers use
 
 
 @dataclass
@@ -186,17 +179,9 @@ class Candidate:
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
-@dataclass
-class Behaviour:
-    flags: np.ndarray  # [n] bool: the reply shows the behaviour
-    texts: list[str] | None = None  # replies (text graders)
-    scores: np.ndarray | None = None  # log-odds (tokens grader)
-    logits: torch.Tensor | None = None  # next-token logits at the last prompt position (tokens grader)
-
-
 # ---- the kind -----------------------------------------------------------------------------------
 
-class Direction(ProbeKind):
+class Direction(ProbeKind[DirectionSpec]):
     name = "direction"
     Spec = DirectionSpec
 
@@ -204,21 +189,28 @@ class Direction(ProbeKind):
     def data_files(cls, spec: DirectionSpec) -> list[tuple[str, tuple]]:
         return [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
 
+    @classmethod
+    def check_data(cls, probe: Any) -> dict[str, list[dict]]:
+        """Both prompt sets, their rows checked, each large enough for the split (no model needed)."""
+        ps = probe.spec.prompts
+        split = ps.split
+        need = split.train + split.validation + split.test
+        rows = {}
+        for which in SETS:
+            rel = getattr(ps, which)
+            rows[which] = read_rows(probe, rel, ("prompts", which))
+            if len(rows[which]) < need:
+                raise probe.error(
+                    f"the {which} set '{rel}' holds {len(rows[which])} prompts, but the split asks for "
+                    f"{split.train} train + {split.validation} validation + {split.test} test = {need} from each "
+                    "set", ("prompts", "split"))
+        return rows
+
     def setup(self) -> None:
         spec, subject, probe = self.spec, self.subject, self.probe
         ps = spec.prompts
         split = ps.split
-        need = split.train + split.validation + split.test
-        self.rows = {}
-        for which in SETS:
-            rel = getattr(ps, which)
-            rows = probe.rows(rel, ("prompts", which), ("prompt",))
-            if len(rows) < need:
-                raise probe.error(
-                    f"the {which} set '{rel}' holds {len(rows)} prompts, but the split asks for {split.train} "
-                    f"train + {split.validation} validation + {split.test} test = {need} from each set",
-                    ("prompts", "split"))
-            self.rows[which] = rows
+        self.rows = self.check_data(probe)
         if ps.chat_template and not subject.has_chat_template():
             raise probe.error(f"model '{subject.info.id}' has no chat template in its tokenizer; set "
                               "chat_template: false (and position: last or an index)", ("prompts", "chat_template"))
@@ -227,25 +219,24 @@ class Direction(ProbeKind):
         if self.grader.kind == "tokens":
             ids = []
             for i, text in enumerate(self.grader.token_texts):
-                toks = subject.token_id(text)
-                if len(toks) != 1:
-                    raise probe.error(f"grader token {text!r} is {len(toks)} tokens for model '{subject.info.id}';"
-                                      " give single tokens (e.g. with or without a leading space)",
-                                      ("behaviour", "grader", "tokens", i))
-                ids.append(toks[0])
+                try:
+                    ids.append(single_token(subject, text))
+                except SiteError as e:
+                    raise probe.error(f"grader token {e.message}", ("behaviour", "grader", "tokens", i)) from None
             self.grader.token_ids = tuple(ids)
 
-        # Split indices: one permutation per set from the same seed, so paired sets stay paired.
+        # One seeded permutation per set (the same for sets of equal length): paired sets stay paired.
         self.prompts: dict[str, dict[str, list[str]]] = {"train": {}, "validation": {}, "test": {}}
         self.ids: dict[str, dict[str, list[list[int]]]] = {"train": {}, "validation": {}, "test": {}}
-        bounds = {"train": (0, split.train), "validation": (split.train, split.train + split.validation),
-                  "test": (split.train + split.validation, need)}
+        sizes = {"train": split.train, "validation": split.validation, "test": split.test}
+        new_tokens = spec.behaviour.max_new_tokens if self.grader.needs_generation else 0
         for which in SETS:
-            perm = np.random.default_rng(split.seed).permutation(len(self.rows[which]))
-            for part, (a, b) in bounds.items():
-                prompts = [str(self.rows[which][i]["prompt"]) for i in perm[a:b]]
+            path = probe.path.parent / getattr(ps, which)
+            for part, idx in split_indices(len(self.rows[which]), sizes, split.seed).items():
+                prompts = [self.rows[which][i]["prompt"] for i in idx]
                 self.prompts[part][which] = prompts
-                self.ids[part][which] = subject.encode_all(prompts, ps.chat_template, ps.system)
+                self.ids[part][which] = encode_rows(subject, prompts, path, [int(i) + 1 for i in idx],
+                                                    ps.chat_template, ps.system, new_tokens)
 
         d = spec.direction
         if d.position == "post_instruction":
@@ -277,7 +268,7 @@ class Direction(ProbeKind):
         for name, claim in spec.claims.items():
             if claim.intervention == "weight_orthogonalize":
                 try:
-                    check_orthogonalizable(subject.sitemap)
+                    orthogonalize.check_orthogonalizable(subject.sitemap)
                 except SiteError as e:
                     raise SiteError(e.message, ("claims", name, "intervention")) from None
             if claim.scale != 1.0 and claim.intervention != "add":
@@ -286,21 +277,14 @@ class Direction(ProbeKind):
     # ---- behaviour under an intervention ----------------------------------------------------------
     def _behave(self, ids: Sequence[Sequence[int]], interventions: Any = (), new_tokens: int | None = None,
                 desc: str = "direction") -> Behaviour:
-        subject, bs = self.subject, self.spec.batch_size
-        if not self.grader.needs_generation:
-            logits = subject.last_logits(ids, interventions, bs)
-            scores = self.grader.scores(logits).numpy()
-            return Behaviour(scores > 0, scores=scores, logits=logits)
-        n = new_tokens or self.spec.behaviour.max_new_tokens
-        gens = subject.generate(ids, n, interventions, batch_size=bs, desc=desc)
-        texts = [subject.decode(g) for g in gens]
-        return Behaviour(np.array(self.grader.grade_all(texts), dtype=bool), texts=texts)
+        return behave(self.subject, self.grader, ids, interventions,
+                      new_tokens or self.spec.behaviour.max_new_tokens, self.spec.batch_size, desc)
 
     def _ablate(self, u: torch.Tensor) -> list[Intervention]:
-        return ablation(self.subject.n_layers, u)
+        return ablate_direction_everywhere(self.subject.n_layers, u)
 
     def _add(self, r: torch.Tensor, layer: int, scale: float = 1.0) -> list[Intervention]:
-        return [Add(Site("resid_pre", layer), positions="all", vector=r, scale=scale)]
+        return add_at_layer(layer, r, scale)
 
     def _interventions(self, claim: DirectionClaim, r: torch.Tensor, layer: int) -> list:
         u = r / r.norm()
@@ -310,7 +294,7 @@ class Direction(ProbeKind):
             return self._add(r, layer, claim.scale)
         key = ("orth",)
         if key not in self._memo:
-            self._memo[key] = orthogonalizing_deltas(self.subject.sitemap, u)
+            self._memo[key] = orthogonalize.orthogonalizing_deltas(self.subject.sitemap, u)
         return self._memo[key]
 
     # ---- step 2: candidates ---------------------------------------------------------------------
@@ -458,30 +442,22 @@ class Direction(ProbeKind):
         return best, cands, info, curves
 
     # ---- step 4: claims on test -------------------------------------------------------------------
-    def _random_directions(self, n: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(10_007 + self.spec.seed)
-        v = torch.randn(n, self.subject.sitemap.d_model, generator=g, dtype=torch.float64)
-        return (v / v.norm(dim=-1, keepdim=True)).float()
-
     def _controls(self, claim: DirectionClaim, r: torch.Tensor, layer: int, ids: list[list[int]]) -> np.ndarray:
         """[seeds, n] behaviour under the same intervention along random directions of the same norm."""
         seeds = self.spec.control_directions
-        dirs = self._random_directions(seeds)
+        dirs = random_unit_directions(seeds, self.subject.sitemap.d_model, 10_007 + self.spec.seed)
         n = len(ids)
         if claim.intervention == "weight_orthogonalize":  # one set of weights per forward: one seed at a time
-            return np.stack([self._behave(ids, orthogonalizing_deltas(self.subject.sitemap, dirs[s]),
+            return np.stack([self._behave(ids, orthogonalize.orthogonalizing_deltas(self.subject.sitemap, dirs[s]),
                                           desc=f"direction: control {s}").flags for s in range(seeds)])
         norm = float(r.norm())
-        n_layers = self.subject.n_layers
-        site = Site("resid_pre", layer)
 
         def per_batch(rows: list[int]) -> list[Intervention]:
             # Seeds ride in the batch dimension: row k is prompt k % n under random direction k // n.
             d = dirs[[row // n for row in rows]]
             if claim.intervention == "ablate":
-                return [AblateDirection(Site(c, li), positions="all", direction=d)
-                        for li in range(n_layers) for c in ABLATION_COMPONENTS]
-            return [Add(site, positions="all", vector=d * norm, scale=claim.scale)]
+                return self._ablate(d)
+            return self._add(d * norm, layer, claim.scale)
 
         flags = self._behave([x for _ in range(seeds) for x in ids], per_batch, desc="direction: controls").flags
         return flags.reshape(seeds, n)
@@ -519,20 +495,8 @@ class Direction(ProbeKind):
         b, a = base.flags.astype(float), after.flags.astype(float)
         n = len(ids)
         stat = claim.expect.statistic
-        th = claim.expect.threshold
-        min_rate = spec.behaviour.min_base_rate
-        base_rate = float(b.mean())
-        untestable = None
-        if stat == "rate_drop" and base_rate < min_rate:
-            untestable = (f"untestable: the base rate on the {claim.on} test prompts is {base_rate:.3g} "
-                          f"({int(b.sum())}/{n}), below {min_rate:g}: there is nothing to suppress")
-        if stat == "rate_rise" and base_rate > 1 - min_rate:
-            untestable = (f"untestable: the base rate on the {claim.on} test prompts is {base_rate:.3g} "
-                          f"({int(b.sum())}/{n}), above {1 - min_rate:g}: there is nothing to induce")
-
-        def per_prompt(x: np.ndarray) -> np.ndarray:  # x: intervened flags (or their mean over seeds)
-            return b - x if stat == "rate_drop" else x - b if stat == "rate_rise" else x
-
+        untestable = untestable_reason(stat, base.flags, spec.behaviour.min_base_rate,
+                                       f"the {claim.on} test prompts")
         if stat == "rate":
             effect, ci = float(a.mean()), wilson_interval(int(a.sum()), n)
         else:
@@ -549,35 +513,61 @@ class Direction(ProbeKind):
         details: dict[str, Any] = {
             "intervention": claim.intervention, "on": claim.on, "layer": layer, "position": position,
             "site": canonical_name("resid_pre", layer), "direction_norm": float(r.norm()),
-            "base_rate": _rate(base.flags), "intervened_rate": _rate(after.flags),
+            "base_rate": rate_summary(base.flags), "intervened_rate": rate_summary(after.flags),
             "collateral_kl": collateral, "grader": self.grader.name,
         }
         if claim.intervention == "add":
             details["scale"] = claim.scale
-        if claim.intervention == "weight_orthogonalize" and orthogonalization_notes(self.subject.sitemap):
-            details["notes"] = orthogonalization_notes(self.subject.sitemap)
-        if base.texts is not None:
-            details["examples"] = [{"prompt": self.prompts["test"][claim.on][i][:160], "base": base.texts[i][:160],
-                                    "intervened": after.texts[i][:160]} for i in range(min(EXAMPLES, n))]
-        else:
-            details["mean_score"] = {"base": float(base.scores.mean()), "intervened": float(after.scores.mean())}
-        control = beats = None
+        if claim.intervention == "weight_orthogonalize" and orthogonalize.orthogonalization_notes(self.subject.sitemap):
+            details["notes"] = orthogonalize.orthogonalization_notes(self.subject.sitemap)
+        details.update(self._examples(claim.on, base, after))
+        bars = Bars(title=f"{label} rate on {claim.on} test prompts", value_label=f"{label} rate",
+                    labels=[claim.intervention], before=[float(b.mean())], after=[float(a.mean())],
+                    before_label="base", after_label="intervened")
+        m = Measured(effect, ci, n, metric, details=details, plots=[bars], untestable=untestable)
         if untestable:
             details["controls"] = "skipped: the claim cannot be tested on this model"
         else:
-            c = self._controls(claim, r, layer, ids)  # [seeds, n]
-            mine, theirs = per_prompt(a), per_prompt(c.mean(axis=0))
-            alternative = "greater" if th.comparison == "at_least" else "less"
-            p = paired_permutation_pvalue(mine, theirs, alternative=alternative, seed=spec.seed)
-            beats = p < CONTROL_ALPHA
-            seed_effects = [float(per_prompt(c[s]).mean()) for s in range(len(c))]
-            control = ControlResult(
-                name=f"random direction, same norm ({len(c)} seeds)", effect=float(theirs.mean()), p_value=p,
-                detail={"rates": [float(x) for x in c.mean(axis=1)], "effects": seed_effects,
-                        "test": f"paired permutation over prompts, one-sided ({alternative}), alpha {CONTROL_ALPHA}"})
-            details["null_distribution"] = seed_effects
-        return judge(name, claim.expect, effect, ci, n, metric, control=control, beats_control=beats,
-                     details=details, tolerance=claim.tolerance, untestable=untestable)
+            self._random_direction_control(m, claim, r, layer, ids, b, a)
+        return judge(name, claim, m)
+
+    def _examples(self, on: str, base: Behaviour, after: Behaviour) -> dict[str, Any]:
+        if base.texts is None:
+            return {"mean_score": {"base": float(base.scores.mean()), "intervened": float(after.scores.mean())}}
+        prompts = self.prompts["test"][on]
+        return {"examples": [{"prompt": prompts[i][:160], "base": base.texts[i][:160],
+                              "intervened": after.texts[i][:160]} for i in range(min(EXAMPLES, len(prompts)))]}
+
+    def _random_direction_control(self, m: Measured, claim: DirectionClaim, r: torch.Tensor, layer: int,
+                                  ids: list[list[int]], b: np.ndarray, a: np.ndarray) -> None:
+        """The same intervention along random directions of the same norm, paired over prompts."""
+        stat = claim.expect.statistic
+
+        def per_prompt(x: np.ndarray) -> np.ndarray:  # x: intervened flags (or their mean over seeds)
+            return b - x if stat == "rate_drop" else x - b if stat == "rate_rise" else x
+
+        c = self._controls(claim, r, layer, ids)  # [seeds, n]
+        mine, theirs = per_prompt(a), per_prompt(c.mean(axis=0))
+        comparison = claim.expect.threshold.comparison
+        p = paired_control(mine, theirs, comparison, self.spec.seed)
+        seed_effects = [float(per_prompt(c[s]).mean()) for s in range(len(c))]
+        name = f"random direction, same norm ({len(c)} seeds)"
+        m.control = ControlResult(
+            name=name, effect=float(theirs.mean()), p_value=p,
+            detail={"rates": [float(x) for x in c.mean(axis=1)], "effects": seed_effects,
+                    "test": f"paired permutation over prompts, one-sided ({alternative_for(comparison)}), "
+                            f"alpha {ALPHA}"})
+        m.beats_control = beats_control(p)
+        m.plots.append(NullHistogram(title=name, x_label=stat, values=seed_effects, effect=m.effect,
+                                     threshold=claim.expect.threshold.value))
+
+    def _selection_plot(self, curves: dict[str, list], layer: int) -> LinePlot:
+        """The candidates through the layers (norm and held-out separation on the right axis)."""
+        right = {"direction_norm", "separation"}  # not on the scale of rates and KL
+        series = [Series(label=key, y=[float(y) for y in ys], axis="right" if key in right else "left")
+                  for key, ys in curves.items() if ys]
+        return LinePlot(title="difference-of-means direction by layer", x_label="layer (input of block)",
+                        y_label="bypass / induce / KL", series=series, mark_x=layer, mark_label=f"chosen layer {layer}")
 
     def measure(self) -> Outcome:
         spec, subject = self.spec, self.subject
@@ -601,6 +591,7 @@ class Direction(ProbeKind):
                                                                   "weight_orthogonalize")}
             result = self._claim(name, claim, r, layer, best.position, extra)
             result.curves = curves
+            result.plots.insert(0, self._selection_plot(curves, layer))
             claims.append(result)
         example = self.ids["test"]["negative"][0]
         token = {p: self.subject.tokenizer.convert_ids_to_tokens([example[p]])[0] for p in self.positions}
@@ -612,7 +603,7 @@ class Direction(ProbeKind):
             "candidate_layers": "auto" if self.auto else self.layers,
             "selection": selection, "candidates": [c.row() for c in cands],
             "grader": self.grader.describe(), "max_new_tokens": spec.behaviour.max_new_tokens,
-            "base_rates": {w: _rate(self._base(w).flags) for w in SETS if ("base", w) in self._memo},
+            "base_rates": {w: rate_summary(self._base(w).flags) for w in SETS if ("base", w) in self._memo},
             "collateral_kl": collateral,
             "prompts": {"positive": ps.positive, "negative": ps.negative, "chat_template": ps.chat_template,
                         "system": ps.system},
@@ -621,7 +612,7 @@ class Direction(ProbeKind):
                         "permutation test over prompts",
             "ablation_sites": "resid_pre, attn_out, mlp_out of every layer; all positions incl. generated",
         }
-        notes = orthogonalization_notes(subject.sitemap)
+        notes = orthogonalize.orthogonalization_notes(subject.sitemap)
         if notes and any(c.intervention == "weight_orthogonalize" for c in spec.claims.values()):
             settings["orthogonalization_notes"] = notes
         return Outcome(settings, claims)

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-import torch
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
+from .._lazy import torch
 from ..spec import Strict
 
 # The substring judge of Arditi et al. 2024 (papers.md §1, step 12): a reply is a refusal when any of

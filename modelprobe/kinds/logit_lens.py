@@ -9,16 +9,18 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 
-from ..errors import DataError
-from ..report.record import ClaimResult
-from ..spec import OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from .._lazy import torch
+from ..errors import SiteError
+from ..report.record import ClaimResult, LinePlot, Series
+from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
-from ..subject import Site, resolve_layer
-from .base import Outcome, ProbeKind, judge
+from ..subject.sites import Site, resolve_layer
+from ..toolkit import metrics
+from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
+from .base import Measured, Outcome, ProbeKind, judge
 
 NEVER = 2.0  # first-layer fraction recorded for a target that never reaches top-k (beyond the last layer)
 
@@ -30,7 +32,7 @@ class LensExpect(OneExpectation):
         None, description="median first layer (fraction of depth, (l+1)/L) at which the target is top-k")
 
 
-class LensClaim(Strict):
+class LensClaim(ClaimSpec):
     expect: LensExpect
     layer: LayerSpec | None = Field(None, description="for share_by_layer: int, negative, or fraction of depth")
     top_k: int = Field(1, ge=1)
@@ -49,7 +51,7 @@ class LogitLensSpec(ProbeBase):
     claims: dict[str, LensClaim] = Field(min_length=1)
 
 
-class LogitLens(ProbeKind):
+class LogitLens(ProbeKind[LogitLensSpec]):
     name = "logit_lens"
     Spec = LogitLensSpec
 
@@ -57,22 +59,28 @@ class LogitLens(ProbeKind):
     def data_files(cls, spec: LogitLensSpec) -> list[tuple[str, tuple]]:
         return [(spec.prompts, ("prompts",))]
 
+    @classmethod
+    def check_data(cls, probe) -> list[dict]:
+        return read_rows(probe, probe.spec.prompts, ("prompts",), ("prompt", "answer"))
+
     def setup(self) -> None:
         spec, subject = self.spec, self.subject
-        self.rows = self.probe.rows(spec.prompts, ("prompts",), ("prompt", "answer"))
-        self.ids = subject.encode_all([r["prompt"] for r in self.rows], spec.chat_template, spec.system)
+        path = self.probe.path.parent / spec.prompts
+        self.rows = self.check_data(self.probe)
+        self.ids = encode_rows(subject, [r["prompt"] for r in self.rows], path, None, spec.chat_template,
+                               spec.system)
         self.targets = []
         self.multi_token = 0
         for i, row in enumerate(self.rows):
-            toks = subject.token_id(row["answer"])
-            if not toks:
-                raise DataError(f"{self.probe.path.parent / spec.prompts}:{i + 1}: answer {row['answer']!r} "
-                                "is empty after tokenization")
+            try:
+                toks = answer_tokens(subject, row["answer"])
+            except SiteError as e:
+                raise data_error(path, i + 1, "answer", e) from None
             if len(toks) > 1:
                 if spec.target == "single_token":
-                    raise DataError(
-                        f"{self.probe.path.parent / spec.prompts}:{i + 1}: answer {row['answer']!r} is "
-                        f"{len(toks)} tokens for model '{subject.info.id}'; target: single_token needs one")
+                    raise data_error(path, i + 1, "answer", SiteError(
+                        f"{row['answer']!r} is {len(toks)} tokens for model '{subject.info.id}'; "
+                        "target: single_token needs one"))
                 self.multi_token += 1
             self.targets.append(toks[0])
         self.claim_layers = {}
@@ -96,9 +104,8 @@ class LogitLens(ProbeKind):
             tgt = targets[fw.batch.rows].to(subject.device)
             for layer, site in enumerate(sites):
                 logits = subject.unembed(fw.at(site))  # [b, vocab]
-                t_logit = logits.gather(1, tgt[:, None])
-                rank[fw.batch.rows, layer] = (logits > t_logit).sum(-1).cpu().numpy()
-                prob[fw.batch.rows, layer] = logits.softmax(-1).gather(1, tgt[:, None])[:, 0].double().cpu().numpy()
+                rank[fw.batch.rows, layer] = metrics.rank(logits, tgt).cpu().numpy()
+                prob[fw.batch.rows, layer] = metrics.prob(logits, tgt).double().cpu().numpy()
         return rank, prob
 
     def measure(self) -> Outcome:
@@ -134,20 +141,30 @@ class LogitLens(ProbeKind):
                    "final_layer_accuracy": float(topk[:, -1].mean()) if n else None}
         stat = claim.expect.statistic
         untestable = "no prompts left to measure" if n == 0 else None
+        mark = None
         if stat == "final_accuracy":
             k = int(topk[:, -1].sum())
             effect, ci = (k / n if n else None), wilson_interval(k, n)
             metric = f"share of prompts with the target top-{claim.top_k} at the last layer"
+            mark = n_layers - 1
         elif stat == "share_by_layer":
             layer = self.claim_layers[name]
             k = int((reached & (first <= layer)).sum())
             effect, ci = (k / n if n else None), wilson_interval(k, n)
             metric = f"share of prompts with the target top-{claim.top_k} by layer {layer} ({(layer + 1) / n_layers:.2f} of depth)"
-            details["layer"] = layer
+            details["layer"] = mark = layer
         else:
             effect, lo, hi = bootstrap_ci(first_frac, np.median, seed=self.spec.seed) if n else (None, 0, 1)
             ci = (lo, hi)
             metric = (f"median first layer (fraction of depth) with the target top-{claim.top_k}; "
                       f"never = {NEVER}")
-        return judge(name, claim.expect, effect, ci if n else None, n, metric, details=details, curves=curves,
-                     tolerance=claim.tolerance, untestable=untestable)
+            if n and effect is not None and effect <= 1:
+                mark = effect * n_layers - 1
+        plot = LinePlot(title=f"{name}: the target through the layers ({n} prompts)", x_label="layer",
+                        y_label="share / probability",
+                        series=[Series(label=f"share top-{claim.top_k}", y=curves[f"share_top{claim.top_k}"]),
+                                Series(label="mean target probability", y=curves["mean_target_prob"]),
+                                Series(label="median target rank", y=curves["median_target_rank"], axis="right")],
+                        mark_x=mark, mark_label="" if mark is None else f"layer {mark:g}")
+        return judge(name, claim, Measured(effect, ci if n else None, n, metric, details=details, curves=curves,
+                                           plots=[plot] if n else [], untestable=untestable))

@@ -5,9 +5,11 @@ Pure data (pydantic), no torch: writers and the baseline diff read only this.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..model_facts import ModelInfo, PreflightResult
 
 SCHEMA_VERSION = 1
 
@@ -27,6 +29,76 @@ class ControlResult(_Record):
     detail: dict[str, Any] = Field(default_factory=dict)
 
 
+# ---- plots: what a kind wants drawn; the HTML writer reads only these --------------------------
+
+class Series(_Record):
+    label: str
+    y: list[float | None]
+    axis: Literal["left", "right"] = "left"  # right: its own (log when positive) scale, e.g. ranks
+
+
+class LinePlot(_Record):
+    """Curves over a shared x axis (layers, strengths, context sizes...), with an optional marked x."""
+
+    type: Literal["lines"] = "lines"
+    title: str
+    x_label: str
+    y_label: str = ""
+    x: list[float] | None = None  # default 0, 1, 2, ...
+    series: list[Series]
+    mark_x: float | None = None
+    mark_label: str = ""
+
+
+class HeatMap(_Record):
+    """values[row][col], e.g. back-patching's source layer (rows) x target layer (columns)."""
+
+    type: Literal["heatmap"] = "heatmap"
+    title: str
+    x_label: str
+    y_label: str
+    value_label: str
+    values: list[list[float | None]]
+    x_ticks: list[str] | None = None
+    y_ticks: list[str] | None = None
+    mark: tuple[int, int] | None = None  # (row, col) of the chosen cell
+
+
+class NullHistogram(_Record):
+    """A control's null distribution with the claim's effect (and threshold) marked."""
+
+    type: Literal["null"] = "null"
+    title: str
+    x_label: str
+    values: list[float]
+    effect: float | None = None
+    effect_label: str = "effect"
+    threshold: float | None = None
+
+
+class Bars(_Record):
+    """Before/after bars per label (base vs intervened rate, clean vs ablated metric...)."""
+
+    type: Literal["bars"] = "bars"
+    title: str
+    value_label: str
+    labels: list[str]
+    before: list[float | None]
+    after: list[float | None]
+    before_label: str = "before"
+    after_label: str = "after"
+
+
+class Table(_Record):
+    type: Literal["table"] = "table"
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+Plot = Annotated[LinePlot | HeatMap | NullHistogram | Bars | Table, Field(discriminator="type")]
+
+
 class ClaimResult(_Record):
     name: str
     verdict: Verdict
@@ -40,7 +112,8 @@ class ClaimResult(_Record):
     control: ControlResult | None = None
     tolerance: dict[str, float] | None = None  # {"abs": .., "rel": ..} from the probe file
     details: dict[str, Any] = Field(default_factory=dict)  # extra numbers for the report
-    curves: dict[str, list[float]] = Field(default_factory=dict)  # per-layer curves for plots
+    curves: dict[str, list[float]] = Field(default_factory=dict)  # raw per-layer numbers (JSON readers)
+    plots: list[Plot] = Field(default_factory=list)  # what report.html draws
     duration_s: float = 0.0
 
 
@@ -54,25 +127,6 @@ class ProbeRecord(_Record):
     claims: list[ClaimResult] = Field(default_factory=list)
     error: str | None = None  # a probe that could not be measured
     duration_s: float = 0.0
-
-
-class PreflightResult(_Record):
-    name: str
-    passed: bool
-    detail: str = ""
-    value: float | None = None
-    tolerance: float | None = None
-
-
-class ModelInfo(_Record):
-    id: str  # what the user passed (alias, path or hub id)
-    slug: str
-    path: str = ""
-    hash: str = ""  # revision or content hash of the weights
-    model_type: str = ""
-    n_layers: int = 0
-    dtype: str = ""
-    device: str = ""
 
 
 class RunRecord(_Record):

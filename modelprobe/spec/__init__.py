@@ -1,7 +1,8 @@
 """Probe-file field types and the YAML reader. Knows no kind: the kinds registry assembles the specs."""
 
+from .claims import ClaimSpec
 from .fields import OneExpectation, ProbeBase, SiteSpec, Strict, Threshold, Tolerance
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
-__all__ = ["PROBE_SUFFIX", "LoadedProbe", "OneExpectation", "ProbeBase", "SiteSpec", "Strict", "Threshold",
+__all__ = ["PROBE_SUFFIX", "ClaimSpec", "LoadedProbe", "OneExpectation", "ProbeBase", "SiteSpec", "Strict", "Threshold",
            "Tolerance", "load_probe"]

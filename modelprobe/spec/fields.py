@@ -37,9 +37,6 @@ class Threshold(Strict):
     def value(self) -> float:
         return float(self.at_least if self.at_least is not None else self.at_most)
 
-    def symbol(self) -> str:
-        return ("≥ " if self.comparison == "at_least" else "≤ ") + f"{self.value:g}"
-
 
 class OneExpectation(Strict):
     """Base for a kind's `expect:` block: a mapping with exactly one statistic → threshold."""

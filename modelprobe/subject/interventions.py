@@ -29,7 +29,6 @@ class RunState:
     phase: Literal["prompt", "generated"] = "prompt"
     pad: torch.Tensor | None = None  # [batch] left-padding per row
     prompt_len: int = 0  # padded prompt length
-    rows: torch.Tensor | None = None  # [batch] select per-row data when a batch repeats prompts
 
     def columns_mask(self, positions: Positions, batch: int, seq: int, device) -> torch.Tensor:
         """Which columns of this call an intervention touches, as a [batch, seq] bool mask."""
@@ -87,7 +86,7 @@ class Add(Intervention):
     def edit(self, x, mask, state):
         v = self.vector.to(x.dtype).to(x.device)
         if v.dim() == 2:
-            v = v[state.rows][:, None, :] if state.rows is not None else v[:, None, :]
+            v = v[:, None, :]
         return _where(mask, x + self.scale * v, x)
 
 
@@ -100,7 +99,7 @@ class AblateDirection(Intervention):
     def edit(self, x, mask, state):
         u = self.direction.to(x.dtype).to(x.device)
         if u.dim() == 2:
-            u = (u[state.rows] if state.rows is not None else u)[:, None, :]
+            u = u[:, None, :]
         u = u / u.norm(dim=-1, keepdim=True)
         return _where(mask, x - (x * u).sum(-1, keepdim=True) * u, x)
 
@@ -109,8 +108,7 @@ def _unit_mask(units: tuple[int, ...] | None, unit_mask: torch.Tensor | None, n_
                state: RunState, device) -> torch.Tensor:
     """[rows or 1, n_units] bool: which heads/neurons to replace (all when the site names none)."""
     if unit_mask is not None:
-        m = unit_mask.to(device)
-        return m[state.rows] if state.rows is not None else m
+        return unit_mask.to(device)
     m = torch.zeros(1, n_units, dtype=torch.bool, device=device)
     if units is None:
         m[:] = True
@@ -169,15 +167,22 @@ class MeanAblate(Intervention):
 
 @dataclass
 class Patch(Intervention):
-    """Write given values ([rows, ...], one per prompt) at the chosen position."""
+    """Write values taken from another run.
+
+    `values` is [rows, ...] (one vector per prompt, written on every chosen column) or, with
+    `per_position`, [rows, seq, ...] token by token (the batch must be laid out like the run the values
+    came from). `unit_mask` [rows, units] limits the write to some heads / neurons per row. Resample
+    ablation is a per-position Patch of another prompt's activations.
+    """
 
     values: torch.Tensor = None
+    per_position: bool = False
+    unit_mask: torch.Tensor | None = None
 
     def edit(self, x, mask, state):
         v = self.values.to(x.dtype).to(x.device)
-        v = v[state.rows] if state.rows is not None else v
-        value = v[:, None].expand_as(x)
-        return _replace_units(x, mask, value, self.site, None, state)
+        value = v if self.per_position else v[:, None].expand_as(x)
+        return _replace_units(x, mask, value, self.site, self.unit_mask, state)
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..report.record import PreflightResult
+from ..model_facts import PreflightResult
 from .interventions import Intervention, RunState, hooked
 from .sites import Site
 from .subject import Subject

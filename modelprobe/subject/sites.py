@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SiteError
-from .sitemap import COMPONENTS, PER_LAYER, HookPoint, SiteMap, canonical_name
+from ..names import COMPONENTS, PER_LAYER, canonical_name
+
+if TYPE_CHECKING:  # sites stay importable without torch: kinds name sites in code that runs later
+    from .sitemap import HookPoint, SiteMap
 
 
 @dataclass(frozen=True)

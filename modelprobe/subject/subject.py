@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError, SiteError
-from ..report.record import ModelInfo
+from ..model_facts import ModelInfo
 from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks
 from .sitemap import SiteMap
 from .sites import Site
@@ -63,6 +62,17 @@ class Subject:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model accepts (its position table), None when it states none."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(text, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     @property
     def pad_id(self) -> int:
@@ -259,11 +269,6 @@ class Subject:
     # ---- hygiene -------------------------------------------------------------------------------
     def leaked_hooks(self) -> list[str]:
         return leaked_hooks(self.model)
-
-    @contextlib.contextmanager
-    def no_grad(self):
-        with torch.inference_mode():
-            yield
 
 
 def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:

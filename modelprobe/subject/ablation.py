@@ -1,8 +1,9 @@
-"""Ablation machinery shared by the circuit kind and circuit discovery.
+"""Batched, resuming ablation runs: many sets of ablated units per forward.
 
-Units (heads, whole sublayers, neurons) of a scope; the task data (prompts, one-token answers,
-reference means); a runner that evaluates many ablation sets per forward, each row resuming from a
-cached residual stream at the first layer it changes; faithfulness and random circuits.
+Units (heads, whole MLPs, neurons) of a scope; a runner that evaluates many ablation sets (boolean
+vectors over the scope's units) on many prompts, each row with its own unit mask, each resuming from
+a cached residual stream at the first layer it changes. Used by the circuit kind, circuit discovery
+and the benchmark; what is measured per row is the caller's `metric`.
 """
 
 from __future__ import annotations
@@ -10,20 +11,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
-from ..errors import DataError, SiteError
-from ..subject import Intervention, MeanAblate, Site, ZeroAblate, resolve_layer, resolve_sites
-from ..subject.resume import can_resume, resume
+from ..progress import bar
+from .interventions import Intervention, MeanAblate, Patch, ZeroAblate
+from .resume import can_resume, resume
+from .sites import Site, resolve_layer
+from .subject import Subject
 
-if TYPE_CHECKING:
-    from .circuit import CircuitComponent
+# metric(last-position logits [b, vocab], prompt indices of the rows) -> [b] values
+RowMetric = Callable[[torch.Tensor, list[int]], torch.Tensor]
 
 
 # ---- units: what can be ablated -------------------------------------------------------------
@@ -125,192 +127,23 @@ def build_scope(scope: Any, sitemap: Any, loc: tuple = ("scope",)) -> Scope:
     return Scope(units, n_heads, d_mlp, f"the MLP neurons of layers {layers} ({len(units)})")
 
 
-def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: Any,
-                  loc: tuple = ("circuit",)) -> list[Unit]:
-    """Expand the circuit's entries into scope units; SiteError (located) for anything off-model."""
-    kinds = {u.kind for u in scope.units}
-    units: list[Unit] = []
-    for i, e in enumerate(entries):
-        here = (*loc, i)
-        site_spec = {"layer": e.layer, "component": "mlp.post" if e.component == "mlp_out" else e.component,
-                     "head": e.head, "neuron": e.neuron}
-        if e.component == "attn_out":
-            site_spec["component"] = "attn.z"
-        if e.head is not None and e.component != "attn.z":
-            raise SiteError("'head' only applies to component attn.z", (*here, "head"))
-        if e.neuron is not None and e.component != "mlp.post":
-            raise SiteError("'neuron' only applies to component mlp.post", (*here, "neuron"))
-        site = resolve_sites(site_spec, sitemap, here)[0]
-        if site.component == "attn.z":
-            new = [Unit(site.layer, "head", h) for h in (site.heads or range(sitemap.n_heads))]
-        elif not kinds & {"mlp", "neuron"}:
-            raise SiteError(f"an MLP is not in the scope ({scope.description}); use scope: heads_and_mlps, "
-                            "or scope: {neurons: <layers>} for neurons", (*here, "component"))
-        elif "mlp" in kinds:
-            if site.neurons is not None:
-                raise SiteError("scope heads_and_mlps ablates whole MLPs; name single neurons with "
-                                "scope: {neurons: <layers>}", (*here, "neuron"))
-            new = [Unit(site.layer, "mlp")]
-        else:
-            new = [Unit(site.layer, "neuron", n) for n in (site.neurons or range(sitemap.d_mlp))]
-        for u in new:
-            if u not in scope.index:
-                raise SiteError(f"{u.name} is not in the scope ({scope.description}); widen 'scope' or drop it",
-                                (*here, "component"))
-            if u in units:
-                raise SiteError(f"{u.name} is listed twice in the circuit", here)
-            units.append(u)
-    return units
-
-
-# ---- the task data --------------------------------------------------------------------------
-
-@dataclass
-class Task:
-    """Tokenized prompts and targets, the reference prompts, and how the two line up."""
-
-    prompt_ids: list[list[int]]
-    answers: torch.Tensor  # [n]
-    wrongs: torch.Tensor | None  # [n] (logit_diff only)
-    keys: list[tuple]  # batching / mean group of each prompt
-    ref_ids: list[list[int]]
-    ref_keys: list[tuple]
-    ref_source: list[int] | None  # resample: reference row of each prompt
-    paired: bool  # the reference file pairs line by line with the prompt file
-    settings: dict[str, Any]
-
-
-def parse_rows(text: str | None, n: int) -> list[int]:
-    """Indices selected by a 0-based 'start:stop' slice (None: all); ValueError with the reason."""
-    if text is None:
-        return list(range(n))
-    a, sep, b = str(text).partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        start = int(a) if a.strip() else 0
-        stop = int(b) if b.strip() else n
-    except ValueError:
-        raise ValueError(f"rows '{text}' is not a slice 'start:stop'") from None
-    picked = list(range(n))[start:stop]
-    if not picked:
-        raise ValueError(f"rows '{text}' selects no line of a file with {n} lines")
-    return picked
-
-
-def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_rows: list[dict] | None,
-                 ref_path: Path | None, metric: str, ablation: str, group_by: str | None, rows: str | None,
-                 seed: int = 0) -> Task:
-    """Tokenize and check the data; one located DataError per problem (`file:line: message`)."""
-    try:
-        used = parse_rows(rows, len(prompt_rows))
-    except ValueError as e:
-        raise DataError(f"{prompt_path}: {e}") from None
-    model = subject.info.id
-
-    def one_token(text: Any, field: str, line: int) -> int:
-        toks = subject.token_id(text) if isinstance(text, str) else []
-        if len(toks) != 1:
-            raise DataError(f"{prompt_path}:{line}: {field} {text!r} is {len(toks)} tokens for model '{model}'; "
-                            "the circuit metric needs exactly one")
-        return toks[0]
-
-    ids, answers, wrongs = [], [], []
-    for i in used:
-        row, line = prompt_rows[i], i + 1
-        answers.append(one_token(row.get("answer"), "answer", line))
-        if metric == "logit_diff":
-            if "wrong" not in row:
-                raise DataError(f"{prompt_path}:{line}: missing field 'wrong' (metric logit_diff needs it)")
-            wrongs.append(one_token(row["wrong"], "wrong", line))
-            if wrongs[-1] == answers[-1]:
-                raise DataError(f"{prompt_path}:{line}: answer and wrong are the same token")
-        ids.append(subject.encode(row["prompt"]))
-    per_position = ablation in ("mean", "resample")
-
-    def group_value(row: dict, path: Path, line: int) -> tuple:
-        if group_by is None:
-            return ()
-        if group_by not in row:
-            raise DataError(f"{path}:{line}: missing field '{group_by}' (group_by needs it in both files)")
-        return (row[group_by],)
-
-    keys = [(len(x), *group_value(prompt_rows[i], prompt_path, i + 1)) if per_position else (len(x),)
-            for i, x in zip(used, ids)]
-    ref_ids = [subject.encode(r["prompt"]) for r in ref_rows] if ref_rows else []
-    ref_keys = [(len(x), *group_value(r, ref_path, j + 1)) if per_position else (len(x),)
-                for j, (x, r) in enumerate(zip(ref_ids, ref_rows or []))]
-    paired = bool(ref_rows) and len(ref_rows) == len(prompt_rows)
-    if per_position:
-        # Files of equal length pair up line by line (IOI and its ABC partner): each partner must have
-        # the same token positions. Otherwise every prompt needs reference prompts of its own length.
-        available = set(ref_keys)
-        why = (f"ablation '{ablation}' replaces token index t by reference values at index t, so the "
-               "positions must align (or use ablation: mean_all_positions)")
-        for i, key in zip(used, keys):
-            what = f"{key[0]} tokens" + (f" and {group_by} {key[1]!r}" if group_by else "")
-            if paired and ref_keys[i] != key:
-                mine = f"{ref_keys[i][0]} tokens" + (f" and {group_by} {ref_keys[i][1]!r}" if group_by else "")
-                raise DataError(f"{ref_path}:{i + 1}: reference prompt has {mine}, but its partner "
-                                f"{prompt_path}:{i + 1} has {what}; {why}")
-            if key not in available:
-                raise DataError(f"{prompt_path}:{i + 1}: prompt has {what}, and no reference prompt in "
-                                f"{ref_path} does; {why}")
-    ref_source = None
-    pairing = None
-    if ablation == "resample":
-        rng = np.random.default_rng(seed)
-        by_key: dict[tuple, list[int]] = defaultdict(list)
-        for j, k in enumerate(ref_keys):
-            by_key[k].append(j)
-        ref_source = []
-        all_partners = paired and all(ref_keys[i] == k for i, k in zip(used, keys))
-        for i, k in zip(used, keys):
-            ref_source.append(i if all_partners else int(rng.choice(by_key[k])))
-        pairing = ("the partner line of the reference file" if all_partners
-                   else "a seeded random reference prompt of the same token length" + (
-                       f" and {group_by}" if group_by else ""))
-    settings = {
-        "prompts_used": len(used), "rows": rows or "all", "reference_prompts": len(ref_ids),
-        "reference_pairs_with_prompts": paired,
-        "prompt_lengths": sorted({len(x) for x in ids}),
-    }
-    if pairing:
-        settings["resample_source"] = pairing
-    return Task(ids, torch.tensor(answers), torch.tensor(wrongs) if wrongs else None, keys, ref_ids,
-                ref_keys, ref_source, paired, settings)
-
-
 # ---- running ablations ----------------------------------------------------------------------
 
-@dataclass
-class _RowValues(Intervention):
-    """Resample ablation: each row's chosen units take that row's own replacement values.
+class AblationData(Protocol):
+    """Tokenized prompts and reference prompts, and how they line up (what the runner needs to know).
 
-    `values` is [rows, seq, units, ...] for a batch without padding (rows of one token length).
+    `keys[i]` groups prompt i for batching and per-position means (its token length, and a group
+    value); `ref_source[i]` is the reference prompt whose activations replace prompt i's (resample).
     """
 
-    values: torch.Tensor = None
-    unit_mask: torch.Tensor = None
-
-    def edit(self, x, mask, state):
-        full = mask[:, :, None] & self.unit_mask.to(x.device)[:, None, :]
-        full = full.reshape(*full.shape, *([1] * (x.dim() - 3)))
-        return torch.where(full, self.values.to(x.dtype).to(x.device), x)
+    prompt_ids: list[list[int]]
+    keys: list[tuple]
+    ref_ids: list[list[int]]
+    ref_keys: list[tuple]
+    ref_source: list[int] | None
 
 
-def metric_values(logits: torch.Tensor, metric: str, answers: torch.Tensor,
-                  wrongs: torch.Tensor | None) -> torch.Tensor:
-    """Per-row metric from last-position logits [b, vocab]."""
-    a = answers.to(logits.device)[:, None]
-    if metric == "logit_diff":
-        return (logits.gather(1, a) - logits.gather(1, wrongs.to(logits.device)[:, None]))[:, 0]
-    if metric == "logprob":
-        return logits.log_softmax(-1).gather(1, a)[:, 0]
-    return (logits.argmax(-1) == a[:, 0]).float()
-
-
-def _reference_key(task: Task) -> str:
+def _reference_key(task: AblationData) -> str:
     """Identifies the reference set exactly: its token ids and mean groups, not just its file name."""
     return hashlib.sha256(json.dumps([task.ref_ids, task.ref_keys], default=str).encode()).hexdigest()[:16]
 
@@ -318,8 +151,8 @@ def _reference_key(task: Task) -> str:
 class AblationRunner:
     """Runs many ablation sets (boolean vectors over a scope's units) over prompts, batched and resumed."""
 
-    def __init__(self, subject: Any, task: Task, scope: Scope, metric: str, ablation: str,
-                 ref_path: Path | None = None, group_by: str | None = None, batch_size: int | None = None):
+    def __init__(self, subject: Subject, task: AblationData, scope: Scope, metric: RowMetric, ablation: str,
+                 group_by: str | None = None, batch_size: int | None = None):
         self.subject, self.task, self.scope = subject, task, scope
         self.metric, self.ablation, self.group_by = metric, ablation, group_by
         self.ref_key = _reference_key(task)
@@ -459,9 +292,7 @@ class AblationRunner:
         return self.full
 
     def _metric(self, logits: torch.Tensor, prompts: Sequence[int]) -> torch.Tensor:
-        idx = torch.as_tensor(list(prompts))
-        wrongs = self.task.wrongs[idx] if self.task.wrongs is not None else None
-        return metric_values(logits, self.metric, self.task.answers[idx], wrongs)
+        return self.metric(logits, list(prompts))
 
     def _rows_per_batch(self, key: tuple) -> int:
         # Short prompts: more rows per batch; about batch_size x 128 tokens per forward.
@@ -470,8 +301,6 @@ class AblationRunner:
     # -- ablated runs ----------------------------------------------------------------------------
     def run(self, configs: np.ndarray, prompts: Sequence[int] | None = None, desc: str = "ablations") -> np.ndarray:
         """Metric [n_configs, n_prompts] with each config's units ablated (all others intact)."""
-        from ..progress import bar
-
         configs = np.asarray(configs, dtype=bool).reshape(-1, len(self.scope))
         prompts = list(range(len(self.task.prompt_ids))) if prompts is None else list(prompts)
         col = {p: j for j, p in enumerate(prompts)}
@@ -523,7 +352,7 @@ class AblationRunner:
             else:
                 src = [self.task.ref_source[i] for i in members]
                 values = torch.stack([self.values[site][j] for j in src])
-                ivs.append(_RowValues(site, values=values, unit_mask=mask))
+                ivs.append(Patch(site, values=values, per_position=True, unit_mask=mask))
         return ivs
 
     def describe(self) -> dict[str, Any]:
@@ -545,48 +374,3 @@ class AblationRunner:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-# ---- faithfulness and random circuits --------------------------------------------------------
-
-def faithfulness(c: np.ndarray, e: np.ndarray, m: np.ndarray, axis: int | None = None) -> Any:
-    """(mean m(C) − mean m(∅)) / (mean m(M) − mean m(∅)); vectorised over bootstrap resamples."""
-    ce, ee, me = c.mean(axis=axis), e.mean(axis=axis), m.mean(axis=axis)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (ce - ee) / (me - ee)
-
-
-def random_circuits(circuit: list[Unit], scope: Scope, n: int, seed: int) -> tuple[np.ndarray, bool]:
-    """n random unit sets of the circuit's size and kinds, in the circuit's layers where that leaves any
-    choice; never the circuit itself. Returns (configs [n, units], layer_matched)."""
-    rng = np.random.default_rng(seed)
-    circ = scope.vector(circuit)
-
-    def pools(match_layer: bool) -> list[tuple[np.ndarray, int]]:
-        need: dict[tuple, int] = defaultdict(int)
-        for u in circuit:
-            need[(u.layer if match_layer else None, u.kind)] += 1
-        out = []
-        for (layer, kind), count in need.items():
-            idx = np.array([i for i, u in enumerate(scope.units)
-                            if u.kind == kind and (layer is None or u.layer == layer)])
-            out.append((idx, count))
-        return out
-
-    matched = True
-    groups = pools(True)
-    if all(len(idx) == count for idx, count in groups):  # no other circuit in these layers
-        matched = False
-        groups = pools(False)
-        if all(len(idx) == count for idx, count in groups):
-            return np.zeros((0, len(scope)), dtype=bool), matched
-    out = np.zeros((n, len(scope)), dtype=bool)
-    for r in range(n):
-        while True:
-            v = np.zeros(len(scope), dtype=bool)
-            for idx, count in groups:
-                v[rng.choice(idx, size=count, replace=False)] = True
-            if not np.array_equal(v, circ):
-                break
-        out[r] = v
-    return out, matched

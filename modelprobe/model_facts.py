@@ -1,0 +1,31 @@
+"""Facts about the model under test that the engine produces and the run record stores.
+
+Pure data, no torch: `subject/` builds them and `report/` records them, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Fact(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PreflightResult(_Fact):
+    name: str
+    passed: bool
+    detail: str = ""
+    value: float | None = None
+    tolerance: float | None = None
+
+
+class ModelInfo(_Fact):
+    id: str  # what the user passed (alias, path or hub id)
+    slug: str
+    path: str = ""
+    hash: str = ""  # revision or content hash of the weights
+    model_type: str = ""
+    n_layers: int = 0
+    dtype: str = ""
+    device: str = ""

@@ -1,0 +1,79 @@
+"""Behaviour under an intervention: generate (or read the next-token logits), grade, base rates,
+and the rule for when a claim about a behaviour cannot be tested on this model.
+
+A grader is any object with `needs_generation`, `grade_all(texts) -> list[bool]` and
+`scores(logits) -> tensor` (log-odds; > 0 shows the behaviour), such as `kinds.graders.Grader`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from ..stats import wilson_interval
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..subject import Subject
+    from ..subject.subject import InterventionsFor
+
+
+class GraderLike(Protocol):
+    @property
+    def needs_generation(self) -> bool: ...
+
+    def grade_all(self, texts: Sequence[str]) -> list[bool]: ...
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class Behaviour:
+    flags: np.ndarray  # [n] bool: the reply shows the behaviour
+    texts: list[str] | None = None  # replies (text graders)
+    scores: np.ndarray | None = None  # log-odds (logit graders)
+    logits: torch.Tensor | None = None  # next-token logits at the last prompt position (logit graders)
+
+    @property
+    def rate(self) -> float:
+        return float(self.flags.mean()) if self.flags.size else float("nan")
+
+
+def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], interventions: InterventionsFor = (),
+           max_new_tokens: int = 48, batch_size: int | None = None, desc: str = "behaviour") -> Behaviour:
+    """Grade each prompt's greedy reply (or, for a logit grader, its next-token distribution) with
+    `interventions` applied to prompt and generated tokens alike."""
+    if not grader.needs_generation:
+        logits = subject.last_logits(ids, interventions, batch_size)
+        scores = grader.scores(logits).numpy()
+        return Behaviour(scores > 0, scores=scores, logits=logits)
+    gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc)
+    texts = [subject.decode(g) for g in gens]
+    return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
+
+
+def rate_summary(flags: np.ndarray) -> dict[str, Any]:
+    """{rate, ci (Wilson 95%), k, n} of a boolean sample."""
+    k, n = int(flags.sum()), int(flags.size)
+    lo, hi = wilson_interval(k, n)
+    return {"rate": k / n if n else None, "ci": [lo, hi], "k": k, "n": n}
+
+
+def untestable_reason(statistic: str, base: np.ndarray, min_base_rate: float, where: str) -> str | None:
+    """Why a drop or rise of a behaviour cannot be tested, or None.
+
+    A drop needs something to suppress (base rate >= min_base_rate); a rise needs room to induce
+    (base rate <= 1 - min_base_rate). Such a claim is inconclusive, never a pass or a fail.
+    """
+    rate, k, n = float(base.mean()), int(base.sum()), int(base.size)
+    if statistic.endswith("drop") and rate < min_base_rate:
+        return (f"untestable: the base rate on {where} is {rate:.3g} ({k}/{n}), below {min_base_rate:g}: "
+                "there is nothing to suppress")
+    if statistic.endswith("rise") and rate > 1 - min_base_rate:
+        return (f"untestable: the base rate on {where} is {rate:.3g} ({k}/{n}), above {1 - min_base_rate:g}: "
+                "there is nothing to induce")
+    return None
