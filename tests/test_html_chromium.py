@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelprobe.report import compare, write_html
-from modelprobe.report._sample import sample_record
+from helpers.sample_report import sample_record
 
 CHROMIUM = Path("/usr/bin/chromium")
 

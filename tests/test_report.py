@@ -8,6 +8,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,7 @@ from modelprobe.report import (
     write_markdown,
 )
 from modelprobe.report._fmt import fmt_num
+from modelprobe.report.record import LinePlot, NullHistogram, Series
 
 PNG = "data:image/png;base64,"
 
@@ -66,9 +68,12 @@ def make_record() -> RunRecord:
                         comparison="at_least",
                         n=64,
                         control=ControlResult(name="random_direction", effect=0.031, p_value=0.001),
-                        details={"null_distribution": [0.01, 0.03, -0.02, 0.05, 0.0, 0.02], "top_k": 1},
-                        curves={"accuracy": [0.0, 0.05, 0.2, 0.6, 0.81, 0.9],
-                                "rank": [0.9, 0.7, 0.5, 0.2, 0.1, 0.05]},
+                        details={"top_k": 1},
+                        plots=[LinePlot(title="lens", x_label="layer", mark_x=4, mark_label="layer 4",
+                                        series=[Series(label="accuracy", y=[0.0, 0.05, 0.2, 0.6, 0.81, 0.9]),
+                                                Series(label="rank", y=[0.9, 0.7, 0.5, 0.2, 0.1, 0.05])]),
+                               NullHistogram(title="random direction", x_label="accuracy",
+                                             values=[0.01, 0.03, -0.02, 0.05, 0.0, 0.02], effect=0.8125)],
                     ),
                     ClaimResult(
                         name="quiet_early",
@@ -80,7 +85,8 @@ def make_record() -> RunRecord:
                         threshold=0.1,
                         comparison="at_most",
                         n=64,
-                        curves={"accuracy": [0.0, 0.09, 0.2, 0.6, 0.81, 0.9]},
+                        plots=[LinePlot(title="quiet early", x_label="layer",
+                                        series=[Series(label="accuracy", y=[0.0, 0.09, 0.2, 0.6, 0.81, 0.9])])],
                     ),
                 ],
             ),
@@ -99,11 +105,13 @@ def make_record() -> RunRecord:
                         comparison="at_least",
                         n=128,
                         control=ControlResult(name="random_circuits", effect=0.12, p_value=0.004),
-                        details={"null_distribution": [0.1, 0.12, 0.15, 0.09], "logit_diff": 3.21},
+                        details={"logit_diff": 3.21},
+                        plots=[NullHistogram(title="random circuits", x_label="faithfulness",
+                                             values=[0.1, 0.12, 0.15, 0.09], effect=0.4213)],
                     ),
                 ],
             ),
-            ProbeRecord(name="broken", kind="steering", file="probes/broken.yaml",
+            ProbeRecord(name="broken", kind="direction", file="probes/broken.yaml",
                         error="ValueError: layer 40 out of range"),
         ],
     )
@@ -251,12 +259,10 @@ def test_html_is_self_contained_with_plots(tmp_path):
     assert "http://" not in html and "https://" not in html
     assert "<link" not in html and "<script" not in html
     assert "<style>" in html
-    # one plot per claim with curves (two curve sets of a claim share a figure), one per null dist.
-    with_curves = sum(1 for _, c in rec.claims() if c.curves)
-    with_null = sum(1 for _, c in rec.claims() if "null_distribution" in c.details)
+    # one image per typed plot of the record, titled
     images = _images(html)
-    assert len(images) == with_curves + with_null == 4
-    assert html.count(f'alt="plot for {rec.probes[0].claims[1].name}"') == 1
+    assert len(images) == sum(len(c.plots) for _, c in rec.claims()) == 4
+    assert html.count('alt="quiet early"') == 1
     for img in images:
         assert base64.b64decode(img[len(PNG):])[:8] == b"\x89PNG\r\n\x1a\n"
     for _, c in rec.claims():
@@ -293,7 +299,8 @@ def test_report_layer_imports_no_torch_and_leaves_pyplot_alone(tmp_path):
     code = (
         "import sys\n"
         "import modelprobe.report as r\n"
-        "from modelprobe.report._sample import sample_record\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers.sample_report import sample_record\n"
         f"r.write_all(sample_record(), {str(tmp_path)!r}, github_summary=False)\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"

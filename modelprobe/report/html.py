@@ -6,10 +6,7 @@ pyplot backend / state of the process is never touched. No torch.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -17,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from ._fmt import (
     MISSING,
-    control_name,
     fmt_ci,
     fmt_control,
     fmt_delta,
@@ -26,15 +22,15 @@ from ._fmt import (
     fmt_value,
 )
 from ._io import ensure_dir, write_text
-from .record import ClaimResult, ProbeRecord, RunRecord
+from .plots import EFFECT_COLOUR, bars, heat_map, line_plot, null_histogram
+from .record import Bars, ClaimResult, HeatMap, LinePlot, NullHistogram, ProbeRecord, RunRecord, Table
+from .summary import summary_rows, verdict_counts
 
 if TYPE_CHECKING:
     from .baseline import Comparison
 
 __all__ = ["render_html", "write_html"]
 
-FIGSIZE = (5.0, 2.6)
-DPI = 90
 COLORS = {"pass": "#1a7f37", "fail": "#cf222e", "inconclusive": "#9a6700", "error": "#8250df"}
 _TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -42,129 +38,36 @@ _TEMPLATE_DIR = Path(__file__).parent / "templates"
 # ---------------------------------------------------------------- plots
 
 
-def _figure(height: float = FIGSIZE[1]):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI)
-    ax = fig.add_subplot()
-    ax.tick_params(labelsize=8)
-    ax.grid(True, alpha=0.3, linewidth=0.6)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    return fig, ax
-
-
-def _png(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    fig.tight_layout(pad=0.4)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _floats(values: Any) -> list[float]:
-    out = []
-    for v in values if isinstance(values, (list, tuple)) else []:
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out.append(float(v))
+def claim_plots(claim: ClaimResult) -> list[dict[str, Any]]:
+    """The claim's typed plots, drawn: {"img": data URI} per figure, {"table": ...} per table."""
+    out: list[dict[str, Any]] = []
+    for p in claim.plots:
+        if isinstance(p, Table):
+            out.append({"img": None, "title": p.title, "table": {"title": p.title, "columns": p.columns,
+                                  "rows": [[fmt_value(x) for x in row] for row in p.rows]}})
+            continue
+        if isinstance(p, LinePlot):
+            img = line_plot(p)
+        elif isinstance(p, HeatMap):
+            img = heat_map(p)
+        elif isinstance(p, NullHistogram):
+            img = null_histogram(p, COLORS.get(claim.verdict, EFFECT_COLOUR))
+        else:
+            img = bars(p)
+        if img:
+            out.append({"img": img, "title": p.title, "table": None})
     return out
-
-
-def curves_plot(claim: ClaimResult, layer: int | None = None) -> str | None:
-    """All of a claim's curves in one line plot; x = index (layer). None when it has no curves."""
-    curves = {k: v for k, v in claim.curves.items() if v}
-    if not curves:
-        return None
-    fig, ax = _figure()
-    longest = 0
-    # Rates and probabilities live in [0, 1]; ranks and norms do not: those go on their own
-    # (log, when positive) right-hand axis so neither flattens the other.
-    small = {k: v for k, v in curves.items() if max((abs(y) for y in _floats(v)), default=0) <= 1.5}
-    large = {k: v for k, v in curves.items() if k not in small}
-    axes = [(ax, small or large)]
-    if small and large:
-        twin = ax.twinx()
-        twin.tick_params(labelsize=8)
-        if all(y > 0 for ys in large.values() for y in _floats(ys)):
-            twin.set_yscale("log")
-        axes.append((twin, large))
-    colours = iter(f"C{i}" for i in range(10 * len(curves)))
-    handles = []
-    for axis, group in axes:
-        for name, ys in group.items():
-            ys = [y if y is not None else math.nan for y in ys]
-            longest = max(longest, len(ys))
-            label = name + (" (right axis)" if axis is not ax else "")
-            handles += axis.plot(range(len(ys)), ys, marker="o" if len(ys) <= 40 else None, markersize=2.5,
-                                 linewidth=1.4, label=label, color=next(colours))
-    if layer is not None and 0 <= layer < longest:
-        ax.axvline(layer, color="#57606a", linestyle=":", linewidth=1, label=f"layer {layer}")
-    ax.set_xlabel("layer", fontsize=8)
-    ax.set_title(claim.name, fontsize=9)
-    if longest > 1:
-        ax.set_xlim(-0.5, longest - 0.5)
-    if len(curves) > 1 or layer is not None:
-        ax.legend(handles=handles + ([ax.lines[-1]] if layer is not None and 0 <= layer < longest else []),
-                  fontsize=7, frameon=False)
-    return _png(fig)
-
-
-def null_plot(claim: ClaimResult) -> str | None:
-    """Histogram of details["null_distribution"] with the claim's effect as a vertical line."""
-    null = _floats(claim.details.get("null_distribution"))
-    if not null:
-        return None
-    fig, ax = _figure()
-    ax.hist(null, bins=min(40, max(8, int(math.sqrt(len(null))))), color="#8c959f", alpha=0.85,
-            label="null (control)")
-    effect = claim.effect
-    if effect is not None and math.isfinite(effect):
-        ax.axvline(effect, color=COLORS.get(claim.verdict, "#0969da"), linewidth=2,
-                   label=f"effect {fmt_num(effect)}")
-    if claim.threshold is not None:
-        ax.axvline(claim.threshold, color="#57606a", linestyle="--", linewidth=1,
-                   label=f"threshold {fmt_threshold(claim)}")
-    what = control_name(claim.control) if claim.control else "control"
-    ax.set_title(f"{claim.name}: {what} (n={len(null)})", fontsize=9)
-    ax.set_ylabel("count", fontsize=8)
-    ax.margins(x=0.06)
-    ax.legend(fontsize=7, frameon=True, framealpha=0.9, edgecolor="none")
-    return _png(fig)
 
 
 def comparison_plot(comparison: Comparison) -> str | None:
     """Horizontal bars: each claim's effect before (grey) and after (coloured by status)."""
-    rows = [r for r in comparison.rows if r.before_effect is not None or r.after_effect is not None]
+    rows = [r for r in comparison.rows if r.before_effect is not None or r.after_effect is not None][:60]
     if not rows:
         return None
-    rows = rows[:60]
-    height = max(FIGSIZE[1], 0.9 + 0.42 * len(rows))
-    fig, ax = _figure(height)
-    ys = list(range(len(rows)))[::-1]
-    ax.barh([y + 0.2 for y in ys], [_val(r.before_effect) for r in rows], height=0.38,
-            color="#afb8c1", label="before")
-    colors = ["#cf222e" if r.failing else "#0969da" for r in rows]
-    ax.barh([y - 0.2 for y in ys], [_val(r.after_effect) for r in rows], height=0.38, color=colors,
-            label="after")
-    labels = [f"{_short(r.claim, 30)}\n{_short(r.probe, 30)}" for r in rows]
-    ax.set_yticks(ys, labels, fontsize=7, linespacing=1.1)
-    ax.axvline(0, color="#57606a", linewidth=0.8)
-    ax.grid(True, axis="x", alpha=0.3)
-    ax.grid(False, axis="y")
-    ax.set_xlabel("effect", fontsize=8)
-    ax.set_title("effect before → after (red: failing)", fontsize=9)
-    ax.legend(fontsize=7, frameon=False, loc="best")
-    return _png(fig)
-
-
-def _val(x: float | None) -> float:
-    return x if x is not None and math.isfinite(x) else 0.0
-
-
-def _short(s: str, n: int) -> str:
-    return s if len(s) <= n else s[: n - 1] + "…"
+    plot = Bars(title="effect before → after (red: failing)", value_label="effect",
+                labels=[f"{r.claim} ({r.probe})" for r in rows], before=[r.before_effect for r in rows],
+                after=[r.after_effect for r in rows])
+    return bars(plot, failing=[bool(r.failing) for r in rows])
 
 
 # ---------------------------------------------------------------- context
@@ -177,11 +80,6 @@ def _anchor(*parts: str, used: set[str]) -> str:
         a, i = f"{base}-{i}", i + 1
     used.add(a)
     return a
-
-
-def _layer(settings: dict[str, Any]) -> int | None:
-    v = settings.get("layer")
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
@@ -201,7 +99,7 @@ def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
     details = dict(c.details)
     if c.control is not None and c.control.detail:
         details.update({f"control.{k}": v for k, v in c.control.detail.items()})
-    plots = [x for x in (curves_plot(c, _layer(p.settings)), null_plot(c)) if x]
+    plots = claim_plots(c)
     return {
         "name": c.name,
         "anchor": anchor,
@@ -214,8 +112,6 @@ def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
 
 
 def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]:
-    from .writers import summary_rows, verdict_counts
-
     used: set[str] = set()
     probes = []
     anchors: dict[tuple[str, str], str] = {}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from ._fmt import (
 from ._io import ensure_dir, write_text
 from .errors import ReportWriteError
 from .record import ClaimResult, ProbeRecord, RunRecord
+from .summary import SUMMARY_HEADERS, summary_rows, verdict_counts
 
 if TYPE_CHECKING:
     from .baseline import Comparison
@@ -35,68 +35,15 @@ __all__ = [
     "render_markdown",
     "summary_rows",
     "verdict_counts",
-    "verdict_line",
     "write_all",
     "write_json",
     "write_markdown",
 ]
 
-SUMMARY_HEADERS = ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"]
-
 VERDICT_ICON = {"pass": "✅", "fail": "❌", "inconclusive": "⚠️", "error": "💥"}
 
 # GitHub refuses step summaries over 1 MiB; above this we append the short version.
 GITHUB_SUMMARY_LIMIT = 1_000_000
-
-
-# ---------------------------------------------------------------- summary table
-
-
-def summary_rows(record: RunRecord) -> list[list[str]]:
-    """One row per claim (probe, claim, verdict, effect, CI, threshold, control), as strings.
-
-    A probe that errored before producing claims gets one row with verdict "error".
-    """
-    rows: list[list[str]] = []
-    for probe in record.probes:
-        if not probe.claims:
-            verdict = "error" if probe.error else MISSING
-            claim = "(probe error)" if probe.error else "(no claims)"
-            rows.append([probe.name, claim, verdict, MISSING, MISSING, MISSING, MISSING])
-            continue
-        for c in probe.claims:
-            rows.append(
-                [
-                    probe.name,
-                    c.name,
-                    c.verdict,
-                    fmt_num(c.effect),
-                    fmt_ci(c.ci),
-                    fmt_threshold(c),
-                    fmt_control(c.control),
-                ]
-            )
-    return rows
-
-
-def verdict_counts(record: RunRecord) -> dict[str, int]:
-    """Counts per verdict; a probe that errored without claims counts as one "error"."""
-    counts: Counter[str] = Counter()
-    for probe in record.probes:
-        if not probe.claims and probe.error:
-            counts["error"] += 1
-        for c in probe.claims:
-            counts[c.verdict] += 1
-    return {v: counts.get(v, 0) for v in ("pass", "fail", "inconclusive", "error")}
-
-
-def verdict_line(record: RunRecord) -> str:
-    """e.g. "3 passed, 1 failed, 0 inconclusive, 1 error"."""
-    n = verdict_counts(record)
-    errors = "error" if n["error"] == 1 else "errors"
-    return (
-        f"{n['pass']} passed, {n['fail']} failed, {n['inconclusive']} inconclusive, {n['error']} {errors}"
-    )
 
 
 # ---------------------------------------------------------------- json

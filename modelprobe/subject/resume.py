@@ -19,7 +19,7 @@ import torch
 
 from .interventions import Intervention, RunState, WeightDelta, hooked
 from .sites import Site
-from .subject import Batch, Forward, InterventionsFor, Subject
+from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
 
 # Model types whose decoder stack is: rotary embeddings shared by all layers, a causal (or sliding
 # window) mask per layer type, layer(hidden, attention_mask, position_ids, position_embeddings),
@@ -68,7 +68,7 @@ def _masks(subject: Subject, batch: Batch, hidden: torch.Tensor) -> dict[str, ob
 
     config = subject.model.config
     kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=batch.attention_mask,
-                  past_key_values=None, position_ids=batch.position_ids)
+                  position_ids=batch.position_ids, **{cache_kwarg(create_causal_mask): None})
     masks: dict[str, object] = {"full_attention": create_causal_mask(**kwargs)}
     types = set(getattr(config, "layer_types", None) or [])
     mistral_window = config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None

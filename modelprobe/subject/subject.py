@@ -229,7 +229,7 @@ class Subject:
             for _ in range(max_new):
                 if use_cache:
                     res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                     past_key_values=cache, use_cache=True, **keep)
+                                     **{cache_kwarg(self.model.forward): cache}, use_cache=True, **keep)
                 else:
                     # Recompute everything, marking which columns are generated so interventions
                     # touch the same tokens as with the cache.
@@ -269,6 +269,18 @@ class Subject:
     # ---- hygiene -------------------------------------------------------------------------------
     def leaked_hooks(self) -> list[str]:
         return leaked_hooks(self.model)
+
+
+def cache_kwarg(fn: Callable[..., Any]) -> str:
+    """The name `fn` takes the KV cache under: `cache` from transformers 5.x (where `past_key_values`
+    is deprecated, removal announced for 5.40), `past_key_values` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:

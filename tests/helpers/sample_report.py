@@ -1,6 +1,8 @@
 """A small, made-up RunRecord for tests and for looking at the reports (no model involved).
 
-    python -m modelprobe.report._sample OUTDIR   # writes report.json / .md / .html there
+It uses every plot type of the result contract. To look at the reports it makes:
+
+    python tests/helpers/sample_report.py OUTDIR   # writes report.json / .md / .html there
 """
 
 from __future__ import annotations
@@ -8,13 +10,19 @@ from __future__ import annotations
 import math
 import sys
 
-from .record import (
+from modelprobe.report.record import (
+    Bars,
     ClaimResult,
     ControlResult,
+    HeatMap,
+    LinePlot,
     ModelInfo,
+    NullHistogram,
     PreflightResult,
     ProbeRecord,
     RunRecord,
+    Series,
+    Table,
 )
 
 
@@ -68,8 +76,16 @@ def sample_record(n_layers: int = 30) -> RunRecord:
                         n=64,
                         control=ControlResult(name="random_direction", effect=0.031, p_value=0.001),
                         tolerance={"abs": 0.05},
-                        details={"null_distribution": null, "top_k": 1},
-                        curves={"accuracy": lens, "mean rank / 200": [r / 200 for r in rank]},
+                        details={"top_k": 1},
+                        curves={"accuracy": lens, "median rank": rank},
+                        plots=[
+                            LinePlot(title="capital through the layers", x_label="layer", y_label="share",
+                                     series=[Series(label="top-1 share", y=lens),
+                                             Series(label="median rank", y=rank, axis="right")],
+                                     mark_x=20, mark_label="layer 20"),
+                            NullHistogram(title="random direction", x_label="accuracy", values=null,
+                                          effect=0.8125, threshold=0.5),
+                        ],
                         duration_s=3.9,
                     ),
                     ClaimResult(
@@ -83,6 +99,8 @@ def sample_record(n_layers: int = 30) -> RunRecord:
                         comparison="at_most",
                         n=64,
                         curves={"accuracy": lens},
+                        plots=[LinePlot(title="accuracy", x_label="layer", series=[Series(label="accuracy", y=lens)],
+                                        mark_x=10, mark_label="layer 10")],
                     ),
                 ],
             ),
@@ -106,15 +124,25 @@ def sample_record(n_layers: int = 30) -> RunRecord:
                         n=128,
                         control=ControlResult(name="random_circuits", effect=0.12, p_value=0.004,
                                               detail={"n_circuits": 100}),
-                        details={"null_distribution": [0.12 + 0.05 * math.sin(i) for i in range(100)],
-                                 "logit_diff_full": 3.21, "logit_diff_circuit": 1.35},
+                        details={"logit_diff_full": 3.21, "logit_diff_circuit": 1.35},
+                        plots=[
+                            NullHistogram(title="100 random circuits", x_label="faithfulness",
+                                          values=[0.12 + 0.05 * math.sin(i) for i in range(100)], effect=0.4213),
+                            Bars(title="logit difference", value_label="logit diff", labels=["9.6", "9.9"],
+                                 before=[3.21, 3.21], after=[2.1, 2.9], before_label="full", after_label="ablated"),
+                            HeatMap(title="fix rate by layer pair", x_label="target layer", y_label="source layer",
+                                    value_label="fix rate", mark=(2, 1),
+                                    values=[[0.1 * (i + j) / 6 for j in range(4)] for i in range(4)]),
+                            Table(title="components", columns=["component", "effect"],
+                                  rows=[["9.6", 0.31], ["9.9", 0.22]]),
+                        ],
                     ),
                 ],
             ),
             ProbeRecord(
-                name="steering_sentiment",
-                kind="steering",
-                file="probes/steering_sentiment.yaml",
+                name="sentiment_direction",
+                kind="direction",
+                file="probes/sentiment_direction.probe.yaml",
                 error="RuntimeError: layer 40 out of range (model has 30 layers)\n  while resolving `layer: 40`",
             ),
         ],
@@ -122,7 +150,7 @@ def sample_record(n_layers: int = 30) -> RunRecord:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from .writers import write_all
+    from modelprobe.report.writers import write_all
 
     for p in write_all(sample_record(), sys.argv[1] if len(sys.argv) > 1 else "reports/sample",
                        github_summary=False):
