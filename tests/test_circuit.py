@@ -13,16 +13,13 @@ import torch
 
 from modelprobe.errors import DataError, SpecError
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.ablation import (
-    AblationRunner,
-    Unit,
-    build_scope,
-    circuit_units,
-    faithfulness,
-    prepare_task,
-    random_circuits,
-)
+from modelprobe.kinds.circuit import circuit_units
+from modelprobe.report.record import NullHistogram
 from modelprobe.subject import load_subject
+from modelprobe.subject.ablation import AblationRunner, Unit, build_scope
+from modelprobe.toolkit.ablation_task import prepare_task
+from modelprobe.toolkit.controls import random_circuits
+from modelprobe.toolkit.metrics import faithfulness
 
 HERE = Path(__file__).parent
 PROBES = HERE / "probes"
@@ -63,7 +60,8 @@ def test_true_circuit_passes_and_beats_random_circuits(induction):
     assert nec.verdict == "pass", nec.reason
     assert suff.effect >= 0.8 and nec.effect <= 0.2
     assert suff.control.p_value <= 0.05 and nec.control.p_value <= 0.05
-    assert len(suff.details["null_distribution"]) == 100
+    nulls = [p for p in suff.plots if isinstance(p, NullHistogram)]
+    assert len(nulls) == 1 and len(nulls[0].values) == 100
     assert suff.details["m_full"] > suff.details["m_empty"]
     assert {d["component"] for d in suff.details["per_component"]} == set(out.settings["circuit"])
     assert out.settings["ablation"] == "mean" and "per position" in out.settings["replacement"]
@@ -160,8 +158,7 @@ def test_batched_resumed_ablations_equal_hand_ablations(induction, tiny_subject,
                             "logit_diff", ablation, None, None)
         scope_spec = {"neurons": [1]} if scope_name == "neurons" else scope_name
         scope = build_scope(scope_spec, subject.sitemap)
-        runner = AblationRunner(subject, task, scope, "logit_diff", ablation, DATA / "induction_ref.jsonl",
-                                batch_size=4)
+        runner = AblationRunner(subject, task, scope, task.row_metric("logit_diff"), ablation, batch_size=4)
         rng = np.random.default_rng(0)
         configs = rng.random((6, len(scope))) < 0.4
         configs[0] = True  # everything: served from the cached empty run
@@ -175,7 +172,7 @@ def test_batched_resumed_ablations_equal_hand_ablations(induction, tiny_subject,
 
 
 def test_random_circuits_run_batched_and_resume_at_the_first_changed_layer(induction, monkeypatch):
-    import modelprobe.kinds.ablation as circuit_module
+    import modelprobe.subject.ablation as circuit_module
 
     calls: list[tuple[int, int]] = []
     real = circuit_module.resume
@@ -327,7 +324,7 @@ def test_neuron_index_beyond_d_mlp(induction):
 
 def test_answer_of_two_tokens(induction):
     msg = _setup_error(induction, "circuit_answer_two_tokens.probe.yaml")
-    assert msg.startswith(f"{PROBES / 'bad' / 'circuit_two_token_answer.jsonl'}:4: answer ' t37 t38' is 2 tokens")
+    assert msg.startswith(f"{PROBES / 'bad' / 'circuit_two_token_answer.jsonl'}:4: field 'answer': ' t37 t38' is 2 tokens")
 
 
 def test_reference_positions_do_not_align(induction):

@@ -10,7 +10,7 @@ import pytest
 
 from modelprobe.discover import _components, cli_discover, heldout_rows
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.ablation import Unit
+from modelprobe.subject.ablation import Unit
 from modelprobe.subject import load_subject
 
 HERE = Path(__file__).parent

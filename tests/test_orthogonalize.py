@@ -3,6 +3,7 @@ a clear refusal where it does not (post-norm sublayers), and the original weight
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,13 +14,18 @@ from modelprobe.errors import SiteError, SpecError
 from modelprobe.kinds import instantiate, load
 from modelprobe.kinds.direction import ablation, diff_in_means
 from modelprobe.subject import AblateDirection, Site, load_subject
-from modelprobe.subject.orthogonalize import (
-    orthogonalization_notes,
-    orthogonalized,
-    orthogonalizing_deltas,
-)
+from modelprobe.subject.interventions import RunState, hooked
+from modelprobe.subject.orthogonalize import orthogonalization_notes, orthogonalizing_deltas
 
 torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def orthogonalized(model, sitemap, direction):
+    """The body runs with the weights orthogonalised to `direction`; the originals come back after."""
+    deltas = orthogonalizing_deltas(sitemap, direction)
+    with torch.no_grad(), hooked(model, sitemap, RunState(), deltas):
+        yield deltas
 
 TESTS = Path(__file__).parent
 PLANTED = TESTS / "fixtures" / "models" / "refusal_planted"

@@ -14,14 +14,11 @@ The edits are `WeightDelta`s, so `hooked()` applies them and restores the exact 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
 from ..errors import SiteError
-from .interventions import RunState, WeightDelta, hooked
+from .interventions import WeightDelta
 from .sitemap import SiteMap
 
 
@@ -100,13 +97,4 @@ def orthogonalization_notes(sitemap: SiteMap) -> list[str]:
     return notes
 
 
-@contextlib.contextmanager
-def orthogonalized(model: nn.Module, sitemap: SiteMap, direction: torch.Tensor) -> Iterator[list[WeightDelta]]:
-    """Run the body with the weights orthogonalised to `direction`; the originals come back afterwards,
-    whatever happens inside."""
-    deltas = orthogonalizing_deltas(sitemap, direction)
-    with torch.no_grad(), hooked(model, sitemap, RunState(), deltas):
-        yield deltas
-
-
-__all__ = ["check_orthogonalizable", "orthogonalization_notes", "orthogonalized", "orthogonalizing_deltas"]
+__all__ = ["check_orthogonalizable", "orthogonalization_notes", "orthogonalizing_deltas"]
