@@ -324,7 +324,7 @@ def test_neuron_index_beyond_d_mlp(induction):
 
 def test_answer_of_two_tokens(induction):
     msg = _setup_error(induction, "circuit_answer_two_tokens.probe.yaml")
-    assert msg.startswith(f"{PROBES / 'bad' / 'circuit_two_token_answer.jsonl'}:4: field 'answer': ' t37 t38' is 2 tokens")
+    assert msg.startswith(f"{PROBES / 'bad' / 'circuit_two_token_answer.jsonl'}:4: answer ' t37 t38' is 2 tokens")
 
 
 def test_reference_positions_do_not_align(induction):

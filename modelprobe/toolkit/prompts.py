@@ -113,4 +113,4 @@ def single_token(subject: Subject, text: str) -> int:
 
 def data_error(path: Path, line: int, field: str, err: SiteError) -> DataError:
     """A token problem of a data row, located at its file and line."""
-    return DataError(f"{path}:{line}: field '{field}': {err.message}")
+    return DataError(f"{path}:{line}: {field} {err.message}")
