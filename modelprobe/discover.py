@@ -51,121 +51,145 @@ def discover_circuit(runner: Any, target: float = 0.8, necessity: float = 0.2, m
                      max_size: int = 64, score_prompts: list[int] | None = None,
                      say: Any = None) -> Found:
     """Greedy circuit search on the runner's prompts (effects scored on `score_prompts`, default all)."""
-    from .toolkit.metrics import faithfulness
+    search = _Search(runner, target, necessity, min_effect, max_size, score_prompts, say)
+    size, s_f, n_f, reached = search.grow()
+    if not reached:
+        return search.found(search.order[:size], s_f, n_f, False)
+    size, s_f, n_f = search.make_necessary(size, s_f, n_f)
+    members, s_f, n_f = search.complete(search.order[:size], s_f, n_f)
+    members, s_f, n_f = search.prune(members, s_f, n_f)
+    search.note(f"result: {len(members)} units, sufficiency {s_f:.3f}, necessity {n_f:.3f}")
+    return search.found(members, s_f, n_f, s_f >= target and n_f <= necessity)
 
-    say = say or (lambda msg: None)
-    scope = runner.scope
-    n_units = len(scope)
-    log: list[str] = []
 
-    def note(msg: str) -> None:
-        log.append(msg)
-        say(msg)
+class _Search:
+    """The steps of `discover_circuit`, sharing the runner, the baselines and the ranking."""
 
-    everything = np.ones(n_units, dtype=bool)
-    m_full = runner.full_model()
-    m_empty = runner.run(everything[None], desc="everything ablated")[0]
-    gap = float(m_full.mean() - m_empty.mean())
-    if abs(gap) <= 1e-6 * max(1e-12, float(np.abs(m_full).mean())):
-        raise ModelprobeError(f"the full model and the fully ablated model score the same "
-                              f"({m_full.mean():.4g}): there is no task behaviour to explain")
-    note(f"m(M) = {m_full.mean():.4g}, m(∅) = {m_empty.mean():.4g} on {len(m_full)} prompts")
+    def __init__(self, runner: Any, target: float, necessity: float, min_effect: float, max_size: int,
+                 score_prompts: list[int] | None, say: Any):
+        self.runner, self.target, self.necessity, self.min_effect = runner, target, necessity, min_effect
+        self.say = say or (lambda msg: None)
+        self.scope = runner.scope
+        self.n_units = len(self.scope)
+        self.log: list[str] = []
+        everything = np.ones(self.n_units, dtype=bool)
+        self.m_full = m_full = runner.full_model()
+        self.m_empty = m_empty = runner.run(everything[None], desc="everything ablated")[0]
+        gap = float(m_full.mean() - m_empty.mean())
+        if abs(gap) <= 1e-6 * max(1e-12, float(np.abs(m_full).mean())):
+            raise ModelprobeError(f"the full model and the fully ablated model score the same "
+                                  f"({m_full.mean():.4g}): there is no task behaviour to explain")
+        self.note(f"m(M) = {m_full.mean():.4g}, m(∅) = {m_empty.mean():.4g} on {len(m_full)} prompts")
+        # 1. rank the units by their effect when ablated alone
+        self.score = list(range(len(m_full))) if score_prompts is None else list(score_prompts)
+        score = self.score
+        alone = runner.run(np.eye(self.n_units, dtype=bool), score, desc="each unit alone")
+        s_gap = float(m_full[score].mean() - m_empty[score].mean())
+        self.effect = (m_full[score].mean() - alone.mean(axis=1)) / s_gap
+        self.order = [int(i) for i in np.argsort(-self.effect, kind="stable")]
+        self.note(f"effects of {self.n_units} units ablated alone on {len(score)} prompts; strongest: " + ", ".join(
+            f"{self.scope.units[i].name} {self.effect[i]:.3f}" for i in self.order[:8]))
+        self.limit = min(max_size, self.n_units - 1)
 
-    score = list(range(len(m_full))) if score_prompts is None else list(score_prompts)
-    alone = runner.run(np.eye(n_units, dtype=bool), score, desc="each unit alone")
-    s_gap = float(m_full[score].mean() - m_empty[score].mean())
-    effect = (m_full[score].mean() - alone.mean(axis=1)) / s_gap
-    order = [int(i) for i in np.argsort(-effect, kind="stable")]
-    note(f"effects of {n_units} units ablated alone on {len(score)} prompts; strongest: " + ", ".join(
-        f"{scope.units[i].name} {effect[i]:.3f}" for i in order[:8]))
+    def note(self, msg: str) -> None:
+        self.log.append(msg)
+        self.say(msg)
 
-    def vector(members: list[int]) -> np.ndarray:
-        v = np.zeros(n_units, dtype=bool)
-        v[members] = True
-        return v
+    def found(self, members: list[int], s_f: float, n_f: float, reached: bool) -> Found:
+        units = self.scope.units
+        return Found([units[i] for i in members], s_f, n_f, reached, float(self.m_full.mean()),
+                     float(self.m_empty.mean()), [(units[i].name, float(self.effect[i])) for i in self.order],
+                     self.log)
 
-    def evaluate(circuits: list[list[int]], what: str, prompts: list[int] | None = None
+    def evaluate(self, circuits: list[list[int]], what: str, prompts: list[int] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Sufficiency and necessity faithfulness of each circuit, in one batched run."""
-        rows = list(range(len(m_full))) if prompts is None else prompts
-        vs = np.stack([vector(c) for c in circuits])
-        vals = runner.run(np.concatenate([~vs, vs]), rows, desc=what)
+        from .toolkit.metrics import faithfulness
+
+        rows = list(range(len(self.m_full))) if prompts is None else prompts
+        vs = np.zeros((len(circuits), self.n_units), dtype=bool)
+        for k, c in enumerate(circuits):
+            vs[k, c] = True
+        vals = self.runner.run(np.concatenate([~vs, vs]), rows, desc=what)
         k = len(circuits)
-        e, m = m_empty[rows], m_full[rows]
+        e, m = self.m_empty[rows], self.m_full[rows]
         suff = np.array([faithfulness(vals[j], e, m) for j in range(k)])
         nec = np.array([faithfulness(vals[k + j], e, m) for j in range(k)])
         return suff, nec
 
-    limit = min(max_size, n_units - 1)
-    # 2. grow along the ranking: a ladder of sizes in one run, then every size below the first hit
-    sizes = [s for s in LADDER if s < limit] + [limit]
-    suff, nec = evaluate([order[:s] for s in sizes], "growing")
-    note("sufficiency along the ranking: " + ", ".join(f"{s}: {f:.3f}" for s, f in zip(sizes, suff)))
-    hit = next((j for j, f in enumerate(suff) if f >= target), None)
-    if hit is None:
-        best = int(np.argmax(suff))
-        size = sizes[best]
-        note(f"no circuit of up to {limit} units along the ranking reaches sufficiency {target}; "
-             f"keeping the best ({size} units, {suff[best]:.3f})")
-        members = order[:size]
-        s_f, n_f = float(suff[best]), float(nec[best])
-        return Found([scope.units[i] for i in members], s_f, n_f, False, float(m_full.mean()),
-                     float(m_empty.mean()), [(scope.units[i].name, float(effect[i])) for i in order], log)
-    size, s_f, n_f = sizes[hit], float(suff[hit]), float(nec[hit])
-    below = sizes[hit - 1] if hit else 0
-    if size - below > 1:
-        between = list(range(below + 1, size))
-        b_suff, b_nec = evaluate([order[:s] for s in between], "refining")
-        first = next((j for j, f in enumerate(b_suff) if f >= target), None)
-        if first is not None:
-            size, s_f, n_f = between[first], float(b_suff[first]), float(b_nec[first])
-    note(f"grow: the top {size} units reach sufficiency {s_f:.3f} (necessity {n_f:.3f})")
+    def grow(self) -> tuple[int, float, float, bool]:
+        """2. grow along the ranking: a ladder of sizes in one run, then every size below the first hit."""
+        order, limit, target = self.order, self.limit, self.target
+        sizes = [s for s in LADDER if s < limit] + [limit]
+        suff, nec = self.evaluate([order[:s] for s in sizes], "growing")
+        self.note("sufficiency along the ranking: " + ", ".join(f"{s}: {f:.3f}" for s, f in zip(sizes, suff)))
+        hit = next((j for j, f in enumerate(suff) if f >= target), None)
+        if hit is None:
+            best = int(np.argmax(suff))
+            self.note(f"no circuit of up to {limit} units along the ranking reaches sufficiency {target}; "
+                      f"keeping the best ({sizes[best]} units, {suff[best]:.3f})")
+            return sizes[best], float(suff[best]), float(nec[best]), False
+        size, s_f, n_f = sizes[hit], float(suff[hit]), float(nec[hit])
+        below = sizes[hit - 1] if hit else 0
+        if size - below > 1:
+            between = list(range(below + 1, size))
+            b_suff, b_nec = self.evaluate([order[:s] for s in between], "refining")
+            first = next((j for j, f in enumerate(b_suff) if f >= target), None)
+            if first is not None:
+                size, s_f, n_f = between[first], float(b_suff[first]), float(b_nec[first])
+        self.note(f"grow: the top {size} units reach sufficiency {s_f:.3f} (necessity {n_f:.3f})")
+        return size, s_f, n_f, True
 
-    # 3. necessity: more units along the ranking until ablating the circuit breaks the task
-    while n_f > necessity and size < limit:
-        more = list(range(size + 1, min(limit, size + 8) + 1))
-        m_suff, m_nec = evaluate([order[:s] for s in more], "necessity")
-        ok = next((j for j, (a, b) in enumerate(zip(m_suff, m_nec)) if a >= target and b <= necessity), None)
-        j = ok if ok is not None else len(more) - 1
-        size, s_f, n_f = more[j], float(m_suff[j]), float(m_nec[j])
-    if n_f > necessity:
-        note(f"necessity: even {size} units leave faithfulness {n_f:.3f} > {necessity} when ablated")
-    else:
-        note(f"necessity: {size} units; ablating them leaves faithfulness {n_f:.3f}")
-    members = order[:size]
+    def make_necessary(self, size: int, s_f: float, n_f: float) -> tuple[int, float, float]:
+        """3. necessity: more units along the ranking until ablating the circuit breaks the task."""
+        necessity = self.necessity
+        while n_f > necessity and size < self.limit:
+            more = list(range(size + 1, min(self.limit, size + 8) + 1))
+            m_suff, m_nec = self.evaluate([self.order[:s] for s in more], "necessity")
+            ok = next((j for j, (a, b) in enumerate(zip(m_suff, m_nec)) if a >= self.target and b <= necessity),
+                      None)
+            j = ok if ok is not None else len(more) - 1
+            size, s_f, n_f = more[j], float(m_suff[j]), float(m_nec[j])
+        if n_f > necessity:
+            self.note(f"necessity: even {size} units leave faithfulness {n_f:.3f} > {necessity} when ablated")
+        else:
+            self.note(f"necessity: {size} units; ablating them leaves faithfulness {n_f:.3f}")
+        return size, s_f, n_f
 
-    # 4. complete: units that matter on their own in the full model belong in the circuit
-    extra = [i for i in order[size:] if effect[i] >= min_effect][: max(0, limit - size)]
-    if extra:
-        members = members + extra
-        suff, nec = evaluate([members], "completing")
-        s_f, n_f = float(suff[0]), float(nec[0])
-        note(f"complete: added {len(extra)} unit(s) with effect ≥ {min_effect} alone "
-             f"({', '.join(scope.units[i].name for i in extra)}): sufficiency {s_f:.3f}, necessity {n_f:.3f}")
+    def complete(self, members: list[int], s_f: float, n_f: float) -> tuple[list[int], float, float]:
+        """4. complete: units that matter on their own in the full model belong in the circuit."""
+        size = len(members)
+        extra = [i for i in self.order[size:] if self.effect[i] >= self.min_effect][: max(0, self.limit - size)]
+        if extra:
+            members = members + extra
+            suff, nec = self.evaluate([members], "completing")
+            s_f, n_f = float(suff[0]), float(nec[0])
+            self.note(f"complete: added {len(extra)} unit(s) with effect ≥ {self.min_effect} alone "
+                      f"({', '.join(self.scope.units[i].name for i in extra)}): sufficiency {s_f:.3f}, "
+                      f"necessity {n_f:.3f}")
+        return members, s_f, n_f
 
-    # 5. prune (on the scoring prompts): members whose removal costs less than min_effect of
-    # sufficiency while both targets hold; then the result is measured on every discovery prompt
-    pruned = False
-    base_s, base_n = evaluate([members], "pruning", score)
-    base_s, base_n = float(base_s[0]), float(base_n[0])
-    while len(members) > 1:
-        trials = [[m for m in members if m != v] for v in members]
-        t_suff, t_nec = evaluate(trials, "pruning", score)
-        drops = base_s - t_suff
-        keep_ok = (t_suff >= min(target, base_s)) & (t_nec <= max(necessity, base_n))
-        cand = [j for j in np.argsort(drops, kind="stable") if drops[j] < min_effect and keep_ok[j]]
-        if not cand:
-            break
-        j = int(cand[0])
-        note(f"prune: {scope.units[members[j]].name} (sufficiency drops by {drops[j]:.4f})")
-        members, base_s, base_n, pruned = trials[j], float(t_suff[j]), float(t_nec[j]), True
-    if pruned:
-        suff, nec = evaluate([members], "final")
-        s_f, n_f = float(suff[0]), float(nec[0])
-    reached = s_f >= target and n_f <= necessity
-    note(f"result: {len(members)} units, sufficiency {s_f:.3f}, necessity {n_f:.3f}")
-    return Found([scope.units[i] for i in members], s_f, n_f, reached, float(m_full.mean()),
-                 float(m_empty.mean()), [(scope.units[i].name, float(effect[i])) for i in order], log)
+    def prune(self, members: list[int], s_f: float, n_f: float) -> tuple[list[int], float, float]:
+        """5. prune (on the scoring prompts) members whose removal costs less than min_effect of
+        sufficiency while both targets hold; then measure the result on every discovery prompt."""
+        pruned = False
+        base_s, base_n = self.evaluate([members], "pruning", self.score)
+        base_s, base_n = float(base_s[0]), float(base_n[0])
+        while len(members) > 1:
+            trials = [[m for m in members if m != v] for v in members]
+            t_suff, t_nec = self.evaluate(trials, "pruning", self.score)
+            drops = base_s - t_suff
+            keep_ok = (t_suff >= min(self.target, base_s)) & (t_nec <= max(self.necessity, base_n))
+            cand = [j for j in np.argsort(drops, kind="stable") if drops[j] < self.min_effect and keep_ok[j]]
+            if not cand:
+                break
+            j = int(cand[0])
+            self.note(f"prune: {self.scope.units[members[j]].name} (sufficiency drops by {drops[j]:.4f})")
+            members, base_s, base_n, pruned = trials[j], float(t_suff[j]), float(t_nec[j]), True
+        if pruned:
+            suff, nec = self.evaluate([members], "final")
+            s_f, n_f = float(suff[0]), float(nec[0])
+        return members, s_f, n_f
 
 
 # ---- writing the probe file -------------------------------------------------------------------

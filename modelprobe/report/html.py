@@ -142,6 +142,32 @@ def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]
         probe, claim = row[0], row[1]
         summary.append({"cells": row, "anchor": anchors.get((probe, claim)) or anchors.get((probe, ""), "")})
 
+    return {
+        "record": record,
+        "title": f"modelprobe report — {record.model.id}",
+        "counts": verdict_counts(record),
+        "meta": _meta(record),
+        "headers": ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"],
+        "summary": summary,
+        "comparison": _comparison_ctx(comparison),
+        "preflight": [
+            {
+                "name": p.name,
+                "passed": p.passed,
+                "value": fmt_num(p.value),
+                "tolerance": fmt_num(p.tolerance),
+                "detail": p.detail,
+            }
+            for p in record.preflight
+        ],
+        "tokenization": (json.dumps(record.tokenization, indent=2, ensure_ascii=False, default=str)
+                         if record.tokenization else ""),
+        "probes": probes,
+        "colors": COLORS,
+    }
+
+
+def _meta(record: RunRecord) -> list[tuple[str, str]]:
     m = record.model
     model_bits = [b for b in (m.model_type, f"{m.n_layers} layers" if m.n_layers else "", m.dtype) if b]
     meta = [("model", m.id + (f"  (slug {m.slug})" if m.slug and m.slug != m.id else ""))]
@@ -158,55 +184,26 @@ def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]
         meta.append(("probes commit", record.probes_commit))
     if record.versions:
         meta.append(("versions", ", ".join(f"{k} {v}" for k, v in record.versions.items())))
+    return meta
 
-    comp = None
-    if comparison is not None:
-        comp = {
-            "ok": comparison.ok,
-            "plot": comparison_plot(comparison),
-            "warnings": comparison.warnings,
-            "rows": [
-                {
-                    "probe": r.probe,
-                    "claim": r.claim,
-                    "before": f"{r.before_verdict or MISSING} {fmt_num(r.before_effect)}",
-                    "after": f"{r.after_verdict or MISSING} {fmt_num(r.after_effect)}",
-                    "delta": fmt_delta(r.delta),
-                    "status": r.status,
-                    "failing": r.failing,
-                    "message": r.message,
-                }
-                for r in comparison.rows
-            ],
+
+def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
+    if comparison is None:
+        return None
+    rows = [
+        {
+            "probe": r.probe,
+            "claim": r.claim,
+            "before": f"{r.before_verdict or MISSING} {fmt_num(r.before_effect)}",
+            "after": f"{r.after_verdict or MISSING} {fmt_num(r.after_effect)}",
+            "delta": fmt_delta(r.delta),
+            "status": r.status,
+            "failing": r.failing,
+            "message": r.message,
         }
-
-    tokenization = (
-        json.dumps(record.tokenization, indent=2, ensure_ascii=False, default=str)
-        if record.tokenization
-        else ""
-    )
-    return {
-        "record": record,
-        "title": f"modelprobe report — {m.id}",
-        "counts": verdict_counts(record),
-        "meta": meta,
-        "headers": ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"],
-        "summary": summary,
-        "comparison": comp,
-        "preflight": [
-            {
-                "name": p.name,
-                "passed": p.passed,
-                "value": fmt_num(p.value),
-                "tolerance": fmt_num(p.tolerance),
-                "detail": p.detail,
-            }
-            for p in record.preflight
-        ],
-        "tokenization": tokenization,
-        "probes": probes,
-        "colors": COLORS,
-    }
+        for r in comparison.rows
+    ]
+    return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows}
 
 
 def render_html(record: RunRecord, comparison: Comparison | None = None) -> str:
