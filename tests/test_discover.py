@@ -10,8 +10,8 @@ import pytest
 
 from modelprobe.discover import _components, cli_discover, heldout_rows
 from modelprobe.kinds import instantiate, load
-from modelprobe.subject.ablation import Unit
 from modelprobe.subject import load_subject
+from modelprobe.subject.ablation import Unit
 
 HERE = Path(__file__).parent
 FIXTURE = HERE / "fixtures" / "models" / "induction"

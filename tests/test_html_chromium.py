@@ -7,9 +7,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers.sample_report import sample_record
 
 from modelprobe.report import compare, write_html
-from helpers.sample_report import sample_record
 
 CHROMIUM = Path("/usr/bin/chromium")
 

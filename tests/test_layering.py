@@ -1,0 +1,141 @@
+"""The import graph: no cycles, imports point down (DESIGN.md), no torch where none is needed, and no
+function grows past ~80 lines."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parent.parent / "modelprobe"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def _imports(path: Path) -> set[str]:
+    """modelprobe modules this file imports at run time (function-level imports too; not TYPE_CHECKING)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                continue
+            if isinstance(child, ast.ImportFrom):
+                base = package
+                for _ in range(child.level - 1):
+                    base = base.rpartition(".")[0]
+                mod = (f"{base}.{child.module}" if child.module else base) if child.level else (child.module or "")
+                for alias in child.names:  # `from . import x` may name a submodule
+                    out.add(f"{mod}.{alias.name}" if _exists(f"{mod}.{alias.name}") else mod)
+            elif isinstance(child, ast.Import):
+                out.update(a.name for a in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in out if m == "modelprobe" or m.startswith("modelprobe.")}
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split("."))
+    return (PACKAGE.parent / rel.with_suffix(".py")).is_file() or (PACKAGE.parent / rel / "__init__.py").is_file()
+
+
+GRAPH = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in GRAPH.get(v, ()):
+            if w not in GRAPH or w == v:
+                continue
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(GRAPH):
+        if v not in index:
+            strong(v)
+    return out
+
+
+def test_no_import_cycles():
+    assert _cycles() == []
+
+
+# room -> rooms it must never import
+FORBIDDEN = {
+    "modelprobe.subject": ("modelprobe.report", "modelprobe.kinds", "modelprobe.toolkit", "modelprobe.spec"),
+    "modelprobe.spec": ("modelprobe.kinds", "modelprobe.subject", "modelprobe.toolkit", "modelprobe.report"),
+    "modelprobe.report": ("modelprobe.subject", "modelprobe.kinds", "modelprobe.toolkit"),
+    "modelprobe.toolkit": ("modelprobe.kinds", "modelprobe.report.writers", "modelprobe.report.html"),
+    "modelprobe.stats": ("modelprobe.subject", "modelprobe.kinds", "modelprobe.report"),
+}
+
+
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_imports_point_down(room):
+    bad = [(m, i) for m, imps in GRAPH.items() if m == room or m.startswith(room + ".")
+           for i in imps if any(i == f or i.startswith(f + ".") for f in FORBIDDEN[room])]
+    assert bad == []
+
+
+def test_no_function_over_80_lines():
+    # direction._select belongs to the direction-selection rewrite (issue 9), which replaces it.
+    allowed = {("kinds/direction.py", "_select")}
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                where = (str(path.relative_to(PACKAGE)), node.name)
+                if n > 80 and where not in allowed:
+                    long.append((*where, n))
+    assert long == []
+
+
+def test_schema_validate_and_the_specs_import_no_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from modelprobe.cli import main\n"
+        f"assert main(['schema', '-o', {str(tmp_path / 's.json')!r}]) in (0, None)\n"
+        f"assert main(['validate', {str(PACKAGE.parent / 'probes')!r}]) in (0, None)\n"
+        "from modelprobe.kinds import KINDS\n"
+        "assert [KINDS[k].Spec for k in KINDS]\n"
+        "import modelprobe.toolkit.prompts, modelprobe.toolkit.controls, modelprobe.toolkit.metrics\n"
+        "import modelprobe.toolkit.behaviour, modelprobe.toolkit.ablation_task, modelprobe.toolkit.steering\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad[:5]\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
