@@ -6,11 +6,16 @@ Every kind that scores an answer uses these, so "logit difference" means the sam
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from .._lazy import torch
+
+if TYPE_CHECKING:
+    from ..subject import Subject
+    from ..subject.subject import InterventionsFor
 
 MetricName = Literal["logit_diff", "logprob", "prob", "rank", "accuracy"]
 METRICS: dict[str, str] = {
@@ -42,6 +47,15 @@ def rank(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
 
 def accuracy(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == answers.to(logits.device)).float()
+
+
+def at_last_position(subject: Subject, ids: Sequence[Sequence[int]], metric: str, answers: Sequence[int],
+                     wrongs: Sequence[int] | None = None, interventions: InterventionsFor = (),
+                     batch_size: int | None = None) -> np.ndarray:
+    """`metric` of each prompt's answer at its last position, with `interventions` applied: [n] float64."""
+    logits = subject.last_logits(ids, interventions, batch_size)
+    w = torch.tensor(list(wrongs)) if wrongs is not None else None
+    return metric_values(logits, metric, torch.tensor(list(answers)), w).double().numpy()
 
 
 def kl(base: torch.Tensor, other: torch.Tensor) -> np.ndarray:
