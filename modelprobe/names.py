@@ -4,9 +4,12 @@ from __future__ import annotations
 
 COMPONENTS = (
     "embed", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out",
-    "attn.z", "mlp.post", "final", "logits",
+    "attn.q", "attn.k", "attn.v", "attn.z", "attn.pattern", "mlp.post", "final", "logits",
 )
-PER_LAYER = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn.z", "mlp.post"})
+PER_LAYER = frozenset({"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "attn.q", "attn.k", "attn.v",
+                       "attn.z", "attn.pattern", "mlp.post"})
+HEADED = frozenset({"attn.q", "attn.k", "attn.v", "attn.z"})  # components with one slice per head
+PER_NEURON = frozenset({"mlp.post"})
 
 
 def canonical_name(component: str, layer: int | None) -> str:
@@ -17,8 +20,8 @@ def canonical_name(component: str, layer: int | None) -> str:
         return "ln_final.hook_normalized"
     if component == "logits":
         return "unembed"
-    if component == "attn.z":
-        return f"blocks.{layer}.attn.hook_z"
+    if component.startswith("attn."):
+        return f"blocks.{layer}.attn.hook_{component[len('attn.'):]}"
     if component == "mlp.post":
         return f"blocks.{layer}.mlp.hook_post"
     return f"blocks.{layer}.hook_{component}"

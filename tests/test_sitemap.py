@@ -275,7 +275,7 @@ def test_head_and_neuron_bounds(tiny_subject):
         resolve_sites({"component": "mlp.post", "layer": 0, "neuron": 128}, sm)
     with pytest.raises(SiteError, match="head index True"):  # YAML `head: true` is not head 1
         resolve_sites({"component": "attn.z", "layer": 0, "head": True}, sm)
-    with pytest.raises(SiteError, match="only applies to component attn.z"):
+    with pytest.raises(SiteError, match="only applies to components attn.k, attn.q, attn.v, attn.z"):
         resolve_sites({"component": "resid_post", "head": 0}, sm)
     with pytest.raises(SiteError, match="unknown component"):
         resolve_sites({"component": "resid_middle"}, sm)
@@ -311,3 +311,45 @@ def test_resolve_layer_locates_list_items():
     with pytest.raises(SiteError) as err:
         resolve_layer([0, 1, 99], 6, ("probe", "layer"))
     assert err.value.loc == ("probe", "layer", 2)
+
+
+# ---- q, k, v: one head vocabulary with attn.z ------------------------------------------------------
+
+SEPARATE_QKV = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("family", SEPARATE_QKV)
+def test_zeroing_one_value_head_zeroes_exactly_the_query_heads_that_read_it(tiny_subject, family):
+    """attn.v per key-value head: with grouped-query attention, kv head g serves query heads
+    g*group .. (g+1)*group-1; a zero value there gives those heads (and only those) a zero attn.z."""
+    from modelprobe.subject import ZeroAblate
+
+    subject = tiny_subject(family)
+    sm = subject.sitemap
+    group = sm.n_heads // sm.n_kv_heads
+    ids = subject.encode_all(PROMPTS)
+    batch = subject.make_batch(ids, list(range(len(ids))))
+    z = Site("attn.z", 1)
+    [v] = resolve_sites({"component": "attn.v", "layer": 1, "head": 0}, sm)
+    clean = subject.forward(batch, [z]).acts[z]
+    out = subject.forward(batch, [z, Site("attn.v", 1)], [ZeroAblate(v)]).acts
+    got = out[z].view(*out[z].shape[:2], sm.n_heads, sm.d_head)
+    real = batch.attention_mask.bool()
+    assert torch.all(got[real][:, :group] == 0)
+    ref = clean.view_as(got)
+    assert torch.allclose(got[real][:, group:], ref[real][:, group:], atol=ATOL)
+    assert out[Site("attn.v", 1)].shape[-2:] == (sm.n_kv_heads, sm.d_head)
+    assert torch.all(out[Site("attn.v", 1)][real][:, 0] == 0)
+
+
+def test_q_k_v_names_bounds_and_fused_families(tiny_subject):
+    sm = tiny_subject("llama").sitemap  # 4 query heads, 2 key-value heads
+    assert resolve_sites({"component": "attn.q", "layer": 0, "head": 3}, sm)[0].name == "blocks.0.attn.hook_q[heads=3]"
+    with pytest.raises(SiteError, match="head index 2 is out of range"):
+        resolve_sites({"component": "attn.k", "layer": 0, "head": 2}, sm)
+    with pytest.raises(SiteError, match="one fused matrix"):
+        resolve_sites({"component": "attn.q", "layer": 0}, tiny_subject("gpt2").sitemap)
+    with pytest.raises(SiteError, match="attn.pattern .* not available"):
+        resolve_sites({"component": "attn.pattern", "layer": 0}, sm)
+    with pytest.raises(SiteError, match="'head' only applies to components attn.k, attn.q, attn.v, attn.z"):
+        resolve_sites({"component": "resid_pre", "layer": 0, "head": 0}, sm)

@@ -72,7 +72,8 @@ class SiteSpec(Strict):
 
     layer: LayerSpec | None = Field(None, description="int (negative from the end), fraction of depth, list, 'a:b'")
     component: ComponentName = "resid_post"  # type: ignore[valid-type]
-    head: int | list[int] | None = Field(None, description="attention head(s), for attn.z")
+    head: int | list[int] | None = Field(None, description="attention head(s), for attn.q/k/v/z (k and v count "
+                                         "key-value heads)")
     neuron: int | list[int] | None = Field(None, description="MLP neuron(s), for mlp.post")
     position: PositionSpec = "last"
     module: str | None = Field(None, description="escape hatch: a raw module path such as model.layers.9.mlp")

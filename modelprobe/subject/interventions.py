@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import SiteError
+from ..names import HEADED, PER_NEURON
 from .sitemap import HookPoint, SiteMap
 from .sites import Site
 
@@ -120,8 +121,8 @@ def _unit_mask(units: tuple[int, ...] | None, unit_mask: torch.Tensor | None, n_
 def _replace_units(x: torch.Tensor, mask: torch.Tensor, value: torch.Tensor, site: Site,
                    unit_mask: torch.Tensor | None, state: RunState) -> torch.Tensor:
     """Replace the chosen heads/neurons (or the whole vector) of x by value on masked columns."""
-    if site.component in ("attn.z", "mlp.post"):
-        units = site.heads if site.component == "attn.z" else site.neurons
+    if site.component in HEADED or site.component in PER_NEURON:
+        units = site.heads if site.component in HEADED else site.neurons
         um = _unit_mask(units, unit_mask, x.shape[2], state, x.device)  # [rows|1, units]
         full = mask[:, :, None] & um[:, None, :]  # [b, s, units]
         return _where(full, value.expand_as(x) if value.dim() < x.dim() else value, x)
@@ -197,8 +198,8 @@ class WeightDelta:
 # ---- hooks ------------------------------------------------------------------------------
 
 def _view(x: torch.Tensor, site: Site, sitemap: SiteMap) -> torch.Tensor:
-    if site.component == "attn.z":
-        return x.view(*x.shape[:-1], sitemap.n_heads, sitemap.d_head)
+    if site.component in HEADED:
+        return x.view(*x.shape[:-1], sitemap.heads_of(site.component), sitemap.d_head)
     return x
 
 

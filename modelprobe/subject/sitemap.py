@@ -32,6 +32,7 @@ class Family:
     attn_write: str  # module whose output the layer adds to the residual stream for attention
     mlp_write: str  # the same for the MLP
     attn_out_proj: str  # its input is attn.z (heads concatenated)
+    qkv: tuple[str, str, str] | None  # the q, k, v projections (None: one fused matrix)
     mlp_out_proj: str  # its input is mlp.post
     mlp_in: tuple[str, ...]  # matrices that read the MLP input (gate and up for gated MLPs)
     resid_mid_reader: str | None  # a module whose input is resid_mid; None for parallel blocks
@@ -46,12 +47,13 @@ _LLAMA = Family(
     name="llama", layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
     unembed="lm_head", attn="self_attn", attn_write="self_attn", mlp_write="mlp",
     attn_out_proj="self_attn.o_proj", mlp_out_proj="mlp.down_proj", mlp_in=("mlp.gate_proj", "mlp.up_proj"),
-    resid_mid_reader="post_attention_layernorm",
+    resid_mid_reader="post_attention_layernorm", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
 )
 _GEMMA = Family(
     name="gemma", layers="model.layers", embed="model.embed_tokens", final_norm="model.norm",
     unembed="lm_head", attn="self_attn", attn_write="post_attention_layernorm",
     mlp_write="post_feedforward_layernorm", attn_out_proj="self_attn.o_proj", mlp_out_proj="mlp.down_proj",
+    qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     mlp_in=("mlp.gate_proj", "mlp.up_proj"), resid_mid_reader="pre_feedforward_layernorm", post_norm=True,
     notes=("post-norm sublayers: attn_out/mlp_out are read after the post-norm, where they join the "
            "residual stream",),
@@ -63,14 +65,14 @@ _GEMMA3_MM = Family(**{**_GEMMA.__dict__, "layers": "model.language_model.layers
 _GPT2 = Family(
     name="gpt2", layers="transformer.h", embed="transformer.wte", final_norm="transformer.ln_f",
     unembed="lm_head", attn="attn", attn_write="attn", mlp_write="mlp", attn_out_proj="attn.c_proj",
-    mlp_out_proj="mlp.c_proj", mlp_in=("mlp.c_fc",), resid_mid_reader="ln_2", gated=False, conv1d=True,
+    mlp_out_proj="mlp.c_proj", mlp_in=("mlp.c_fc",), resid_mid_reader="ln_2", gated=False, conv1d=True, qkv=None,
     notes=("learned absolute position embeddings: left padding needs explicit position ids",),
 )
 _NEOX = Family(
     name="gpt_neox", layers="gpt_neox.layers", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
     unembed="embed_out", attn="attention", attn_write="attention", mlp_write="mlp",
     attn_out_proj="attention.dense", mlp_out_proj="mlp.dense_4h_to_h", mlp_in=("mlp.dense_h_to_4h",),
-    resid_mid_reader=None, parallel=True, gated=False,
+    resid_mid_reader=None, parallel=True, gated=False, qkv=None,
     notes=("parallel attention and MLP: both read resid_pre, so there is no resid_mid",),
 )
 
@@ -184,6 +186,11 @@ class SiteMap:
                 return HookPoint(self.module(layer, f.mlp_write), "output", f"{prefix}.{f.mlp_write}")
             if component == "attn.z":
                 return HookPoint(self.module(layer, f.attn_out_proj), "input", f"{prefix}.{f.attn_out_proj}")
+            if component in ("attn.q", "attn.k", "attn.v"):
+                return self._qkv(component, layer, prefix)
+            if component == "attn.pattern":
+                raise SiteError("attn.pattern (the attention probabilities) is not a module output in the "
+                                "attention implementations modelprobe hooks (sdpa, flash); it is not available yet")
             if component == "mlp.post":
                 return HookPoint(self.module(layer, f.mlp_out_proj), "input", f"{prefix}.{f.mlp_out_proj}")
         if component == "embed":
@@ -194,6 +201,19 @@ class SiteMap:
             return HookPoint(self.unembed, "output", f.unembed)
         raise SiteError(f"component '{component}' is not available for model type '{self.model_type}' "
                         f"(available: {', '.join(COMPONENTS)})")
+
+    def _qkv(self, component: str, layer: int, prefix: str) -> HookPoint:
+        """q, k or v: the projection's output, per head, before rotary embeddings and any q/k norm."""
+        f = self.family
+        if f.qkv is None:
+            raise SiteError(f"model type '{self.model_type}' computes q, k and v in one fused matrix; name it "
+                            "with the escape hatch {module: <its path>, io: output} instead")
+        rel = f.qkv["qkv".index(component[-1])]
+        return HookPoint(self.module(layer, rel), "output", f"{prefix}.{rel}")
+
+    def heads_of(self, component: str) -> int:
+        """How many heads a headed component has: key/value heads for k and v (grouped-query attention)."""
+        return self.n_kv_heads if component in ("attn.k", "attn.v") else self.n_heads
 
     def raw_hook_point(self, path: str, io: IO) -> HookPoint:
         try:

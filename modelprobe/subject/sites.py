@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import SiteError
-from ..names import COMPONENTS, PER_LAYER, canonical_name
+from ..names import COMPONENTS, HEADED, PER_LAYER, PER_NEURON, canonical_name
 
 if TYPE_CHECKING:  # sites stay importable without torch: kinds name sites in code that runs later
     from .sitemap import HookPoint, SiteMap
@@ -97,11 +97,11 @@ def resolve_sites(spec: dict[str, Any], sitemap: SiteMap, loc: tuple = ()) -> li
         raise SiteError(f"unknown component '{component}' (known: {', '.join(COMPONENTS)})", (*loc, "component"))
     heads = neurons = None
     if spec.get("head") is not None:
-        if component != "attn.z":
-            raise SiteError("'head' only applies to component attn.z", (*loc, "head"))
-        heads = _indices(spec["head"], sitemap.n_heads, "head", (*loc, "head"))
+        if component not in HEADED:
+            raise SiteError(f"'head' only applies to components {', '.join(sorted(HEADED))}", (*loc, "head"))
+        heads = _indices(spec["head"], sitemap.heads_of(component), "head", (*loc, "head"))
     if spec.get("neuron") is not None:
-        if component != "mlp.post":
+        if component not in PER_NEURON:
             raise SiteError("'neuron' only applies to component mlp.post", (*loc, "neuron"))
         neurons = _indices(spec["neuron"], sitemap.d_mlp, "neuron", (*loc, "neuron"))
     if component not in PER_LAYER:
