@@ -1,0 +1,71 @@
+"""The kind toolkit's small parts: metrics, controls and their one convention, splits, the untestable rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelprobe.toolkit import controls, metrics
+from modelprobe.toolkit.behaviour import rate_summary, untestable_reason
+from modelprobe.toolkit.prompts import split_indices
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.0, 3.0], [0.0, 5.0, 5.0, -1.0]])
+ANSWERS = torch.tensor([0, 2])
+
+
+def test_metrics_at_the_last_position():
+    assert metrics.logit_diff(LOGITS, ANSWERS, torch.tensor([1, 1])).tolist() == [1.0, 0.0]
+    assert metrics.rank(LOGITS, ANSWERS).tolist() == [1, 0]  # a tie does not count against the answer
+    assert metrics.accuracy(LOGITS, ANSWERS).tolist() == [0.0, 0.0]  # argmax of a tie is the first
+    p = metrics.prob(LOGITS, ANSWERS)
+    assert torch.allclose(p, LOGITS.softmax(-1)[[0, 1], [0, 2]])
+    assert torch.allclose(metrics.logprob(LOGITS, ANSWERS), p.log())
+    assert metrics.kl(LOGITS, LOGITS).tolist() == [0.0, 0.0]
+    assert (metrics.kl(LOGITS, LOGITS.flip(-1)) > 0).all()
+    with pytest.raises(ValueError, match="needs the wrong tokens"):
+        metrics.metric_values(LOGITS, "logit_diff", ANSWERS)
+    with pytest.raises(ValueError, match="unknown metric"):
+        metrics.metric_values(LOGITS, "vibes", ANSWERS)
+
+
+def test_one_control_convention():
+    assert controls.beats_control(controls.ALPHA) and not controls.beats_control(controls.ALPHA + 1e-9)
+    assert controls.alternative_for("at_least") == "greater" and controls.alternative_for("at_most") == "less"
+    null = np.linspace(0, 1, 99)
+    assert controls.empirical_control(2.0, null, "at_least") < 0.05 < controls.empirical_control(0.5, null, "at_least")
+    mine, theirs = np.ones(30), np.zeros(30)
+    assert controls.paired_control(mine, theirs, "at_least", seed=0) <= controls.ALPHA
+    assert controls.paired_control(mine, theirs, "at_most", seed=0) > controls.ALPHA
+
+
+def test_random_vectors_sources_and_labels_are_seeded_and_well_formed():
+    d = controls.random_unit_directions(5, 16, seed=3)
+    assert torch.allclose(d.norm(dim=-1), torch.ones(5)) and torch.equal(d, controls.random_unit_directions(5, 16, 3))
+    like = torch.full((16,), 2.0)
+    assert torch.allclose(controls.same_norm_vectors(4, like, 0).norm(dim=-1), torch.full((4,), like.norm()))
+    src = controls.random_source(50, seed=1)
+    assert (src != np.arange(50)).all() and src.min() >= 0 and src.max() < 50
+    with pytest.raises(ValueError, match="at least two"):
+        controls.random_source(1, 0)
+    labels = list("aabbbc")
+    shuffled = controls.shuffled_labels(labels, seed=2)
+    assert sorted(shuffled) == sorted(labels) and shuffled == controls.shuffled_labels(labels, seed=2)
+
+
+def test_split_is_one_seeded_permutation_so_twins_stay_paired():
+    a = split_indices(20, {"train": 8, "validation": 4, "test": 8}, seed=5)
+    b = split_indices(20, {"train": 8, "validation": 4, "test": 8}, seed=5)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert sorted(np.concatenate(list(a.values())).tolist()) == list(range(20))
+    with pytest.raises(ValueError, match="asks for 21 rows of 20"):
+        split_indices(20, {"train": 21}, seed=0)
+
+
+def test_untestable_rule():
+    assert untestable_reason("rate_drop", np.array([0] * 19 + [1]), 0.1, "x").startswith("untestable: the base rate "
+                                                                                        "on x is 0.05 (1/20)")
+    assert untestable_reason("rate_drop", np.array([0, 1] * 10), 0.1, "x") is None
+    assert "nothing to induce" in untestable_reason("rate_rise", np.ones(20, dtype=bool), 0.1, "x")
+    assert untestable_reason("rate", np.ones(20, dtype=bool), 0.1, "x") is None
+    assert rate_summary(np.array([True, False, True, True])) | {"ci": None} == {"rate": 0.75, "ci": None, "k": 3, "n": 4}
