@@ -141,8 +141,9 @@ def main() -> None:
 
     from tabulate import tabulate
 
-    from modelprobe.kinds.direction import ablation, diff_in_means, post_instruction_positions
+    from modelprobe.kinds.direction import diff_in_means, post_instruction_positions
     from modelprobe.subject import load_subject
+    from modelprobe.toolkit.steering import ablate_direction_everywhere as ablation
 
     t0 = time.perf_counter()
     subject = load_subject(args.model, progress=False, batch_size=args.batch_size)
