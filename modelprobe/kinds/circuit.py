@@ -246,6 +246,9 @@ class Circuit(ProbeKind[CircuitSpec]):
             "control_prompts": int(len(control_rows)), "seed": spec.seed,
             "forward_rows": runner.rows_run, "layer_rows_computed": runner.layers_run,
         }
+        if any(c.component == "attn_out" for c in spec.circuit):
+            settings["attn_out"] = ("every head of attn.z at that layer: the attention output before its output "
+                                    "projection (a bias of the projection, if the model has one, is not ablated)")
         claims = []
         for name, claim in spec.claims.items():
             if claim.test == "minimality":
