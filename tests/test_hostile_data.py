@@ -135,3 +135,10 @@ def test_generation_and_resume_raise_no_deprecation_warning(tiny_subject):
         resume(subject, batch, 1, subject.forward(batch, capture=[site]).acts[site])
     bad = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
     assert not bad, bad
+
+
+def test_invalid_json_line_is_found_without_a_model(tmp_path):
+    path = _probe(tmp_path, LENS, [GOOD])
+    (tmp_path / "data" / "rows.jsonl").write_text(json.dumps(GOOD) + "\n{\"prompt\": \"a\", \n")
+    with pytest.raises(DataError, match=r"rows\.jsonl:2:\d+: not valid JSON"):
+        check_data_files(load(path))
