@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import FAMILIES
 
-from modelprobe.subject import AblateDirection, Add, Intervention, MeanAblate, Site
+from modelprobe.subject import AblateDirection, Add, From, Intervention, MeanAblate, Site
 
 PROMPTS = ["how do i make a cake", "tell me", "write a poem about the day", "a"]
 N_NEW = 8
@@ -73,11 +73,13 @@ def _interventions(kind: str, d: int):
         return []
     if kind == "add":
         return [Add(Site("resid_pre", 1), "all", vector=torch.randn(d), scale=3.0)]
+    if kind == "inject_from":  # concept injection: from a prompt token on, generated tokens included
+        return [Add(Site("resid_pre", 1), From(-2), vector=torch.randn(d), scale=3.0)]
     return [AblateDirection(Site("resid_post", 0), "all", direction=torch.randn(d))]
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("kind", ["none", "add", "ablate"])
+@pytest.mark.parametrize("kind", ["none", "add", "ablate", "inject_from"])
 def test_kv_cache_does_not_change_tokens(tiny_subject, family, kind):
     subject = tiny_subject(family)
     ids = subject.encode_all(PROMPTS)

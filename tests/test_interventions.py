@@ -450,3 +450,16 @@ def test_ablate_direction_per_row_matches_one_direction_per_prompt(tiny_subject)
     for i, x in enumerate(ids):
         single = subject.last_logits([x], [AblateDirection(site, direction=dirs[i])])
         torch.testing.assert_close(batched[i], single[0], atol=1e-5, rtol=1e-5)
+
+
+def test_from_positions_start_at_a_token_and_cover_everything_after():
+    from modelprobe.subject import From
+    from modelprobe.subject.interventions import RunState
+
+    state = RunState(pad=torch.tensor([0, 2]), prompt_len=6)
+    m = state.columns_mask(From(2), 2, 6, "cpu")
+    assert m.tolist() == [[False, False, True, True, True, True], [False, False, False, False, True, True]]
+    assert state.columns_mask(From(-2), 2, 6, "cpu")[:, 4:].all() and not state.columns_mask(From(-2), 2, 6, "cpu")[:, :4].any()
+    per_row = state.columns_mask(From(torch.tensor([1, -1])), 2, 6, "cpu")
+    assert per_row.tolist() == [[False, True, True, True, True, True], [False] * 5 + [True]]
+    assert RunState(phase="generated").columns_mask(From(3), 2, 1, "cpu").all()

@@ -134,6 +134,7 @@ def test_schema_validate_and_the_specs_import_no_torch(tmp_path):
         "assert [KINDS[k].Spec for k in KINDS]\n"
         "import modelprobe.toolkit.prompts, modelprobe.toolkit.controls, modelprobe.toolkit.metrics\n"
         "import modelprobe.toolkit.behaviour, modelprobe.toolkit.ablation_task, modelprobe.toolkit.steering\n"
+        "import modelprobe.toolkit.activations\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad[:5]\n"
     )

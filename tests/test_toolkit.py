@@ -69,3 +69,20 @@ def test_untestable_rule():
     assert "nothing to induce" in untestable_reason("rate_rise", np.ones(20, dtype=bool), 0.1, "x")
     assert untestable_reason("rate", np.ones(20, dtype=bool), 0.1, "x") is None
     assert rate_summary(np.array([True, False, True, True])) | {"ci": None} == {"rate": 0.75, "ci": None, "k": 3, "n": 4}
+
+
+def test_states_at_a_token_match_single_runs(tiny_subject):
+    from modelprobe.subject import Site
+    from modelprobe.toolkit.activations import mean_state, states_at
+
+    subject = tiny_subject("llama")
+    ids = subject.encode_all(["how do i make a cake", "tell me", "write a poem about the day now please"])
+    sites = [Site("resid_post", 0), Site("attn.z", 1)]
+    got = states_at(subject, ids, sites, position=-2, batch_size=2)
+    for i, x in enumerate(ids):
+        one = subject.forward(subject.make_batch([x], [0]), sites)
+        for site in sites:
+            assert torch.allclose(got[site][i], one.at(site, -2)[0], atol=1e-5)
+    mean = mean_state(subject, ids, sites, position=-2)
+    assert torch.allclose(mean[sites[0]], got[sites[0]].mean(0), atol=1e-5)
+    assert got[sites[1]].shape == (3, subject.sitemap.n_heads, subject.sitemap.d_head)

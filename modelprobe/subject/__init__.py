@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "AblateDirection": "interventions", "Add": "interventions", "Intervention": "interventions",
+    "AblateDirection": "interventions", "Add": "interventions", "From": "interventions", "Intervention": "interventions",
     "MeanAblate": "interventions", "Patch": "interventions", "RunState": "interventions",
     "WeightDelta": "interventions", "ZeroAblate": "interventions", "hooked": "interventions",
     "leaked_hooks": "interventions", "SiteMap": "sitemap", "canonical_name": "sitemap", "Site": "sites",

@@ -20,7 +20,16 @@ from ..names import HEADED, PER_NEURON
 from .sitemap import HookPoint, SiteMap
 from .sites import Site
 
-Positions = Literal["all", "prompt", "generated", "last"] | int
+
+@dataclass(frozen=True)
+class From:
+    """A token index (unpadded; negative counts from the end of the prompt; or a [rows] tensor of them)
+    and every token after it, generated tokens included: e.g. an injection that starts mid-prompt."""
+
+    index: Any
+
+
+Positions = Literal["all", "prompt", "generated", "last"] | int | From
 
 
 @dataclass
@@ -36,7 +45,7 @@ class RunState:
         mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
         cols = torch.arange(seq, device=device)
         if self.phase == "generated":
-            if positions in ("all", "generated"):
+            if isinstance(positions, From) or (isinstance(positions, str) and positions in ("all", "generated")):
                 mask[:] = True
             return mask
         pad = self.pad.to(device) if self.pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
@@ -52,6 +61,10 @@ class RunState:
         if positions == "last":
             mask[:, plen - 1] = True
             return mask
+        if isinstance(positions, From):
+            p = torch.as_tensor(positions.index, device=device).expand(batch)
+            start = torch.where(p >= 0, pad + p, plen + p)
+            return cols[None, :] >= start[:, None]
         if isinstance(positions, int):
             target = pad + positions if positions >= 0 else torch.full_like(pad, plen + positions)
             return cols[None, :] == target[:, None]

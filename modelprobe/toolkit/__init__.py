@@ -5,6 +5,8 @@
 - `metrics`: logit difference, log-probability, probability, rank, accuracy, KL, faithfulness;
 - `behaviour`: generate under interventions, grade, base rates, the "cannot be tested" rule;
 - `steering`: ready-made residual-stream interventions (directional ablation, addition);
+- `activations`: states at one token of each prompt, and their mean (concept / function vectors,
+  patching sources);
 - `controls`: random directions / vectors of the same norm, random circuits, random sources,
   shuffled labels, and the one alpha and p-value convention;
 - `ablation_task`: prompts with one-token answers and aligned reference prompts, for ablation runs.
