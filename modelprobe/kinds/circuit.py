@@ -276,7 +276,7 @@ class Circuit(ProbeKind[CircuitSpec]):
 
     def _component_bars(self, common: dict[str, Any]) -> Bars:
         comps = common["per_component"]
-        return Bars(title=f"{self.spec.metric}: full model vs each component ablated alone",
+        return Bars(title=f"{self.spec.metric} with one component ablated",
                     value_label=f"mean {self.spec.metric}", labels=[c["component"] for c in comps],
                     before=[common["m_full"]] * len(comps), after=[c["metric_when_ablated_alone"] for c in comps],
                     before_label="full model", after_label="ablated alone")
@@ -303,11 +303,12 @@ class Circuit(ProbeKind[CircuitSpec]):
         elif null is not None and not np.all(np.isfinite(null)):
             details["control_note"] = "m(M) = m(∅) on the control prompts: random-circuit faithfulness is undefined"
         elif null is not None and not untestable:
-            self._random_circuit_control(m, test, mc, me, mm, null, control_rows, matched)
+            self._random_circuit_control(m, claim, mc, me, mm, null, control_rows, matched)
         return judge(name, claim, m)
 
-    def _random_circuit_control(self, m: Measured, test: str, mc: np.ndarray, me: np.ndarray, mm: np.ndarray,
-                                null: np.ndarray, control_rows: np.ndarray, matched: bool) -> None:
+    def _random_circuit_control(self, m: Measured, claim: CircuitClaim, mc: np.ndarray, me: np.ndarray,
+                                mm: np.ndarray, null: np.ndarray, control_rows: np.ndarray, matched: bool) -> None:
+        test = claim.test
         observed = float(faithfulness(mc[control_rows], me[control_rows], mm[control_rows]))
         alternative = "greater" if test == "sufficiency" else "less"
         p = empirical_pvalue(observed, null, alternative)
@@ -325,7 +326,8 @@ class Circuit(ProbeKind[CircuitSpec]):
         m.beats_control = beats_control(p)
         m.plots.append(NullHistogram(title=f"{test}: {name}", x_label="faithfulness",
                                      values=[float(x) for x in null], effect=observed,
-                                     effect_label=f"circuit on the {len(control_rows)} control prompts"))
+                                     effect_label=f"circuit on the {len(control_rows)} control prompts",
+                                     threshold=claim.expect.threshold.value))
 
     def _minimality(self, name: str, claim: CircuitClaim, got: dict, mm: np.ndarray, common: dict) -> ClaimResult:
         me, mc = got["empty"], got["circuit_only"]
