@@ -71,8 +71,10 @@ class ProbeKind(ABC, Generic[SpecT]):
         return []
 
     @classmethod
-    def check_data(cls, probe: LoadedProbe) -> None:
-        """Read and check the data files without a model (fields and their types); located errors."""
+    def check_data(cls, probe: LoadedProbe) -> Any:
+        """Read and check the data rows without a model (fields and their types), raising located errors;
+        runs at collection. Kinds return the rows, so that `setup()` can reuse them."""
+        return None
 
     def claim_names(self) -> list[str]:
         return list(self.spec.claims)  # type: ignore[attr-defined]
