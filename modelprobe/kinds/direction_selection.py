@@ -152,8 +152,12 @@ def _screen(kind: Any, diffs: torch.Tensor, todo: list[Candidate], base_induce: 
             best[c.layer] = c
     measured = sorted(best.values(), key=lambda c: -c.induce_estimate)[:k]
     for c in todo:
-        if c not in measured:
-            c.note = f"not measured: induce estimate below the {k} layers measured"
+        if c in measured:
+            continue
+        if best[c.layer] in measured:
+            c.note = f"not measured: layer {c.layer} is measured at position {best[c.layer].position}"
+        else:
+            c.note = f"not measured: layer {c.layer} is not among the {k} best by induce estimate"
     return measured
 
 
@@ -324,6 +328,8 @@ def select(kind: Any, diffs: torch.Tensor) -> Selection:
     for c in cands:
         if c.note == "zero direction" and "base_bypass" in info:  # ablating or adding nothing: the base
             c.bypass, c.induce, c.kl = info["base_bypass"], info["base_induce"], 0.0
+            if any(x.induce_estimate is not None for x in todo):
+                c.induce_estimate = info["base_induce"]
     info.update(n_candidates=len(cands), n_measured=len(measured))
     sel = _choose(kind, cands, measured, info)
     _curves(kind, sel, norms, sep)
