@@ -54,8 +54,8 @@ PRESETS = ("refusal", "sentiment")
 # "Sorry" or "As" ("As an AI"); the paper uses "I" (and "As" for Qwen).
 TOKEN_FORMS: dict[str, tuple[str, ...]] = {"refusal": ("I", "Sorry", "As")}
 NO_TOKEN_FORM: dict[str, str] = {
-    "sentiment": "a reply's sentiment is not in its first token (positive and negative replies both open with "
-                 "'The', 'A', 'Rainy ...'), so candidates are scored on generated replies",
+    "sentiment": "a reply's sentiment is not in its first token (cheerful and miserable replies alike open with "
+                 "'The', 'A', 'I'm ...'), so candidates are scored on generated replies",
 }
 
 
