@@ -107,7 +107,7 @@ class DirectionClaim(Strict):
     intervention: Literal["ablate", "add", "weight_orthogonalize"] = Field(
         description="ablate: project the unit direction out of every block input, attention output and MLP "
                     "output, all positions, generated tokens included; add: add the raw difference of means "
-                    "at the chosen layer, all positions; weight_orthogonalize: edit the residual-writing "
+                    "at the chosen layer (see direction.add_layer), all positions; weight_orthogonalize: edit the residual-writing "
                     "weights so the direction cannot be written")
     on: Literal["positive", "negative"]
     scale: float = Field(1.0, description="add only: multiple of the direction added (-1 subtracts it)")

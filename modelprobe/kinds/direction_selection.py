@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -142,7 +143,7 @@ def _screen(kind: Any, diffs: torch.Tensor, todo: list[Candidate], base_induce: 
     subject, k = kind.subject, kind.spec.direction.candidates
     layers = sorted({c.layer for c in todo})
     grads, _ = addition_gradients(subject, kind.ids["validation"]["negative"], layers,
-                                  lambda lg: log_odds(lg, kind.select_ids), kind.spec.batch_size)
+                                  partial(log_odds, token_ids=kind.select_ids), kind.spec.batch_size)
     row = {layer: i for i, layer in enumerate(layers)}
     best: dict[int, Candidate] = {}
     for c in todo:
@@ -167,7 +168,7 @@ def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val_log
     subject, d, bs = kind.subject, kind.spec.direction, kind.spec.batch_size
     val = kind.ids["validation"]
     n_vp = len(val["positive"])
-    score = lambda lg: log_odds(lg, kind.select_ids)  # noqa: E731
+    score = partial(log_odds, token_ids=kind.select_ids)
     base_neg_logits = val_logits[n_vp:]
     base_bypass, base_induce = float(score(val_logits[:n_vp]).mean()), float(score(base_neg_logits).mean())
     measured = _screen(kind, diffs, todo, base_induce) if len(todo) > d.candidates else todo
