@@ -221,3 +221,16 @@ def test_addition_gradients_match_finite_differences(planted):
         fd = float((up - down).mean()) / (2 * eps)  # central difference: no second-order term
         assert abs(fd - float(grads[i] @ v.double())) <= 0.05 * abs(fd) + 1e-3, (layer, fd, float(grads[i] @ v.double()))
     assert not planted.leaked_hooks()
+
+
+def test_generation_scored_selection_has_no_quiet_fallback_either(upper, tmp_path):
+    """The substrings grader has no token form: candidates are scored on generated replies, and nothing
+    passing still makes the claims inconclusive."""
+    out = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml", **{"layer: auto": "layer: '0:4'"})
+    assert all(c.verdict == "inconclusive" and c.reason.startswith(NO_CANDIDATE) for c in out.claims), \
+        [c.reason for c in out.claims]
+    sel = out.settings["selection"]
+    assert "Not a logit score" in sel["score"] and sel["removed"]["induce"] == 6
+    auto = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml")
+    assert [c.verdict for c in auto.claims] == ["pass"] * 3, [c.reason for c in auto.claims]
+    assert auto.settings["layer"] in (4, 5)

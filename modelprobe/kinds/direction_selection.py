@@ -15,6 +15,10 @@ direction.select_tokens):
   when there are no more than `candidates`) are measured exactly: one ablated forward over validation
   positives and negatives (bypass and KL), and the addition resumed from the cached residual stream at
   its layer (induce). Filters and the choice are the paper's, on the exact numbers.
+Why not measure every candidate exactly: each costs a full ablated forward over the validation set, so
+on SmolLM2-135M (24 layers x 6 positions) that is ~11x the old 8-point generation grid; the screen plus
+8 exact candidates costs 0.79x of it (benchmarks/bench_direction.py W3). The estimate only decides which
+candidates are measured; every number a filter or the choice reads is exact.
 A grader without a token form (sentiment, custom substrings...) scores on short generated replies, on a
 grid of `candidates` layers, each at its best-separating position: generation per candidate is costly.
 
