@@ -262,19 +262,32 @@ def _removed(kind: Any, cands: list[Candidate], measured: list[Candidate]) -> di
     return out
 
 
+def _why(removed: dict[str, int], n_measured: int) -> str:
+    """The filter counts in words: '36 past the layer cap, 6 zero; of 8 measured, KL above max_kl: 8, ...'."""
+    unmeasured = [f"{removed[key]} {label}" for key, label in (
+        ("layer", "past the layer cap"), ("zero_direction", "zero"), ("not_measured", "not measured (screened out)"))
+        if removed[key]]
+    failed = [f"{label}: {removed[key]}" for key, label in (
+        ("kl", "KL above max_kl"), ("induce", "does not induce"), ("not_finite", "not finite")) if removed[key]]
+    parts = [", ".join(unmeasured)] if unmeasured else []
+    if failed:
+        parts.append(f"of {n_measured} measured, " + ", ".join(failed))
+    return "; ".join(parts) or "none measured"
+
+
 def _choose(kind: Any, cands: list[Candidate], measured: list[Candidate], info: dict[str, Any]) -> Selection:
     d = kind.spec.direction
     kept = [c for c in cands if c.kept]
     removed = info["removed"] = _removed(kind, cands, measured)
     chosen = min(kept, key=_order) if kept else None
     if chosen is None:
-        why = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in removed.items() if v and k != "passed")
+        why = _why(removed, len(measured))
         if not kind.auto and len(kind.layers) == 1 and measured:
             chosen = min(measured, key=_order)
             info["note"] = (f"no candidate passed the filters ({why}); the probe fixes the layer, so the claims "
                             f"judge the lowest-bypass candidate at it")
         else:
-            info["failed"] = f"{NO_CANDIDATE} ({len(cands)} candidates; removed by {why or 'nothing'})"
+            info["failed"] = f"{NO_CANDIDATE} ({len(cands)} candidates: {why})"
     add = chosen
     if d.add_layer == "best_induce" and kept:
         add = max(kept, key=lambda c: (c.induce, -c.bypass))
