@@ -13,7 +13,7 @@ import torch
 from modelprobe.errors import SpecError
 from modelprobe.kinds import instantiate, load
 from modelprobe.kinds.direction import diff_in_means
-from modelprobe.kinds.direction_selection import NO_CANDIDATE, Candidate, _choose, token_ids_for
+from modelprobe.kinds.direction_selection import NO_CANDIDATE, Candidate, _choose, _filter, token_ids_for
 from modelprobe.kinds.graders import TOKEN_FORMS, build_grader, log_odds
 from modelprobe.subject import Add, Site, load_subject
 from modelprobe.subject.gradients import addition_gradients
@@ -176,6 +176,16 @@ def test_nothing_passing_is_a_failure_with_counts_not_a_quiet_choice():
     assert fixed.chosen is cands[2] and "fixes the layer" in fixed.info["note"]
 
 
+def test_filters_are_the_papers():
+    ok = _cand(1, -2.0, 0.3, kl=0.1, kept=False)
+    _filter(ok, max_kl=0.1, induce_floor=0.0)
+    assert ok.kept and ok.note == ""  # KL equal to the limit passes, as in the paper (KL > 0.1 drops)
+    for c, note in ((_cand(1, -2.0, 0.0), "does not induce"), (_cand(1, -2.0, 1.0, kl=0.11), "KL 0.11 > 0.1"),
+                    (_cand(1, float("nan"), 1.0), "not finite")):
+        _filter(c, max_kl=0.1, induce_floor=0.0)
+        assert not c.kept and c.note == note
+
+
 # ---- scores and the gradient screen --------------------------------------------------------------------
 
 def test_grader_token_forms():
@@ -220,6 +230,13 @@ def test_addition_gradients_match_finite_differences(planted):
                              sorry) for e in (eps, -eps))
         fd = float((up - down).mean()) / (2 * eps)  # central difference: no second-order term
         assert abs(fd - float(grads[i] @ v.double())) <= 0.05 * abs(fd) + 1e-3, (layer, fd, float(grads[i] @ v.double()))
+    assert not planted.leaked_hooks()
+
+    def broken(lg):
+        raise RuntimeError("score failed")
+
+    with pytest.raises(RuntimeError, match="score failed"):
+        addition_gradients(planted, harmless, [1], broken)
     assert not planted.leaked_hooks()
 
 
