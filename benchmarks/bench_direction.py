@@ -7,9 +7,15 @@ W1  difference of means at every layer (resid_pre, the post-instruction position
 W2  greedy generation of 32 new tokens for 32 prompts with the direction projected out of every
     block input, attention output and MLP output: `Subject.generate` with AblateDirection vs
     `model.generate` with hand-written hooks.
+W3  choosing the direction (step 3) with the shipped refusal probe's settings: logit scores over every
+    layer x post-instruction position (gradient screen, then exact bypass / induce / KL for the
+    `candidates` best layers) vs the old 8-point grid scored on 12-token generations (the generation
+    path, still used by graders without a token form). Same process, same difference of means, run
+    alternately; both include the validation pass.
 
-The ratio is modelprobe / transformers (1.0 = no overhead). Usage:
+The ratio is modelprobe / transformers (W3: logit selection / generation grid; 1.0 = same cost). Usage:
     python benchmarks/bench_direction.py [--model smollm2-135m-instruct] [--prompts 64] [--threads 1] [--repeat 2]
+                                         [--workloads W1,W2,W3]
 """
 
 from __future__ import annotations
@@ -136,10 +142,10 @@ def main() -> None:
     # processes for two cores slow down by up to 10x at random, which swamps the ratio.
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=2, help="best of this many alternating runs per side")
+    ap.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W3")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tabulate import tabulate
 
     from modelprobe.kinds.direction import diff_in_means, post_instruction_positions
     from modelprobe.subject import load_subject
@@ -159,6 +165,12 @@ def main() -> None:
         model(input_ids=torch.tensor([pos_ids[0]]), use_cache=False)
 
     rows = []
+    todo = set(args.workloads.split(","))
+    if "W3" in todo:
+        rows.append(selection_cost(subject, args.repeat))
+    if not todo & {"W1", "W2"}:
+        report(args, sm, load_s, rows)
+        return
     t_mp, t_hf, ours, theirs = race(
         lambda: diff_in_means(subject, pos_ids, neg_ids, positions, args.batch_size),
         lambda: plain_diff_in_means(model, layers, pos_ids, neg_ids, positions, args.batch_size, pad), args.repeat)
@@ -177,10 +189,48 @@ def main() -> None:
     rows.append([f"W2 ablated generation, {len(gen_ids)} prompts x {args.new_tokens} tokens", t_mp, t_hf,
                  t_mp / t_hf, f"{same}/{len(gen_ids)} identical replies"])
 
+    report(args, sm, load_s, rows)
+
+
+def report(args, sm, load_s: float, rows: list) -> None:
+    from tabulate import tabulate
     print(f"model {args.model} ({sm.n_layers} layers, d_model {sm.d_model}), {args.threads} threads, "
           f"batch {args.batch_size}, best of {args.repeat}, load {load_s:.1f}s")
-    print(tabulate(rows, headers=["workload", "modelprobe s", "transformers s", "ratio", "check"],
-                   floatfmt=".2f"))
+    print(tabulate(rows, headers=["workload", "modelprobe s", "baseline s", "ratio", "check"], floatfmt=".2f"))
+
+
+def selection_cost(subject, repeat: int) -> list:
+    """W3: the shipped refusal probe's selection, logit-scored vs the 8-point generation grid."""
+    from modelprobe.kinds import instantiate, load
+    from modelprobe.kinds.direction_selection import select
+
+    kind = instantiate(load(ROOT / "probes" / "refusal_direction.probe.yaml"), subject)
+    kind._memo = {}
+    start = time.perf_counter()
+    diffs = kind._means()
+    means_s = time.perf_counter() - start
+    token_ids = kind.select_ids
+
+    def run(ids):
+        kind.select_ids = ids
+        return select(kind, diffs)
+
+    t_new, t_old, new, old = race(lambda: run(token_ids), lambda: run([]), repeat)
+    kind.select_ids = token_ids
+
+    def said(sel) -> str:
+        c = sel.chosen
+        where = f"L{c.layer} p{c.position}" if c else "none passed"
+        return f"{where}, {sel.info['n_measured']}/{sel.info['n_candidates']} measured"
+
+    print("W3 logit selection:", {k: new.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
+    for c in sorted((c for c in new.candidates if c.bypass is not None), key=lambda c: c.layer):
+        print("   ", c.row())
+    print("W3 generation grid:", {k: old.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
+    for c in sorted((c for c in old.candidates if c.bypass is not None), key=lambda c: c.layer):
+        print("   ", c.row())
+    return [f"W3 selection, {len(kind.layers)} layers x {len(kind.positions)} positions (means {means_s:.0f}s, "
+            f"shared)", t_new, t_old, t_new / t_old, f"logit: {said(new)}; grid: {said(old)}"]
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
 2. Candidates r[p, l] = mean(positive) - mean(negative) of resid_pre (the input of block l) at each
    candidate position p, over train: one streaming pass whose forwards capture every layer at once,
    with float64 running sums, so memory does not grow with the number of prompts. Not normalised.
-3. Unless the probe fixes one, a candidate is chosen on validation: bypass = the behaviour on
-   positives with r̂ projected out everywhere, induce = the behaviour on negatives with r added at
+3. Unless the probe fixes one, a candidate is chosen on validation: bypass = the behaviour score on
+   positives with r̂ projected out everywhere, induce = the score on negatives with r added at
    layer l, KL = next-token KL(base ‖ ablated) on negatives. Candidates at l >= 0.8 L (auto only),
    with KL above the limit, that do not induce, or with a zero direction are dropped; the lowest
-   bypass wins. See `_select` for how the candidate list is kept small on slow machines.
+   bypass wins. When none passes, the claims are inconclusive unless the probe fixes the layer.
+   See direction_selection.py (logit scores for graders with a token form, every layer x position).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
 """
@@ -19,9 +20,7 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -45,8 +44,10 @@ from .graders import Grader, GraderSpec, build_grader
 
 if TYPE_CHECKING:
     from ..subject.interventions import Intervention
+    from .direction_selection import Selection
 
 orthogonalize: Any = LazyModule("modelprobe.subject.orthogonalize")  # torch: loaded when first used
+selection: Any = LazyModule("modelprobe.kinds.direction_selection")  # torch too
 
 SETS = ("positive", "negative")
 EXAMPLES = 3  # replies shown per claim in the report
@@ -76,7 +77,18 @@ class DirectionSearch(Strict):
     position: Literal["post_instruction", "last"] | int = Field(
         "post_instruction", description="post_instruction: the template tokens after the instruction are "
                                         "the candidates; last; or a token index (negative from the end)")
-    candidates: int = Field(8, ge=1, description="most (layer, position) candidates scored on validation")
+    candidates: int = Field(8, ge=1, description="most (layer, position) candidates measured exactly on "
+                                                 "validation; beyond it, every candidate gets a first-order "
+                                                 "induce estimate (logit scores) and the best layers are "
+                                                 "measured, or (generation scores) a grid of layers is")
+    select_tokens: list[str] | None = Field(
+        None, min_length=1, description="first reply tokens whose log-odds score candidates (default: the "
+                                        "grader's token form: refusal -> I, Sorry, As; a tokens grader's "
+                                        "tokens; none for other graders, which score on generated replies)")
+    add_layer: Literal["selected", "best_induce"] = Field(
+        "selected", description="selected: add claims add the chosen direction at its layer (the paper); "
+                                "best_induce: at the candidate that best induces among those that passed "
+                                "the filters (said in the report)")
     max_kl: float = Field(0.1, gt=0, description="drop candidates whose ablation moves harmless next-token "
                                                  "distributions by more than this KL")
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="layer: auto drops l >= int(this * L)")
@@ -102,7 +114,7 @@ class DirectionClaim(ClaimSpec):
     intervention: Literal["ablate", "add", "weight_orthogonalize"] = Field(
         description="ablate: project the unit direction out of every block input, attention output and MLP "
                     "output, all positions, generated tokens included; add: add the raw difference of means "
-                    "at the chosen layer, all positions; weight_orthogonalize: edit the residual-writing "
+                    "at the chosen layer (see direction.add_layer), all positions; weight_orthogonalize: edit the residual-writing "
                     "weights so the direction cannot be written")
     on: Literal["positive", "negative"]
     scale: float = Field(1.0, description="add only: multiple of the direction added (-1 subtracts it)")
@@ -161,22 +173,6 @@ def post_instruction_positions(subject: Any, system: str | None = None) -> list[
 
 
 ablation = ablate_direction_everywhere  # the name the benchmark and older callers use
-
-
-@dataclass
-class Candidate:
-    layer: int
-    position: int
-    norm: float
-    separation: float | None = None
-    bypass: float | None = None
-    induce: float | None = None
-    kl: float | None = None
-    kept: bool = False
-    note: str = ""
-
-    def row(self) -> dict[str, Any]:
-        return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 # ---- the kind -----------------------------------------------------------------------------------
@@ -273,6 +269,22 @@ class Direction(ProbeKind[DirectionSpec]):
                     raise SiteError(e.message, ("claims", name, "intervention")) from None
             if claim.scale != 1.0 and claim.intervention != "add":
                 raise probe.error("scale applies to intervention: add only", ("claims", name, "scale"))
+        self.select_ids = self._select_ids()
+
+    def _select_ids(self) -> list[int]:
+        """Token ids whose log-odds score candidates; [] when candidates are scored on generated replies."""
+        given = self.spec.direction.select_tokens
+        if given is None:
+            if self.grader.kind == "tokens":
+                return list(self.grader.token_ids)
+            return selection.token_ids_for(self.subject, self.grader.token_form or ())
+        ids = selection.token_ids_for(self.subject, given)
+        for i, text in enumerate(given):
+            if not selection.token_ids_for(self.subject, [text]):
+                raise self.probe.error(f"select token {text!r} is several tokens for model '{self.subject.info.id}'"
+                                       " (with and without a leading space); give single tokens",
+                                       ("direction", "select_tokens", i))
+        return ids
 
     # ---- behaviour under an intervention ----------------------------------------------------------
     def _behave(self, ids: Sequence[Sequence[int]], interventions: Any = (), new_tokens: int | None = None,
@@ -306,140 +318,6 @@ class Direction(ProbeKind[DirectionSpec]):
             self.subject.cache[key] = diff_in_means(self.subject, tr["positive"], tr["negative"], self.positions,
                                                     self.spec.batch_size)
         return self.subject.cache[key]
-
-    def _validation_pass(self, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Held-out separation of each candidate ([P, L], Cohen's d of the projections on validation)
-        and the base next-token logits of the validation prompts (positives first), from one pass."""
-        subject = self.subject
-        val = self.ids["validation"]
-        ids = val["positive"] + val["negative"]
-        n_pos = len(val["positive"])
-        units = diffs / diffs.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [P, L, d]
-        sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)]
-        s1 = torch.zeros(2, *units.shape[:2], dtype=torch.float64)
-        s2 = torch.zeros_like(s1)
-        logits = torch.empty(len(ids), 0)
-        for fw in subject.run(ids, capture=sites, logits="last", batch_size=self.spec.batch_size,
-                              desc="direction: validation"):
-            rows = torch.tensor(fw.batch.rows)
-            neg = rows >= n_pos
-            if logits.shape[1] == 0:
-                logits = torch.empty(len(ids), fw.logits.shape[-1])
-            logits[rows] = fw.logits.cpu()
-            for li, site in enumerate(sites):
-                for pi, p in enumerate(self.positions):
-                    proj = fw.at(site, p).double().cpu() @ units[pi, li]  # [b]
-                    for g, m in ((0, ~neg), (1, neg)):
-                        s1[g, pi, li] += proj[m].sum()
-                        s2[g, pi, li] += (proj[m] ** 2).sum()
-        n = torch.tensor([n_pos, len(ids) - n_pos], dtype=torch.float64)[:, None, None]
-        mean = s1 / n
-        var = (s2 / n - mean ** 2).clamp(min=0)
-        sep = (mean[0] - mean[1]) / torch.sqrt((var[0] + var[1]) / 2 + 1e-12)
-        return sep, logits
-
-    def _select(self, diffs: torch.Tensor) -> tuple[Candidate, list[Candidate], dict[str, Any], dict[str, list]]:
-        """Choose (layer, position) on validation; return it, the scored candidates, settings and curves.
-
-        Cost control: every candidate costs three validation runs (two of them short generations for a
-        text grader). When layers x positions exceed `candidates`, the layers are a grid evenly spaced
-        over the allowed range, each at the position whose direction best separates the validation
-        sets (held-out Cohen's d of the projections), instead of the full grid."""
-        d = self.spec.direction
-        norms = diffs.norm(dim=-1)  # [P, L]
-        pairs = [(layer, pi) for layer in self.layers for pi in range(len(self.positions))]
-        info: dict[str, Any] = {"score": None}
-        curves: dict[str, list] = {}
-        if len(pairs) == 1:
-            layer, pi = pairs[0]
-            c = Candidate(layer, self.positions[pi], float(norms[pi, layer]), kept=True, note="fixed")
-            info.update(mode="fixed (one candidate: nothing to choose)")
-            curves["direction_norm"] = norms[pi].tolist()
-            return c, [c], info, curves
-        sep, val_logits = self._validation_pass(diffs)
-        nonzero = [(layer, pi) for layer, pi in pairs if norms[pi, layer] > 1e-9 * float(norms.max())]
-        if len(pairs) <= d.candidates:
-            chosen_pairs, mode = pairs, "exhaustive"
-        else:
-            layers_nz = sorted({layer for layer, _ in nonzero}) or self.layers
-            k = min(d.candidates, len(layers_nz))
-            grid = sorted({layers_nz[int(round(i))] for i in np.linspace(0, len(layers_nz) - 1, k)})
-            chosen_pairs = [(layer, int(torch.argmax(sep[:, layer]))) for layer in grid]
-            mode = f"grid: {len(grid)} of {len(self.layers)} layers, each at its best-separating position"
-        val = self.ids["validation"]
-        n_vp = len(val["positive"])
-        base_neg_logits = val_logits[n_vp:]
-        text = self.grader.needs_generation
-        k_new = min(d.select_new_tokens, self.spec.behaviour.max_new_tokens)
-        if text:
-            base_pos = self._behave(val["positive"], (), k_new, "direction: validation base (positive)")
-            base_neg = self._behave(val["negative"], (), k_new, "direction: validation base (negative)")
-            base_bypass, base_induce = float(base_pos.flags.mean()), float(base_neg.flags.mean())
-        else:
-            base_bypass = float(self.grader.scores(val_logits[:n_vp]).mean())
-            base_induce = float(self.grader.scores(base_neg_logits).mean())
-        induce_floor = base_induce if text else 0.0
-        cands = []
-        for layer, pi in chosen_pairs:
-            c = Candidate(layer, self.positions[pi], float(norms[pi, layer]), separation=float(sep[pi, layer]))
-            if (layer, pi) not in nonzero:
-                # A zero difference of means: ablating or adding it changes nothing.
-                c.bypass, c.induce, c.kl, c.note = base_bypass, base_induce, 0.0, "zero direction"
-            else:
-                r = diffs[pi, layer].float()
-                u = r / r.norm()
-                if text:
-                    c.bypass = float(self._behave(val["positive"], self._ablate(u), k_new,
-                                                  f"direction: bypass L{layer} p{c.position}").flags.mean())
-                    abl = self.subject.last_logits(val["negative"], self._ablate(u), self.spec.batch_size)
-                    c.induce = float(self._behave(val["negative"], self._add(r, layer), k_new,
-                                                  f"direction: induce L{layer} p{c.position}").flags.mean())
-                else:  # one ablated run serves bypass (positives) and KL (negatives)
-                    both = self.subject.last_logits(val["positive"] + val["negative"], self._ablate(u),
-                                                    self.spec.batch_size)
-                    c.bypass = float(self.grader.scores(both[:n_vp]).mean())
-                    abl = both[n_vp:]
-                    c.induce = float(self._behave(val["negative"], self._add(r, layer)).scores.mean())
-                c.kl = float(_kl(base_neg_logits, abl).mean())
-                reasons = []
-                if not math.isfinite(c.bypass + c.induce + c.kl):
-                    reasons.append("not finite")
-                if c.kl > d.max_kl:
-                    reasons.append(f"KL {c.kl:.3g} > {d.max_kl:g}")
-                if not c.induce > induce_floor:
-                    reasons.append("does not induce")
-                c.kept = not reasons
-                c.note = "; ".join(reasons)
-            cands.append(c)
-
-        def order(c: Candidate) -> tuple:
-            return (c.bypass, -c.induce, c.kl, c.layer)
-
-        kept = [c for c in cands if c.kept]
-        pool = kept or [c for c in cands if c.note != "zero direction"] or cands
-        best = min(pool, key=order)
-        if not kept:
-            info["note"] = ("no candidate passed the filters; chose the lowest bypass among all scored "
-                            "candidates (the claims below judge it anyway)")
-        if text:
-            score = (f"behaviour rate on validation replies of {k_new} new tokens, graded by the probe's grader "
-                     f"(bypass: positives with the direction ablated; induce: negatives with it added; a "
-                     f"candidate must induce more than the base rate {base_induce:.3g})")
-        else:
-            score = ("mean log-odds of the grader's tokens at the last prompt position (Arditi et al.'s "
-                     "refusal score; a candidate must reach induce > 0)")
-        info.update(mode=mode, score=score, filters={
-            "layer": f"< int({d.max_layer_fraction} * L) = {self.layers[-1] + 1}" if self.auto else "as given",
-            "max_kl": d.max_kl, "induce": "> base" if text else "> 0"},
-            base_bypass=base_bypass, base_induce=base_induce, n_scored=len(cands))
-        bpi = self.positions.index(best.position)
-        curves["direction_norm"] = norms[bpi].tolist()
-        curves["separation"] = sep[bpi].tolist()
-        at_pos = {c.layer: c for c in cands if c.position == best.position}
-        if self.layers == list(range(len(self.layers))) and all(layer in at_pos for layer in self.layers):
-            for key in ("bypass", "induce", "kl"):
-                curves[key] = [float(getattr(at_pos[layer], key)) for layer in self.layers]
-        return best, cands, info, curves
 
     # ---- step 4: claims on test -------------------------------------------------------------------
     def _controls(self, claim: DirectionClaim, r: torch.Tensor, layer: int, ids: list[list[int]]) -> np.ndarray:
@@ -561,19 +439,23 @@ class Direction(ProbeKind[DirectionSpec]):
         m.plots.append(NullHistogram(title=name, x_label=stat, values=seed_effects, effect=m.effect,
                                      threshold=claim.expect.threshold.value))
 
-    def _selection_plot(self, curves: dict[str, list], layer: int) -> LinePlot:
+    def _selection_plot(self, curves: dict[str, list], layer: int | None) -> LinePlot:
         """The candidates through the layers (norm and held-out separation on the right axis)."""
         right = {"direction_norm", "separation"}  # not on the scale of rates and KL
         series = [Series(label=key, y=[float(y) for y in ys], axis="right" if key in right else "left")
                   for key, ys in curves.items() if ys]
         return LinePlot(title="difference-of-means direction by layer", x_label="layer (input of block)",
-                        y_label="bypass / induce / KL", series=series, mark_x=layer, mark_label=f"chosen layer {layer}")
+                        y_label="bypass / induce / KL", series=series, mark_x=layer,
+                        mark_label=f"chosen layer {layer}" if layer is not None else "")
 
     def measure(self) -> Outcome:
         spec, subject = self.spec, self.subject
         self._memo: dict[Any, Any] = {}
         diffs = self._means()
-        best, cands, selection, curves = self._select(diffs)
+        sel = selection.select(self, diffs)
+        if sel.failed:
+            return self._unselected(sel)
+        best = sel.chosen
         pi = self.positions.index(best.position)
         layer = best.layer
         r = diffs[pi, layer].float()
@@ -589,9 +471,13 @@ class Direction(ProbeKind[DirectionSpec]):
                 extra = {"ablate": collateral,
                          "weight_orthogonalize": self._collateral(self._interventions(claim, r, layer),
                                                                   "weight_orthogonalize")}
-            result = self._claim(name, claim, r, layer, best.position, extra)
-            result.curves = curves
-            result.plots.insert(0, self._selection_plot(curves, layer))
+            own = sel.add if claim.intervention == "add" else best  # add may have its own layer
+            own_r = diffs[self.positions.index(own.position), own.layer].float()
+            result = self._claim(name, claim, own_r, own.layer, own.position, extra)
+            if claim.intervention == "add":
+                result.details["direction_choice"] = sel.info["add"]
+            result.curves = sel.curves
+            result.plots.insert(0, self._selection_plot(sel.curves, layer))
             claims.append(result)
         example = self.ids["test"]["negative"][0]
         token = {p: self.subject.tokenizer.convert_ids_to_tokens([example[p]])[0] for p in self.positions}
@@ -601,7 +487,7 @@ class Direction(ProbeKind[DirectionSpec]):
             "site": canonical_name("resid_pre", layer), "direction_norm": float(r.norm()),
             "candidate_positions": {str(p): t for p, t in token.items()},
             "candidate_layers": "auto" if self.auto else self.layers,
-            "selection": selection, "candidates": [c.row() for c in cands],
+            "selection": sel.info, "candidates": [c.row() for c in sel.candidates],
             "grader": self.grader.describe(), "max_new_tokens": spec.behaviour.max_new_tokens,
             "base_rates": {w: rate_summary(self._base(w).flags) for w in SETS if ("base", w) in self._memo},
             "collateral_kl": collateral,
@@ -615,6 +501,26 @@ class Direction(ProbeKind[DirectionSpec]):
         notes = orthogonalize.orthogonalization_notes(subject.sitemap)
         if notes and any(c.intervention == "weight_orthogonalize" for c in spec.claims.values()):
             settings["orthogonalization_notes"] = notes
+        if sel.add is not best:
+            settings["add"] = {"layer": sel.add.layer, "position": sel.add.position,
+                               "direction_norm": sel.add.norm, "why": sel.info["add"]}
+        return Outcome(settings, claims)
+
+    def _unselected(self, sel: Selection) -> Outcome:
+        """No candidate passed selection: every claim is inconclusive, and the table shows why."""
+        reason = sel.failed or "no candidate direction passed selection"
+        claims = []
+        for name, claim in self.spec.claims.items():
+            metric = f"{claim.expect.statistic} on {claim.on} test prompts ({claim.intervention}): not measured"
+            details = {"intervention": claim.intervention, "on": claim.on, "grader": self.grader.name}
+            plots = [self._selection_plot(sel.curves, None)] if sel.curves else []
+            claims.append(judge(name, claim, Measured(None, None, 0, metric, details=details, curves=sel.curves,
+                                                      plots=plots, untestable=reason)))
+        settings = {"layer": None, "position": None, "n_layers": self.subject.n_layers,
+                    "candidate_layers": "auto" if self.auto else self.layers,
+                    "candidate_positions": [str(p) for p in self.positions],
+                    "selection": sel.info, "candidates": [c.row() for c in sel.candidates],
+                    "grader": self.grader.describe(), "split": self.spec.prompts.split.model_dump()}
         return Outcome(settings, claims)
 
 

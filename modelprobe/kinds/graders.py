@@ -48,6 +48,16 @@ NEGATIVE_WORDS: tuple[str, ...] = (
 
 PRESETS = ("refusal", "sentiment")
 
+# Token forms: a grader's behaviour read from the first reply token, so that candidate directions can be
+# scored by the log-odds of these tokens at the last prompt position (Arditi et al.'s refusal score,
+# papers.md §1 step 5) instead of by generating replies. Refusals open with "I" ("I'm sorry", "I cannot"),
+# "Sorry" or "As" ("As an AI"); the paper uses "I" (and "As" for Qwen).
+TOKEN_FORMS: dict[str, tuple[str, ...]] = {"refusal": ("I", "Sorry", "As")}
+NO_TOKEN_FORM: dict[str, str] = {
+    "sentiment": "a reply's sentiment is not in its first token (cheerful and miserable replies alike open with "
+                 "'The', 'A', 'I'm ...'), so candidates are scored on generated replies",
+}
+
 
 class Lexicon(Strict):
     positive: list[str] = Field(description="words that count for the behaviour")
@@ -172,9 +182,20 @@ class Grader:
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Log-odds that the next token is one of the grader's tokens: log P - log(1 - P), per row."""
-        logp = torch.log_softmax(logits.double(), dim=-1)
-        lp = torch.logsumexp(logp[:, list(self.token_ids)], dim=-1).clamp(max=-1e-12)
-        return lp - torch.log(-torch.expm1(lp))
+        return log_odds(logits, self.token_ids)
+
+    @property
+    def token_form(self) -> tuple[str, ...] | None:
+        """Tokens whose first-position log-odds stand for the behaviour when scoring candidates, if any."""
+        if self.kind == "tokens":
+            return self.token_texts
+        return TOKEN_FORMS.get(self.name)
+
+    @property
+    def no_token_form(self) -> str:
+        """Why this grader has no token form (shown in the report)."""
+        return NO_TOKEN_FORM.get(self.name, f"a {self.kind} grader reads generated text and names no first "
+                                            "tokens (give direction.select_tokens to score by logits)")
 
     def describe(self) -> dict[str, Any]:
         """What the report shows about the grader."""
@@ -200,6 +221,13 @@ class Grader:
         return out
 
 
+def log_odds(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """log P - log(1 - P) per row, P the summed next-token probability of `token_ids` (float64)."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    lp = torch.logsumexp(logp[:, list(token_ids)], dim=-1).clamp(max=-1e-12)
+    return lp - torch.log(-torch.expm1(lp))
+
+
 def build_grader(spec: str | CustomGrader) -> Grader:
     """The grader a probe file names; `tokens` graders get their ids later, from the model's tokenizer."""
     if spec == "refusal":
@@ -220,5 +248,5 @@ def build_grader(spec: str | CustomGrader) -> Grader:
                   case_sensitive=cs)
 
 
-__all__ = ["NEGATIVE_WORDS", "POSITIVE_WORDS", "REFUSAL_SUBSTRINGS", "CustomGrader", "Grader", "GraderSpec",
-           "build_grader"]
+__all__ = ["NEGATIVE_WORDS", "NO_TOKEN_FORM", "POSITIVE_WORDS", "REFUSAL_SUBSTRINGS", "TOKEN_FORMS", "CustomGrader",
+           "Grader", "GraderSpec", "build_grader", "log_odds"]

@@ -1,0 +1,253 @@
+"""Direction selection (kinds/direction_selection.py): the upper-half planted fixture, the filters and
+their counts, no quiet fallback, the per-intervention layer for `add`, and the gradient screen."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from modelprobe.errors import SpecError
+from modelprobe.kinds import instantiate, load
+from modelprobe.kinds.direction import diff_in_means
+from modelprobe.kinds.direction_selection import NO_CANDIDATE, Candidate, _choose, _filter, token_ids_for
+from modelprobe.kinds.graders import TOKEN_FORMS, build_grader, log_odds
+from modelprobe.subject import Add, Site, load_subject
+from modelprobe.subject.gradients import addition_gradients
+
+torch.set_num_threads(1)
+
+TESTS = Path(__file__).parent
+PROBES = TESTS / "probes"
+FIXTURES = TESTS / "fixtures"
+DATA = FIXTURES / "data"
+UPPER = FIXTURES / "models" / "refusal_upper_half"
+PLANTED = FIXTURES / "models" / "refusal_planted"
+UPPER_PROBE = PROBES / "toy_refusal_upper_half.probe.yaml"
+
+
+@pytest.fixture(scope="module")
+def upper():
+    return load_subject(str(UPPER), progress=False)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return load_subject(str(PLANTED), progress=False)
+
+
+def run_variant(subject, tmp_path, base: Path = UPPER_PROBE, **replace: str):
+    """Run a copy of a probe file with some lines replaced (data paths made absolute)."""
+    text = base.read_text().replace("../fixtures/data/", f"{DATA}/")
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    path = tmp_path / f"variant_{abs(hash(tuple(replace.items())))}.probe.yaml"
+    path.write_text(text)
+    return instantiate(load(path), subject).run()
+
+
+# ---- the upper-half fixture ---------------------------------------------------------------------------
+
+def test_upper_half_fixture_is_what_it_claims():
+    """Sanity of the committed weights (plain torch hooks, build_fixtures' own helpers): refusal is intact,
+    the lower layers' directions are inert, the upper ones induce and bypass."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import build_fixtures as bf
+    finally:
+        sys.path.remove(str(FIXTURES))
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(UPPER, dtype=torch.float32).eval()
+    m = bf.upper_half_metrics(model, bf.load_tokenizer())
+    assert m["sorry_harmful"] >= 0.95 and m["sorry_harmless"] <= 0.05
+    assert m["L0_norm"] == 0
+    for layer in (1, 2, 3):  # lower half: a real direction, and adding / ablating it does nothing
+        assert m[f"L{layer}_norm"] > 0.03
+        assert m[f"L{layer}_added_sorry_harmless"] <= 0.05 and m[f"L{layer}_ablated_sorry_harmful"] >= 0.95
+    for layer in (4, 5):  # upper half, below the 0.8 L cap
+        assert m[f"L{layer}_added_sorry_harmless"] >= 0.95 and m[f"L{layer}_ablated_sorry_harmful"] <= 0.05
+
+
+def test_upper_half_passes_with_layer_auto(upper, tmp_path):
+    out = run_variant(upper, tmp_path)
+    assert [c.verdict for c in out.claims] == ["pass", "pass"], [c.reason for c in out.claims]
+    s = out.settings
+    assert s["layer"] in (4, 5) and s["position"] == -1
+    sel = s["selection"]
+    assert sel["mode"].startswith("screened") and sel["n_candidates"] == 12  # layers 0-5 x 2 positions
+    assert sel["removed"] == {"layer": 4, "zero_direction": 2, "not_measured": 5, "not_finite": 0, "kl": 0,
+                              "induce": 3, "passed": 2}
+    rows = {(r["layer"], r["position"]): r for r in s["candidates"]}
+    assert len(rows) == 12 and all(r["induce_estimate"] is not None for r in rows.values() if r["norm"] > 0)
+    for layer in (1, 2, 3):  # measured and rejected: the lower layers do not induce
+        assert rows[(layer, -1)]["note"] == "does not induce" and rows[(layer, -1)]["induce"] < 0
+    for layer in (4, 5):
+        assert rows[(layer, -1)]["kept"] and rows[(layer, -1)]["induce"] > 0 and rows[(layer, -1)]["bypass"] < 0
+    for c in out.claims:
+        assert c.effect >= 0.9 and c.control.p_value < 0.05
+        assert len(c.curves["induce_estimate"]) == 6 and len(c.curves["direction_norm"]) == 8
+
+
+def test_screened_selection_chooses_what_exhaustive_scoring_chooses(upper, tmp_path):
+    screened = run_variant(upper, tmp_path).settings
+    full = run_variant(upper, tmp_path, **{"position: post_instruction": "position: post_instruction\n  "
+                                                                         "candidates: 12"}).settings
+    assert full["selection"]["mode"] == "exhaustive" and full["selection"]["n_measured"] == 10
+    assert (screened["layer"], screened["position"]) == (full["layer"], full["position"])
+    assert {"layer", "bypass", "induce", "kl"} <= set(full["candidates"][0])
+
+
+def test_upper_half_restricted_to_lower_layers_is_inconclusive(upper, tmp_path):
+    out = run_variant(upper, tmp_path, **{"layer: auto": "layer: '0:4'"})
+    for c in out.claims:
+        assert c.verdict == "inconclusive" and c.reason.startswith(NO_CANDIDATE), c.reason
+        assert c.effect is None and c.n == 0
+    sel = out.settings["selection"]
+    assert sel["removed"]["induce"] == 6 and sel["removed"]["passed"] == 0
+    assert out.settings["layer"] is None and len(out.settings["candidates"]) == 8
+
+
+def test_upper_half_with_a_fixed_lower_layer_judges_it_and_addition_fails(upper, tmp_path):
+    out = run_variant(upper, tmp_path, **{"layer: auto": "layer: 2", "position: post_instruction": "position: last"})
+    verdicts = {c.name: c.verdict for c in out.claims}
+    assert verdicts == {"ablation_suppresses_refusal": "fail", "addition_induces_refusal": "fail"}, \
+        [c.reason for c in out.claims]
+    assert out.settings["layer"] == 2 and out.settings["selection"]["mode"].startswith("fixed")
+
+
+def test_fixed_layer_with_several_positions_judges_the_lowest_bypass(upper, tmp_path):
+    out = run_variant(upper, tmp_path, **{"layer: auto": "layer: 2"})
+    assert out.settings["layer"] == 2
+    assert "the probe fixes the layer" in out.settings["selection"]["note"]
+    assert all(c.verdict == "fail" for c in out.claims), [c.reason for c in out.claims]
+
+
+def test_add_at_best_inducing_layer_is_said_in_the_report(upper, tmp_path):
+    out = run_variant(upper, tmp_path, **{"position: post_instruction": "position: post_instruction\n  "
+                                                                        "add_layer: best_induce"})
+    add = next(c for c in out.claims if c.name == "addition_induces_refusal")
+    assert add.verdict == "pass"
+    assert "best induces" in add.details["direction_choice"]
+    rows = [r for r in out.settings["candidates"] if r["kept"]]
+    best = max(rows, key=lambda r: r["induce"])
+    assert add.details["layer"] == best["layer"]
+
+
+def test_random_init_model_is_not_passed_by_the_upper_half_probe(tmp_path):
+    subject = load_subject(str(FIXTURES / "models" / "random_llama"), progress=False)
+    out = run_variant(subject, tmp_path)
+    assert all(c.verdict != "pass" for c in out.claims), [(c.verdict, c.reason) for c in out.claims]
+
+
+# ---- choice rules on constructed candidate tables -----------------------------------------------------
+
+def _kind(auto: bool = True, layers=(0, 1, 2), add_layer: str = "selected"):
+    return SimpleNamespace(auto=auto, layers=list(layers), positions=[-1],
+                           subject=SimpleNamespace(n_layers=4),
+                           spec=SimpleNamespace(direction=SimpleNamespace(add_layer=add_layer)))
+
+
+def _cand(layer, bypass, induce, kl=0.01, kept=True, note=""):
+    return Candidate(layer, -1, 1.0, bypass=bypass, induce=induce, kl=kl, kept=kept, note=note)
+
+
+def test_lowest_bypass_wins_and_add_can_take_the_best_inducer():
+    cands = [_cand(0, -1.0, 0.5), _cand(1, -3.0, 0.2), _cand(2, -2.0, 4.0)]
+    sel = _choose(_kind(), cands, cands, {})
+    assert sel.chosen.layer == 1 and sel.add is sel.chosen
+    sel = _choose(_kind(add_layer="best_induce"), cands, cands, {})
+    assert sel.chosen.layer == 1 and sel.add.layer == 2 and "best induces" in sel.info["add"]
+
+
+def test_nothing_passing_is_a_failure_with_counts_not_a_quiet_choice():
+    cands = [_cand(0, -5.0, -1.0, kept=False, note="does not induce"),
+             _cand(1, -4.0, 2.0, kl=0.5, kept=False, note="KL 0.5 > 0.1"),
+             _cand(2, 1.0, -2.0, kl=0.3, kept=False, note="KL 0.3 > 0.1; does not induce")]
+    sel = _choose(_kind(), cands, cands, {})
+    assert sel.chosen is None and sel.add is None
+    assert sel.failed.startswith(NO_CANDIDATE)
+    assert sel.info["removed"] == {"layer": 4 - 3, "zero_direction": 0, "not_measured": 0, "not_finite": 0,
+                                   "kl": 2, "induce": 2, "passed": 0}
+    fixed = _choose(_kind(auto=False, layers=(2,)), cands[2:], cands[2:], {})
+    assert fixed.chosen is cands[2] and "fixes the layer" in fixed.info["note"]
+
+
+def test_filters_are_the_papers():
+    ok = _cand(1, -2.0, 0.3, kl=0.1, kept=False)
+    _filter(ok, max_kl=0.1, induce_floor=0.0)
+    assert ok.kept and ok.note == ""  # KL equal to the limit passes, as in the paper (KL > 0.1 drops)
+    for c, note in ((_cand(1, -2.0, 0.0), "does not induce"), (_cand(1, -2.0, 1.0, kl=0.11), "KL 0.11 > 0.1"),
+                    (_cand(1, float("nan"), 1.0), "not finite")):
+        _filter(c, max_kl=0.1, induce_floor=0.0)
+        assert not c.kept and c.note == note
+
+
+# ---- scores and the gradient screen --------------------------------------------------------------------
+
+def test_grader_token_forms():
+    assert build_grader("refusal").token_form == TOKEN_FORMS["refusal"] == ("I", "Sorry", "As")
+    sentiment = build_grader("sentiment")
+    assert sentiment.token_form is None and "first token" in sentiment.no_token_form
+
+
+def test_token_ids_for_keeps_single_tokens_only(planted):
+    sorry = planted.token_id("sorry")
+    assert token_ids_for(planted, ["sorry"]) == sorry
+    assert token_ids_for(planted, ["sure here"]) == []
+
+
+def test_select_token_that_is_several_tokens_is_a_located_error(upper, tmp_path):
+    text = UPPER_PROBE.read_text().replace("../fixtures/data/", f"{DATA}/")
+    path = tmp_path / "bad_select.probe.yaml"
+    path.write_text(text.replace("position: post_instruction", "position: post_instruction\n  "
+                                                               "select_tokens: [sorry, sure here]"))
+    with pytest.raises(SpecError) as e:
+        instantiate(load(path), upper)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}:") and "direction.select_tokens.1" in msg and "several tokens" in msg
+    assert "\n" not in msg
+
+
+def test_addition_gradients_match_finite_differences(planted):
+    def ids(name, n):
+        import json
+        rows = [json.loads(x)["prompt"] for x in (DATA / name).read_text().splitlines() if x.strip()][:n]
+        return planted.encode_all(rows, chat_template=True)
+
+    harmful, harmless = ids("toy_harmful.jsonl", 16), ids("toy_harmless.jsonl", 10)
+    sorry = planted.token_id("sorry")
+    grads, base = addition_gradients(planted, harmless, [1, 2], lambda lg: log_odds(lg, sorry), batch_size=4)
+    clean = log_odds(planted.last_logits(harmless), sorry)
+    torch.testing.assert_close(base, clean, rtol=1e-4, atol=1e-4)
+    v = diff_in_means(planted, harmful, harmless, [-1])[0, 2].float()
+    eps = 1e-2
+    for i, layer in enumerate((1, 2)):
+        up, down = (log_odds(planted.last_logits(harmless, [Add(Site("resid_pre", layer), "all", vector=e * v)]),
+                             sorry) for e in (eps, -eps))
+        fd = float((up - down).mean()) / (2 * eps)  # central difference: no second-order term
+        assert abs(fd - float(grads[i] @ v.double())) <= 0.05 * abs(fd) + 1e-3, (layer, fd, float(grads[i] @ v.double()))
+    assert not planted.leaked_hooks()
+
+    def broken(lg):
+        raise RuntimeError("score failed")
+
+    with pytest.raises(RuntimeError, match="score failed"):
+        addition_gradients(planted, harmless, [1], broken)
+    assert not planted.leaked_hooks()
+
+
+def test_generation_scored_selection_has_no_quiet_fallback_either(upper, tmp_path):
+    """The substrings grader has no token form: candidates are scored on generated replies, and nothing
+    passing still makes the claims inconclusive."""
+    out = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml", **{"layer: auto": "layer: '0:4'"})
+    assert all(c.verdict == "inconclusive" and c.reason.startswith(NO_CANDIDATE) for c in out.claims), \
+        [c.reason for c in out.claims]
+    sel = out.settings["selection"]
+    assert "Not a logit score" in sel["score"] and sel["removed"]["induce"] == 6
+    auto = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml")
+    assert [c.verdict for c in auto.claims] == ["pass"] * 3, [c.reason for c in auto.claims]
+    assert auto.settings["layer"] in (4, 5)
