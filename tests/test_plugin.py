@@ -106,18 +106,28 @@ BAD_PROBES = {
                    "bad.probe.yaml:8:12: claims.c.top_k: Input should be a valid integer*"),
     "bad_threshold": ("claims:\n  c:\n    expect: {final_accuracy: {at_least: 0.5, at_most: 0.9}}\n",
                       "bad.probe.yaml:8:30: claims.c.expect.final_accuracy: give exactly one of at_least or at_most"),
+}
+# Checks that need the model run when the claim runs (collection never loads it): the claim fails with
+# the same one located line.
+MODEL_CHECKED = {
     "layer_beyond_depth": ("claims:\n  c:\n    layer: 12\n    expect: {share_by_layer: {at_least: 0.5}}\n",
                            "bad.probe.yaml:8:12: claims.c.layer: layer 12 is beyond the model's depth (4 layers*"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_PROBES))
+@pytest.mark.parametrize("case", sorted(BAD_PROBES) + sorted(MODEL_CHECKED))
 def test_bad_probe_is_one_line_error_and_others_still_run(pytester, probe_dir, copy_model, case):
-    body, expected = BAD_PROBES[case]
+    body, expected = BAD_PROBES.get(case) or MODEL_CHECKED[case]
     head = "kind: logit_lens\nabout: x\nprompts: data/copy.jsonl\n# a comment\n# another\n"
     (probe_dir / "bad.probe.yaml").write_text(head + body)
     result = run(pytester, copy_model)
-    result.assert_outcomes(passed=2, failed=1, errors=1)
+    if case in BAD_PROBES:
+        result.assert_outcomes(passed=2, failed=1, errors=1)
+    else:
+        result.assert_outcomes(passed=2, failed=2)
+    rec = report(pytester, copy_model)
+    bad = next(p for p in rec["probes"] if p["file"] == "probes/bad.probe.yaml")
+    assert bad["error"] and expected.split("*")[0] in bad["error"]  # in the report too, not only on screen
     result.stdout.fnmatch_lines([f"*{expected}"])
     assert "Traceback" not in result.stdout.str()
 
@@ -132,12 +142,14 @@ def test_unknown_kind_missing_data_and_multi_token_answer(pytester, probe_dir, c
         "kind: logit_lens\nprompts: data/multi.jsonl\ntarget: single_token\n"
         "claims:\n  c:\n    expect: {final_accuracy: {at_least: 1}}\n")
     result = run(pytester, copy_model)
-    result.assert_outcomes(passed=2, failed=1, errors=3)
+    result.assert_outcomes(passed=2, failed=2, errors=2)  # c's check needs the model: its claim fails
     result.stdout.fnmatch_lines([
         "*a.probe.yaml:1:7: kind: unknown kind 'telepathy' (known: *logit_lens*",
         "*b.probe.yaml:2:10: prompts: data file '*missing.jsonl' not found",
         "*multi.jsonl:2: answer ' t3 t4' is 2 tokens for model *; target: single_token needs one",
     ])
+    errors = {p["file"]: p["error"] for p in report(pytester, copy_model)["probes"]}
+    assert all(errors[f"probes/{x}.probe.yaml"] for x in "abc") and errors["probes/lens.probe.yaml"] is None
     assert "Traceback" not in result.stdout.str()
 
 
@@ -199,9 +211,10 @@ def test_xdist_matches_serial(pytester, probe_dir, copy_model):
 def test_unwritable_report_dir_is_one_clear_line(pytester, probe_dir, copy_model):
     (pytester.path / "blocked").write_text("a file where a directory should be")
     result = pytester.runpytest("probes", f"--model={copy_model}", "--probe-report-dir=blocked/reports")
-    result.stdout.fnmatch_lines(["*report NOT written: *blocked*"])
-    assert "Traceback" not in result.stdout.str()
-    assert result.ret != 0
+    # Found before any claim runs, not after the whole run.
+    result.stderr.fnmatch_lines(["*modelprobe: --probe-report-dir=blocked/reports: blocked is not a directory"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
 def test_last_failed_and_exitfirst_work_on_claims(pytester, probe_dir, copy_model):

@@ -25,8 +25,13 @@ def check_data_files(probe: LoadedProbe) -> None:
             raise probe.error(f"data file '{path}' not found", loc)
 
 
+def claim_names(probe: LoadedProbe) -> list[str]:
+    """The probe's claim names, from the spec alone (collection never needs the model)."""
+    return list(probe.spec.claims)
+
+
 def instantiate(probe: LoadedProbe, subject) -> ProbeKind:
     return KINDS[probe.spec.kind](probe, subject)
 
 
-__all__ = ["KINDS", "check_data_files", "Outcome", "ProbeKind", "instantiate", "load"]
+__all__ = ["KINDS", "check_data_files", "claim_names", "Outcome", "ProbeKind", "instantiate", "load"]

@@ -45,14 +45,15 @@ class ClaimResult(_Record):
 
 
 class ProbeRecord(_Record):
-    name: str  # probe file stem, e.g. "logit_lens_capitals"
+    name: str  # display name: the probe file's name without .probe.yaml, e.g. "logit_lens_capitals"
     kind: str
-    file: str
+    file: str  # the probe's identity: its path relative to the rootdir (posix), e.g. "probes/x.probe.yaml"
     file_hash: str = ""
     about: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)  # resolved layer, position, template ...
     claims: list[ClaimResult] = Field(default_factory=list)
-    error: str | None = None  # a probe that could not be measured
+    error: str | None = None  # a probe that could not be measured (one located line)
+    collected: bool = True  # False: the file could not be read or validated, so its claims are unknown
     duration_s: float = 0.0
 
 
@@ -85,6 +86,9 @@ class RunRecord(_Record):
     started: str = ""
     finished: str = ""
     interrupted: bool = False
+    interrupted_probe: str | None = None  # identity of the probe being measured when the run was stopped
+    # "file::claim" of every claim the run's selection (-k, -m, paths) asked for; None: not recorded
+    selected: list[str] | None = None
     preflight: list[PreflightResult] = Field(default_factory=list)
     tokenization: dict[str, Any] = Field(default_factory=dict)  # chat template + example token ids
     probes: list[ProbeRecord] = Field(default_factory=list)
