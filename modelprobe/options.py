@@ -123,6 +123,8 @@ OPTIONS: tuple[Option, ...] = (
            "float32 (default), bfloat16 or float16"),
     Option("--probe-report-dir", "probe_report_dir", _non_empty, "reports",
            "where reports/<model-slug>/report.* go (default reports)"),
+    Option("--probe-data-root", "probe_data_root", _non_empty, None,
+           "also allow data files under this folder (default: only the probe's folder and the rootdir)"),
     Option("--trust-remote-code", "trust_remote_code", parse_bool, False,
            "allow model code from the model directory (off by default)"),
     Option("--probe-allow-inconclusive", "probe_allow_inconclusive", parse_bool, False,

@@ -37,6 +37,8 @@ def pytest_configure(config: pytest.Config) -> None:
     worker = _is_worker(config)
     if not worker and not config.option.collectonly:
         _check_report_dir(options.report_dir)
+    from .spec.load import set_data_roots
+    set_data_roots([Path(str(config.rootpath))] + ([options.data_root] if options.data_root else []))
     progress = config.getoption("verbose", 0) >= 0
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
@@ -67,6 +69,8 @@ def _install_sigterm(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    from .spec.load import set_data_roots
+    set_data_roots([])  # an in-process run (pytester) must not leave its rootdir behind
     previous = config.stash.get(_PREVIOUS_SIGTERM, None)
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]

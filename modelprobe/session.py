@@ -20,6 +20,7 @@ class Options:
     device: str
     dtype: str
     report_dir: Path
+    data_root: Path | None
     trust_remote_code: bool
     allow_inconclusive: bool
     batch_size: int
@@ -36,7 +37,9 @@ class Options:
         v = read_options(lambda name: config.getoption(name, default=None), config.getini)
         return cls(
             model=v["probe_model"], device=v["probe_device"], dtype=v["probe_dtype"],
-            report_dir=Path(v["probe_report_dir"]), trust_remote_code=v["trust_remote_code"],
+            report_dir=Path(v["probe_report_dir"]),
+            data_root=Path(v["probe_data_root"]) if v["probe_data_root"] else None,
+            trust_remote_code=v["trust_remote_code"],
             allow_inconclusive=v["probe_allow_inconclusive"], batch_size=v["probe_batch_size"],
             threads=v["probe_threads"], save=v["probe_save"], compare=v["probe_compare"],
             tolerance=v["probe_tolerance"], strict=v["probe_strict"],

@@ -18,11 +18,10 @@ def load(path: Path) -> LoadedProbe:
 
 
 def check_data_files(probe: LoadedProbe) -> None:
-    """Every data file the probe names exists (no model needed): a located SpecError otherwise."""
+    """Every data file the probe names is allowed, exists and reads as JSONL (no model needed): a located
+    SpecError / DataError otherwise. The rows are kept on the probe for the kind."""
     for rel, loc in KINDS[probe.spec.kind].data_files(probe.spec):
-        path = probe.path.parent / rel
-        if not path.is_file():
-            raise probe.error(f"data file '{path}' not found", loc)
+        probe.rows(rel, loc, required=())
 
 
 def claim_names(probe: LoadedProbe) -> list[str]:
