@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,29 @@ class ClaimItem(pytest.Item):
     def reportinfo(self):
         line, _ = self.parent.probe.positions.get(("claims", self.name, "__key__"), (1, 1))
         return self.path, line - 1, f"{self.parent.probe.spec.kind} claim {self.parent.probe.name}::{self.name}"
+
+
+def odd_probe_entries(directory: Path) -> list[Path]:
+    """`*.probe.yaml` entries that are neither files nor folders (FIFOs, sockets, dangling or looping links):
+    pytest would skip them without a word."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    return sorted(Path(e.path) for e in entries if e.name.endswith(PROBE_SUFFIX) and _odd(e))
+
+
+def _odd(entry: os.DirEntry) -> bool:
+    try:
+        return not entry.is_file() and not entry.is_dir()
+    except OSError:  # a symlink loop
+        return True
+
+
+class ProbeDir(pytest.Dir):
+    """A folder holding odd probe entries: each becomes a ProbeFile, whose collection refuses it by name."""
+
+    def collect(self):
+        yield from super().collect()
+        for path in odd_probe_entries(self.path):
+            yield ProbeFile.from_parent(self, path=path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .collect import SESSION_KEY, ProbeFile
+from .collect import SESSION_KEY, ProbeDir, ProbeFile, odd_probe_entries
 from .options import OPTIONS, OptionError
 from .session import Options, ProbeSession
 
@@ -84,6 +84,14 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
         if session is not None:
             session.saw_probe_files = True
         return ProbeFile.from_parent(parent, path=file_path)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collect_directory(path: Path, parent: pytest.Collector):
+    """Only folders with a FIFO or a broken link named *.probe.yaml (and no __init__.py) get our collector."""
+    if not (path / "__init__.py").exists() and odd_probe_entries(path):
+        return ProbeDir.from_parent(parent, path=path)
     return None
 
 
