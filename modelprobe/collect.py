@@ -53,6 +53,7 @@ class ProbeFile(pytest.File):
         from . import kinds
         session = self.config.stash[SESSION_KEY]
         self.identity = _relative(self.path, self.config)
+        session.in_scope([self.identity])
         try:
             probe = kinds.load(self.path)
             kinds.check_data_files(probe)

@@ -95,14 +95,14 @@ def pytest_collect_directory(path: Path, parent: pytest.Collector):
     return None
 
 
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Remember which claims the selection kept: only those must be measured against a baseline."""
-    session = config.stash.get(SESSION_KEY, None)
-    if session is None:
-        return
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Claims deselected by -k, -m, --lf ...: the baseline gate does not ask for them."""
     from .collect import ClaimItem
-    session.select([item.identity for item in items if isinstance(item, ClaimItem)])
+    claims = [item for item in items if isinstance(item, ClaimItem)]
+    if claims:
+        session = claims[0].config.stash.get(SESSION_KEY, None)
+        if session is not None:
+            session.in_scope([], [item.identity for item in claims])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -157,8 +157,7 @@ def pytest_testnodedown(node, error) -> None:
         ps.record.versions.update(worker.versions)
     for probe in worker.probes:
         ps.add_probe(probe)
-    if worker.selected is not None:
-        ps.select(worker.selected)
+    ps.in_scope(worker.collected_files or [], worker.deselected)
     ps.saw_probe_files = ps.saw_probe_files or bool(worker.probes)
     if worker.interrupted_probe:
         ps.current_probe = worker.interrupted_probe

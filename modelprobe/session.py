@@ -140,9 +140,10 @@ class ProbeSession:
     def add_probe(self, probe: ProbeRecord) -> None:
         self.record.probes = [p for p in self.record.probes if p.file != probe.file] + [probe]
 
-    def select(self, keys: list[str]) -> None:
-        """Record the claims ("file::claim") that the selection asked for; xdist workers' lists are merged."""
-        self.record.selected = sorted(set(self.record.selected or []) | set(keys))
+    def in_scope(self, files: list[str], deselected: list[str] = ()) -> None:
+        """Record the run's selection: probe files collected (or not collectable), claims deselected."""
+        self.record.collected_files = sorted(set(self.record.collected_files or []) | set(files))
+        self.record.deselected = sorted(set(self.record.deselected) | set(deselected))
 
     def finish(self, interrupted: bool) -> None:
         self.record.finished = _now()

@@ -140,9 +140,10 @@ def test_missing_always_fails_new_fails_only_with_strict():
 def test_missing_counts_only_claims_the_selection_asked_for():
     before = run({("p", "kept"): ("pass", 0.8), ("p", "gone"): ("pass", 0.5), ("old", "x"): ("fail", 0.1)})
     after = run({("p", "kept"): ("pass", 0.8)})
-    after.selected = ["probes/p.yaml::kept"]  # e.g. -k kept
+    after.collected_files = ["probes/p.yaml"]  # e.g. `pytest probes/p.yaml -k kept`
+    after.deselected = ["probes/p.yaml::gone"]
     assert compare(before, after).ok
-    after.selected.append("probes/p.yaml::gone")  # selected but not measured (interrupted, crashed)
+    after.deselected = []  # asked for but not measured (deleted from the file, interrupted, crashed)
     c = compare(before, after)
     assert not c.ok and row(c, "p", "gone").status == "missing"
     assert [r.claim for r in c.rows] == ["kept", "gone"]  # old::x was not asked for
@@ -152,7 +153,7 @@ def test_uncollectable_probe_fails_every_baseline_claim_of_it():
     before = run({("p", "c"): ("pass", 0.8), ("p", "d"): ("fail", 0.1)})
     after = run({}, errors={"p": "probes/p.yaml:3:5: claims.c.expct: unknown key 'expct'"})
     after.probes[0].collected = False
-    after.selected = []  # its claims are unknown, so the selection cannot name them
+    after.collected_files = ["probes/p.yaml"]  # its claims are unknown: none was deselected
     c = compare(before, after)
     assert {r.status for r in c.rows} == {"errored"} and all(r.failing for r in c.rows)
     assert "could not be collected" in row(c, "p", "d").message and "expct" in row(c, "p", "d").message

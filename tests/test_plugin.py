@@ -239,3 +239,99 @@ def test_numbers_do_not_depend_on_batch_size(pytester, probe_dir, random_model):
     # Continuous per-layer probabilities would expose a padding or position-id error.
     assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
     assert len(set(results[0][1])) > 3
+
+
+# --------------------------------------------------------------------------- the gate never passes by accident
+
+
+def test_a_probe_with_a_typo_fails_the_gate_and_is_in_every_report(pytester, probe_dir, copy_model, capsys):
+    run(pytester, copy_model, "--probe-save=base").assert_outcomes(passed=2, failed=1)
+    base = pytester.path / "out" / "baselines" / copy_model.name / "base.json"
+    saved = json.loads(base.read_text())
+    assert saved["model"]["path"] == ""  # no directory of the machine that made it
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.replace("expect: {median_first_layer: {at_most",
+                                                                  "expct: {median_first_layer: {at_most"))
+    result = run(pytester, copy_model, "--probe-compare=base")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*baseline: probes/lens.probe.yaml::emerges_early ERRORED: pass → error: probe could "
+                                 "not be collected: *lens.probe.yaml:7:5: claims.emerges_early*"])
+    md = (pytester.path / "out" / copy_model.name / "report.md").read_text()
+    assert "1 error" in md and "regressions against the baseline" in md and "expct" in md
+    rec = report(pytester, copy_model)
+    assert rec["probes"][0]["collected"] is False and "expct" in rec["probes"][0]["error"]
+    from modelprobe.cli import main
+    assert main(["compare", str(base), str(pytester.path / "out" / copy_model.name / "report.json")]) == 1
+    assert "3 errored" in capsys.readouterr().out
+
+
+def test_missing_claims_fail_without_strict_and_only_those_selected_count(pytester, probe_dir, copy_model):
+    run(pytester, copy_model, "--probe-save=base")
+    # -k: the unselected baseline claims are not "missing"
+    run(pytester, copy_model, "--probe-compare=base", "-k", "early").assert_outcomes(passed=1, deselected=2)
+    rec = report(pytester, copy_model)
+    assert rec["collected_files"] == ["probes/lens.probe.yaml"]
+    assert rec["deselected"] == ["probes/lens.probe.yaml::emerges_late", "probes/lens.probe.yaml::final_accuracy"]
+    # a claim removed from the probe file is missing against the baseline: the run fails, strict or not
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.split("  final_accuracy:")[0])
+    result = run(pytester, copy_model, "--probe-compare=base", "-k", "not emerges_late")
+    result.assert_outcomes(passed=1, deselected=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*baseline: probes/lens.probe.yaml::final_accuracy MISSING: claim not measured*"])
+    # --probe-strict: a claim new since the baseline fails too, and only with it
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE + "  fresh:\n    expect: {final_accuracy: {at_least: 0.5}}\n")
+    run(pytester, copy_model, "--probe-compare=base", "-k", "fresh").assert_outcomes(passed=1, deselected=3)
+    strict = run(pytester, copy_model, "--probe-compare=base", "--probe-strict", "-k", "fresh")
+    strict.assert_outcomes(failed=1, deselected=3)
+    strict.stdout.fnmatch_lines(["*claim is new since the baseline*"])
+
+
+def test_same_file_name_in_two_folders_are_two_probes(pytester, probe_dir, tmp_path):
+    clean = save_copy_model(tmp_path / "clean" / "toy")
+    damaged = save_copy_model(tmp_path / "release2" / "toy", damaged=True)
+    for folder in ("a", "b"):
+        (probe_dir / folder).mkdir()
+        (probe_dir / folder / "lens.probe.yaml").write_text(LENS_PROBE.replace("data/copy.jsonl", "../data/copy.jsonl"))
+    (probe_dir / "lens.probe.yaml").unlink()
+    run(pytester, clean, "--probe-save=base")
+    files = sorted(p["file"] for p in report(pytester, clean)["probes"])
+    assert files == ["probes/a/lens.probe.yaml", "probes/b/lens.probe.yaml"]
+    (probe_dir / "a" / "lens.probe.yaml").unlink()  # b alone is compared with b's baseline, not a's
+    result = run(pytester, damaged, "--probe-compare=base", "probes/b")
+    result.stdout.fnmatch_lines(["*regression against baseline: *pass → fail*"])
+    assert "probes/a/lens.probe.yaml" not in result.stdout.str()  # not asked for: not missing
+
+
+def test_collection_never_loads_the_model_and_k_loads_it_once(pytester, probe_dir, copy_model, monkeypatch):
+    import modelprobe.subject.subject as subject_module
+    loads = []
+    real = subject_module.load_subject
+    monkeypatch.setattr(subject_module, "load_subject", lambda *a, **k: loads.append(a) or real(*a, **k))
+    (probe_dir / "other.probe.yaml").write_text(LENS_PROBE.replace("tags: [lens, toy]", "tags: [other]"))
+    run(pytester, copy_model, "--co")
+    run(pytester, tmp := copy_model.parent / "nowhere", "--co")  # an unloadable model: --co still lists
+    assert loads == [] and not (pytester.path / "out").exists() and tmp
+    run(pytester, copy_model, "-k", "other and early").assert_outcomes(passed=1, deselected=5)
+    assert len(loads) == 1
+
+
+def test_sigterm_writes_an_interrupted_report_naming_the_probe(pytester, probe_dir, copy_model):
+    stale = pytester.path / "out" / copy_model.name / "report.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"stale": true}')
+    pytester.makeconftest("""
+        import os, signal, time
+        from modelprobe.session import ProbeSession
+
+        def subject(self):  # what a CI timeout does while a probe is being measured
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+
+        ProbeSession.subject = subject
+    """)
+    result = run(pytester, copy_model, subprocess=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    rec = report(pytester, copy_model)
+    assert rec["interrupted"] is True and rec["interrupted_probe"] == "probes/lens.probe.yaml"
+    assert rec["probes"][0]["error"].startswith("interrupted")
+    md = (pytester.path / "out" / copy_model.name / "report.md").read_text()
+    assert "interrupted while measuring `probes/lens.probe.yaml`" in md

@@ -320,9 +320,10 @@ def compare(
       max(abs, rel·|before effect|); no tolerance at all → effect moves never fail; a NaN or
       infinite effect now is always failing;
     - not passing before, passing now → "improved";
-    - in the baseline and in this run's selection (`after.selected`; all claims when it is None, and
-      every claim of a probe file that could not be collected) but not measured → "missing" or, when
-      its probe errored, "errored": always failing — a gate never passes on a claim it did not measure;
+    - in the baseline and in this run's selection (a claim of a file the run collected or failed to collect,
+      `after.collected_files`, all files when None; not deselected, `after.deselected`) but not measured →
+      "missing" or, when its probe errored, "errored": always failing — a gate never passes on a claim it
+      did not measure (a claim deleted from its probe file is missing too);
     - new since the baseline → "new" (failing only if `strict`);
     - different model slug / hash → BaselineError unless `allow_model_change` (then a warning);
     - different probe file hash, seed, model dtype, package versions → warnings.
@@ -339,15 +340,14 @@ def compare(
         b = bclaims.get(key)
         rows.append(_diff_claim(key[0], b, a, tolerance_abs, tolerance_rel) if b is not None
                     else _new_row(key, a, strict, known=any(p.file == key[0] for p in before.probes)))
-    selected = set(after.selected) if after.selected is not None else None
+    scope = set(after.collected_files) if after.collected_files is not None else None
+    deselected = set(after.deselected)
     for key, b in bclaims.items():
         if key in aclaims:
             continue
-        ap = aprobes.get(key[0])
-        uncollectable = ap is not None and not ap.collected
-        if selected is not None and f"{key[0]}::{key[1]}" not in selected and not uncollectable:
-            continue  # the run did not ask for this claim (-k, -m, or other paths)
-        rows.append(_missing_row(key, b, ap))
+        if (scope is not None and key[0] not in scope) or f"{key[0]}::{key[1]}" in deselected:
+            continue  # the run did not ask for this claim (other paths, -k, -m)
+        rows.append(_missing_row(key, b, aprobes.get(key[0])))
 
     return Comparison(
         before_model=before.model.slug,

@@ -87,8 +87,11 @@ class RunRecord(_Record):
     finished: str = ""
     interrupted: bool = False
     interrupted_probe: str | None = None  # identity of the probe being measured when the run was stopped
-    # "file::claim" of every claim the run's selection (-k, -m, paths) asked for; None: not recorded
-    selected: list[str] | None = None
+    # The run's selection: the probe files it collected (or failed to collect; None: not recorded) and the
+    # claims of those that -k, -m, --lf ... deselected ("file::claim"). A baseline claim of a collected file
+    # that was not deselected must be measured now.
+    collected_files: list[str] | None = None
+    deselected: list[str] = Field(default_factory=list)
     preflight: list[PreflightResult] = Field(default_factory=list)
     tokenization: dict[str, Any] = Field(default_factory=dict)  # chat template + example token ids
     probes: list[ProbeRecord] = Field(default_factory=list)
