@@ -335,3 +335,10 @@ def test_sigterm_writes_an_interrupted_report_naming_the_probe(pytester, probe_d
     assert rec["probes"][0]["error"].startswith("interrupted")
     md = (pytester.path / "out" / copy_model.name / "report.md").read_text()
     assert "interrupted while measuring `probes/lens.probe.yaml`" in md
+
+
+def test_every_option_is_in_the_readme_table():
+    from modelprobe.options import OPTIONS
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for o in OPTIONS:
+        assert f"| `{o.flag}` | `{o.ini}` |" in readme, o.flag
