@@ -12,6 +12,7 @@ import pytest
 from .errors import ModelprobeError
 from .report.record import ClaimResult, ProbeRecord
 from .spec import PROBE_SUFFIX
+from .spec.load import probe_name
 
 SESSION_KEY: pytest.StashKey[Any] = pytest.StashKey()
 
@@ -60,7 +61,7 @@ class ProbeFile(pytest.File):
             names = kinds.claim_names(probe)
         except ModelprobeError as e:
             # Recorded as the probe's error, so a typo never makes a probe vanish from report and gate.
-            session.add_probe(ProbeRecord(name=_display_name(self.path), kind="", file=self.identity,
+            session.add_probe(ProbeRecord(name=probe_name(self.path), kind="", file=self.identity,
                                           error=str(e), collected=False))
             raise self.CollectError(str(e)) from None
         self.probe = probe
@@ -116,11 +117,6 @@ class ProbeFile(pytest.File):
             if not cut_off:
                 session.current_probe = None
         return self._outcome
-
-
-def _display_name(path: Path) -> str:
-    name = path.name
-    return name[: -len(PROBE_SUFFIX)] if name.endswith(PROBE_SUFFIX) else path.stem
 
 
 class ClaimItem(pytest.Item):

@@ -36,7 +36,7 @@ def parse_bool(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError("expected true or false")
+    raise ValueError("expected true or false (or 1/0, yes/no, on/off)")
 
 
 def _int_at_least(low: int, high: int = 1 << 31) -> Callable[[str], int]:

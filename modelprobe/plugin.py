@@ -18,13 +18,13 @@ _PREVIOUS_SIGTERM: pytest.StashKey[object] = pytest.StashKey()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("modelprobe", "modelprobe: claims about model internals")
     for o in OPTIONS:
+        # Values are read as text and checked in one place (options.read_options), flag and ini alike: pytest's
+        # own ini parsing would answer `probe_strict = maybe` with an internal error.
         if o.is_flag:
             group.addoption(o.flag, dest=o.ini, action="store_true", default=None, help=o.help)
-            parser.addini(o.ini, o.help + " (ini)", type="bool", default=None)
         else:
-            # Parsed as text and checked in one place (options.read_options), for the flag and the ini alike.
             group.addoption(o.flag, dest=o.ini, default=None, help=o.help)
-            parser.addini(o.ini, o.help + " (ini)", default=None)
+        parser.addini(o.ini, o.help + " (ini)", default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,8 +35,6 @@ def pytest_configure(config: pytest.Config) -> None:
     except OptionError as e:
         raise pytest.UsageError(f"modelprobe: {e}") from None
     worker = _is_worker(config)
-    if not worker and not config.option.collectonly:
-        _check_report_dir(options.report_dir)
     from .spec.load import set_data_roots
     set_data_roots([Path(str(config.rootpath))] + ([options.data_root] if options.data_root else []))
     progress = config.getoption("verbose", 0) >= 0
@@ -47,15 +45,28 @@ def pytest_configure(config: pytest.Config) -> None:
     _install_sigterm(config)
 
 
-def _check_report_dir(report_dir: Path) -> None:
-    """An unwritable report folder is a usage error now, not a lost report after the whole run."""
+def report_dir_problem(report_dir: Path) -> str | None:
+    """Why reports could not be written under `report_dir` (its first existing ancestor decides), or None."""
     probe = report_dir
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if probe.exists() and not probe.is_dir():
-        raise pytest.UsageError(f"modelprobe: --probe-report-dir={report_dir}: {probe} is not a directory")
+        return f"--probe-report-dir={report_dir}: {probe} is not a directory"
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise pytest.UsageError(f"modelprobe: --probe-report-dir={report_dir}: {probe} is not writable")
+        return f"--probe-report-dir={report_dir}: {probe} is not writable"
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """An unwritable report folder stops a probe run before any claim runs, not after the whole run (runs
+    without probe files, e.g. another project's tests, are left alone)."""
+    ps = session.config.stash.get(SESSION_KEY, None)
+    if ps is None or ps.worker or not ps.saw_probe_files or session.config.option.collectonly:
+        return
+    problem = report_dir_problem(ps.options.report_dir)
+    if problem:
+        ps.report_error = problem
+        raise pytest.UsageError(f"modelprobe: {problem}")
 
 
 def _install_sigterm(config: pytest.Config) -> None:
@@ -134,7 +145,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _is_worker(config):
         config.workeroutput["modelprobe_record"] = ps.record.model_dump_json()
         return
-    if config.option.collectonly or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
+    if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
     if (ps.report_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
