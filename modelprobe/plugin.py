@@ -148,7 +148,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
-    if (ps.report_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
+    if (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -199,5 +199,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for path in ps.report_paths:
         terminalreporter.write_line(f"report: {path}")
     if ps.report_error:
-        terminalreporter.write_line(f"report NOT written: {ps.report_error}" if "baseline NOT saved"
-                                    not in ps.report_error else ps.report_error, red=True)
+        terminalreporter.write_line(f"report NOT written: {ps.report_error}", red=True)
+    if ps.baseline_error:
+        terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)

@@ -83,6 +83,7 @@ class ProbeSession:
         self.comparison: Any = None
         self.report_paths: list[Path] = []
         self.report_error: str | None = None
+        self.baseline_error: str | None = None  # --probe-save failed (the reports themselves were written)
 
     @property
     def loaded(self) -> bool:
@@ -174,7 +175,7 @@ class ProbeSession:
             try:
                 self.report_paths.append(save_baseline(self.record, self.options.report_dir, self.options.save))
             except BaselineError as e:
-                self.report_error = f"baseline NOT saved: {e}"
+                self.baseline_error = str(e)
 
 
 def tokenization_record(subject: Any) -> dict[str, Any]:

@@ -35,7 +35,6 @@ __all__ = [
     "render_markdown",
     "summary_rows",
     "verdict_counts",
-    "verdict_line",
     "write_all",
     "write_json",
     "write_markdown",
@@ -88,15 +87,6 @@ def verdict_counts(record: RunRecord) -> dict[str, int]:
         for c in probe.claims:
             counts[c.verdict] += 1
     return {v: counts.get(v, 0) for v in ("pass", "fail", "inconclusive", "error")}
-
-
-def verdict_line(record: RunRecord) -> str:
-    """e.g. "3 passed, 1 failed, 0 inconclusive, 1 error"."""
-    n = verdict_counts(record)
-    errors = "error" if n["error"] == 1 else "errors"
-    return (
-        f"{n['pass']} passed, {n['fail']} failed, {n['inconclusive']} inconclusive, {n['error']} {errors}"
-    )
 
 
 # ---------------------------------------------------------------- json

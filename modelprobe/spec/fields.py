@@ -75,9 +75,6 @@ class Threshold(Strict):
     def value(self) -> float:
         return float(self.at_least if self.at_least is not None else self.at_most)
 
-    def symbol(self) -> str:
-        return ("≥ " if self.comparison == "at_least" else "≤ ") + f"{self.value:g}"
-
 
 class RateThreshold(Threshold):
     """A threshold on a share or a rate, in [0, 1]."""
