@@ -314,16 +314,17 @@ def test_collection_never_loads_the_model_and_k_loads_it_once(pytester, probe_di
     assert len(loads) == 1
 
 
-def test_sigterm_writes_an_interrupted_report_naming_the_probe(pytester, probe_dir, copy_model):
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_writes_an_interrupted_report_naming_the_probe(pytester, probe_dir, copy_model, signal_name):
     stale = pytester.path / "out" / copy_model.name / "report.json"
     stale.parent.mkdir(parents=True)
     stale.write_text('{"stale": true}')
-    pytester.makeconftest("""
+    pytester.makeconftest(f"""
         import os, signal, time
         from modelprobe.session import ProbeSession
 
-        def subject(self):  # what a CI timeout does while a probe is being measured
-            os.kill(os.getpid(), signal.SIGTERM)
+        def subject(self):  # what a CI timeout (SIGTERM) or Ctrl-C does while a probe is being measured
+            os.kill(os.getpid(), signal.{signal_name})
             time.sleep(60)
 
         ProbeSession.subject = subject
@@ -342,3 +343,13 @@ def test_every_option_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for o in OPTIONS:
         assert f"| `{o.flag}` | `{o.ini}` |" in readme, o.flag
+
+
+def test_data_outside_the_rootdir_needs_probe_data_root(pytester, probe_dir, copy_model, tmp_path):
+    outside = write_jsonl(tmp_path / "shared" / "copy.jsonl", copy_task_rows())
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.replace("data/copy.jsonl", str(outside)))
+    refused = run(pytester, copy_model)
+    refused.assert_outcomes(errors=1)
+    refused.stdout.fnmatch_lines(["*lens.probe.yaml:4:10: prompts: data file '*copy.jsonl' is outside the probe's "
+                                  "folder and the rootdir*"])
+    run(pytester, copy_model, f"--probe-data-root={outside.parent}").assert_outcomes(passed=2, failed=1)
