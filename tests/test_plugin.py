@@ -295,6 +295,8 @@ def test_same_file_name_in_two_folders_are_two_probes(pytester, probe_dir, tmp_p
     run(pytester, clean, "--probe-save=base")
     files = sorted(p["file"] for p in report(pytester, clean)["probes"])
     assert files == ["probes/a/lens.probe.yaml", "probes/b/lens.probe.yaml"]
+    result = run(pytester, clean)
+    result.stdout.fnmatch_lines(["probes/a/lens.probe.yaml *emerges_early*", "probes/b/lens.probe.yaml *emerges_early*"])
     (probe_dir / "a" / "lens.probe.yaml").unlink()  # b alone is compared with b's baseline, not a's
     result = run(pytester, damaged, "--probe-compare=base", "probes/b")
     result.stdout.fnmatch_lines(["*regression against baseline: *pass → fail*"])
