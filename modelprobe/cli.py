@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,6 +42,16 @@ def _probe_files(paths: list[str]) -> list[Path]:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .spec.load import set_data_roots
+
+    set_data_roots([Path.cwd()] + ([Path(args.data_root)] if args.data_root else []))
+    try:
+        return _validate(args)
+    finally:
+        set_data_roots([])
+
+
+def _validate(args: argparse.Namespace) -> int:
     from .kinds import check_data_files, instantiate, load
 
     subject = None
@@ -70,29 +81,47 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _write(path: Path, text: str) -> None:
+    """Write a file the user asked for; an OS error becomes one ModelprobeError line naming the path."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as e:
+        raise ModelprobeError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.output == "-":
         sys.stdout.write(text)
     else:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+        _write(Path(args.output), text)
         print(f"wrote {args.output}")
     return 0
 
 
+_PROBE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
 def cmd_new(args: argparse.Namespace) -> int:
-    from .skeletons import SKELETONS
+    from .skeletons import SKELETON_DATA, SKELETONS
     if args.kind not in SKELETONS:
-        print(f"modelprobe: unknown kind '{args.kind}' (known: {', '.join(sorted(SKELETONS))})", file=sys.stderr)
-        return 2
-    target = Path(args.directory) / f"{args.name}.probe.yaml"
+        raise ModelprobeError(f"unknown kind '{args.kind}' (known: {', '.join(sorted(SKELETONS))})")
+    if not _PROBE_NAME.match(args.name):
+        raise ModelprobeError(f"probe name '{args.name}': use letters, digits, '_', '.' or '-' (no path)")
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        raise ModelprobeError(f"--directory {directory} is not a directory")
+    target = directory / f"{args.name}.probe.yaml"
     if target.exists() and not args.force:
-        print(f"modelprobe: {target} exists (use --force to overwrite)", file=sys.stderr)
-        return 2
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(SKELETONS[args.kind])
+        raise ModelprobeError(f"{target} exists (use --force to overwrite)")
+    _write(target, SKELETONS[args.kind])
     print(f"wrote {target}")
+    for rel, rows in SKELETON_DATA.get(args.kind, {}).items():
+        data = directory / rel
+        if not data.exists():
+            _write(data, "".join(json.dumps(r) + "\n" for r in rows))
+            print(f"wrote {data} ({len(rows)} example rows: replace them with your data)")
     return 0
 
 
@@ -113,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check probe files (and, with --model, against a model)")
     v.add_argument("paths", nargs="*", help="probe files or directories (default: probes)")
     v.add_argument("--model", default=None, help="also check layers, heads and tokens against this model")
+    v.add_argument("--data-root", default=None,
+                   help="also allow data files under this folder (default: the probe's folder and the working "
+                        "directory)")
     v.set_defaults(func=cmd_validate)
     s = sub.add_parser("schema", help="write the JSON Schema probe files reference")
     s.add_argument("-o", "--output", default=str(SCHEMA_PATH), help="file to write, or - for stdout")
@@ -126,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("compare", help="diff two reports: modelprobe compare A.json B.json")
     sub.add_parser("discover", help="propose a circuit and write its probe file")
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModelprobeError as e:
+        print(f"modelprobe: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .errors import ModelprobeError
 from .report.record import ClaimResult, ProbeRecord
+from .spec import PROBE_SUFFIX
+from .spec.load import probe_name
 
 SESSION_KEY: pytest.StashKey[Any] = pytest.StashKey()
 
@@ -34,58 +38,64 @@ def describe(claim: ClaimResult) -> str:
     return "\n".join(lines)
 
 
-def _relative(path, config) -> str:
-    """Paths in reports are relative to the rootdir, so a committed baseline carries no home directory."""
+def _relative(path: Path, config: pytest.Config) -> str:
+    """A probe's identity: its path relative to the rootdir (posix), so two files of one name differ and a
+    committed baseline carries no home directory."""
     try:
-        return str(path.relative_to(config.rootpath))
+        return path.relative_to(config.rootpath).as_posix()
     except ValueError:
-        return str(path)
+        return path.as_posix()
 
 
 class ProbeFile(pytest.File):
-    """A probe file. Loading, model checks and the one measurement its claims share live here."""
+    """A probe file. Collection reads the spec and its data only; the model is touched when a claim runs."""
 
     def collect(self):
         from . import kinds
         session = self.config.stash[SESSION_KEY]
+        self.identity = _relative(self.path, self.config)
+        session.in_scope([self.identity])
         try:
             probe = kinds.load(self.path)
+            kinds.check_data_files(probe)
+            names = kinds.claim_names(probe)
         except ModelprobeError as e:
-            raise self.CollectError(str(e)) from None
-        try:
-            subject = session.subject()
-        except ModelprobeError as e:
-            raise self.CollectError(f"{self.path}: {e}") from None
-        try:
-            self.kind = kinds.instantiate(probe, subject)
-        except ModelprobeError as e:
+            # Recorded as the probe's error, so a typo never makes a probe vanish from report and gate.
+            session.add_probe(ProbeRecord(name=probe_name(self.path), kind="", file=self.identity,
+                                          error=str(e), collected=False))
             raise self.CollectError(str(e)) from None
         self.probe = probe
         self._outcome: Any = None
         self._error: str | None = None
         for tag in probe.spec.tags:
             self.config.addinivalue_line("markers", f"{tag}: modelprobe tag")
-        for name in self.kind.claim_names():
+        for name in names:
             item = ClaimItem.from_parent(self, name=name)
             for tag in probe.spec.tags:
                 item.add_marker(getattr(pytest.mark, tag))
             # Claims of one probe share a measurement: keep them on one xdist worker.
-            item.add_marker(pytest.mark.xdist_group(name=probe.name))
+            item.add_marker(pytest.mark.xdist_group(name=self.identity))
             item.extra_keyword_matches.update({probe.spec.kind, probe.name})
             yield item
 
     def outcome(self) -> Any:
-        """Measure once for all claims; a user-caused error becomes the probe's error, not a traceback."""
+        """Load the model, set the kind up and measure once for all claims; a user-caused error (a
+        model-dependent check, an unloadable model) becomes the probe's one-line error, not a traceback."""
         if self._outcome is not None or self._error is not None:
             return self._outcome
+        from . import kinds
         session = self.config.stash[SESSION_KEY]
-        record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=_relative(self.path, self.config),
+        record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=self.identity,
                              file_hash=self.probe.file_hash, about=self.probe.spec.about)
         start = time.perf_counter()
+        session.current_probe = self.identity
+        cut_off = False
         try:
+            subject = session.subject()
             if session.preflight_failed:
                 raise ModelprobeError(f"preflight failed: {session.preflight_failed}")
-            self._outcome = self.kind.run()
+            kind = kinds.instantiate(self.probe, subject)
+            self._outcome = kind.run()
             record.settings = self._outcome.settings
             record.claims = self._outcome.claims
         except ModelprobeError as e:
@@ -93,18 +103,29 @@ class ProbeFile(pytest.File):
         except Exception as e:
             self._error = f"internal error: {type(e).__name__}: {e}"
             raise
+        except BaseException:  # KeyboardInterrupt, SIGTERM: say which probe was cut off
+            cut_off = True
+            self._error = "interrupted: the run was stopped while this probe was being measured"
+            raise
         finally:
             record.duration_s = time.perf_counter() - start
             leak = session.after_probe(self.probe.name)
-            if not leak.passed and self._error is None:
+            if leak is not None and not leak.passed and self._error is None:
                 self._error = f"hooks left behind: {leak.detail}"
             record.error = self._error
             session.add_probe(record)
+            if not cut_off:
+                session.current_probe = None
         return self._outcome
 
 
 class ClaimItem(pytest.Item):
     parent: ProbeFile
+
+    @property
+    def identity(self) -> str:
+        """`file::claim`, the file relative to the rootdir: what baselines and the gate match on."""
+        return f"{self.parent.identity}::{self.name}"
 
     def runtest(self) -> None:
         session = self.config.stash[SESSION_KEY]
@@ -119,7 +140,7 @@ class ClaimItem(pytest.Item):
         elif claim.verdict == "inconclusive" and not session.options.allow_inconclusive:
             problems.append(describe(claim) + "\n  (inconclusive fails the run; --probe-allow-inconclusive "
                                               "accepts it)")
-        gate = session.gate_message(self.parent.probe.name, claim)
+        gate = session.gate_message(self.parent.identity, claim)
         if gate:
             problems.append(gate)
         if problems:
@@ -144,3 +165,29 @@ class ClaimItem(pytest.Item):
     def reportinfo(self):
         line, _ = self.parent.probe.positions.get(("claims", self.name, "__key__"), (1, 1))
         return self.path, line - 1, f"{self.parent.probe.spec.kind} claim {self.parent.probe.name}::{self.name}"
+
+
+def odd_probe_entries(directory: Path) -> list[Path]:
+    """`*.probe.yaml` entries that are neither files nor folders (FIFOs, sockets, dangling or looping links):
+    pytest would skip them without a word."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    return sorted(Path(e.path) for e in entries if e.name.endswith(PROBE_SUFFIX) and _odd(e))
+
+
+def _odd(entry: os.DirEntry) -> bool:
+    try:
+        return not entry.is_file() and not entry.is_dir()
+    except OSError:  # a symlink loop
+        return True
+
+
+class ProbeDir(pytest.Dir):
+    """A folder holding odd probe entries: each becomes a ProbeFile, whose collection refuses it by name."""
+
+    def collect(self):
+        yield from super().collect()
+        for path in odd_probe_entries(self.path):
+            yield ProbeFile.from_parent(self, path=path)

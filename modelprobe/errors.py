@@ -35,6 +35,8 @@ class SpecError(ModelprobeError):
         pos = self.file
         if self.line is not None:
             pos += f":{self.line}:{self.col or 1}"
+        if self.loc == ("<file>",):  # the file as a whole (not readable, not text): no key to name
+            return f"{pos}: {self.message}"
         return f"{pos}: {where}: {self.message}"
 
 

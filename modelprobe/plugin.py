@@ -2,66 +2,118 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
 
-from .collect import SESSION_KEY, ProbeFile
-from .session import DEFAULTS, Options, ProbeSession
+from .collect import SESSION_KEY, ProbeDir, ProbeFile, odd_probe_entries
+from .options import OPTIONS, OptionError
+from .session import Options, ProbeSession
 
-_OPTIONS = [
-    # (flag, dest, help, kind)
-    ("--model", "probe_model", "model under test: alias, local HF directory, .gguf file or cached hub id "
-                               f"(default {DEFAULTS['probe_model']})", str),
-    ("--probe-device", "probe_device", "cpu, cuda, cuda:N or auto (device_map='auto' across GPUs)", str),
-    ("--probe-dtype", "probe_dtype", "float32 (default), bfloat16 or float16", str),
-    ("--probe-report-dir", "probe_report_dir", "where reports/<model-slug>/report.* go (default reports)", str),
-    ("--trust-remote-code", "trust_remote_code", "allow model code from the model directory (off by default)", bool),
-    ("--probe-allow-inconclusive", "probe_allow_inconclusive", "do not fail the run on inconclusive claims", bool),
-    ("--probe-batch-size", "probe_batch_size", "prompts per forward pass (default 16)", int),
-    ("--probe-threads", "probe_threads", "torch threads (default: all cores; 1 per xdist worker)", int),
-    ("--probe-save", "probe_save", "save this run as baseline NAME under <report-dir>/baselines/<model-slug>/", str),
-    ("--probe-compare", "probe_compare", "compare with a baseline (NAME or path to a report.json)", str),
-    ("--probe-tolerance", "probe_tolerance", "allowed effect move vs the baseline: 0.05, abs:0.05, rel:0.1", str),
-    ("--probe-strict", "probe_strict", "claims new in or missing from this run fail the comparison", bool),
-    ("--probe-allow-model-change", "probe_allow_model_change", "allow comparing with another model's baseline",
-     bool),
-]
+_PREVIOUS_SIGTERM: pytest.StashKey[object] = pytest.StashKey()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("modelprobe", "modelprobe: claims about model internals")
-    for flag, dest, help_text, kind in _OPTIONS:
-        if kind is bool:
-            group.addoption(flag, dest=dest, action="store_true", default=None, help=help_text)
-            parser.addini(dest, help_text + " (ini)", type="bool", default=None)
+    for o in OPTIONS:
+        # Values are read as text and checked in one place (options.read_options), flag and ini alike: pytest's
+        # own ini parsing would answer `probe_strict = maybe` with an internal error.
+        if o.is_flag:
+            group.addoption(o.flag, dest=o.ini, action="store_true", default=None, help=o.help)
         else:
-            group.addoption(flag, dest=dest, default=None, type=kind, help=help_text)
-            parser.addini(dest, help_text + " (ini)", default=None)
+            group.addoption(o.flag, dest=o.ini, default=None, help=o.help)
+        parser.addini(o.ini, o.help + " (ini)", default=None)
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Registered here so that --strict-markers passes without pytest-xdist installed.
+    config.addinivalue_line("markers", "xdist_group(name): keep a probe's claims on one xdist worker")
     try:
         options = Options.from_config(config)
-    except ValueError as e:
+    except OptionError as e:
         raise pytest.UsageError(f"modelprobe: {e}") from None
+    worker = _is_worker(config)
+    from .spec.load import set_data_roots
+    set_data_roots([Path(str(config.rootpath))] + ([options.data_root] if options.data_root else []))
     progress = config.getoption("verbose", 0) >= 0
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
+    config.stash[SESSION_KEY] = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
+                                             worker=worker)
+    _install_sigterm(config)
+
+
+def report_dir_problem(report_dir: Path) -> str | None:
+    """Why reports could not be written under `report_dir` (its first existing ancestor decides), or None."""
+    probe = report_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        return f"--probe-report-dir={report_dir}: {probe} is not a directory"
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        return f"--probe-report-dir={report_dir}: {probe} is not writable"
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """An unwritable report folder stops a probe run before any claim runs, not after the whole run (runs
+    without probe files, e.g. another project's tests, are left alone)."""
+    ps = session.config.stash.get(SESSION_KEY, None)
+    if ps is None or ps.worker or not ps.saw_probe_files or session.config.option.collectonly:
+        return
+    problem = report_dir_problem(ps.options.report_dir)
+    if problem:
+        ps.report_error = problem
+        raise pytest.UsageError(f"modelprobe: {problem}")
+
+
+def _install_sigterm(config: pytest.Config) -> None:
+    """SIGTERM (what CI sends on a timeout) takes the KeyboardInterrupt path: the report is still written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
     try:
-        session = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
-                               worker=_is_worker(config))
-    except ValueError as e:
-        raise pytest.UsageError(f"modelprobe: {e}") from None
-    config.stash[SESSION_KEY] = session
+        config.stash[_PREVIOUS_SIGTERM] = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from .spec.load import set_data_roots
+    set_data_roots([])  # an in-process run (pytester) must not leave its rootdir behind
+    previous = config.stash.get(_PREVIOUS_SIGTERM, None)
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     if file_path.name.endswith(".probe.yaml"):
         # One bad probe file must not stop the others: keep running after its collection error.
         parent.config.option.continue_on_collection_errors = True
+        session = parent.config.stash.get(SESSION_KEY, None)
+        if session is not None:
+            session.saw_probe_files = True
         return ProbeFile.from_parent(parent, path=file_path)
     return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collect_directory(path: Path, parent: pytest.Collector):
+    """Only folders with a FIFO or a broken link named *.probe.yaml (and no __init__.py) get our collector."""
+    if not (path / "__init__.py").exists() and odd_probe_entries(path):
+        return ProbeDir.from_parent(parent, path=path)
+    return None
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    """Claims deselected by -k, -m, --lf ...: the baseline gate does not ask for them."""
+    from .collect import ClaimItem
+    claims = [item for item in items if isinstance(item, ClaimItem)]
+    if claims:
+        session = claims[0].config.stash.get(SESSION_KEY, None)
+        if session is not None:
+            session.in_scope([], [item.identity for item in claims])
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -88,14 +140,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ps = config.stash.get(SESSION_KEY, None)
     if ps is None:
         return
-    ps.finish(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
+    ps.finish(interrupted=interrupted)
     if _is_worker(config):
         config.workeroutput["modelprobe_record"] = ps.record.model_dump_json()
         return
-    if not ps.record.probes and (not ps.loaded or config.option.collectonly):
+    if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
-    if ps.report_error or (ps.gate and ps.gate.error):
+    if (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -115,6 +168,10 @@ def pytest_testnodedown(node, error) -> None:
         ps.record.versions.update(worker.versions)
     for probe in worker.probes:
         ps.add_probe(probe)
+    ps.in_scope(worker.collected_files or [], worker.deselected)
+    ps.saw_probe_files = ps.saw_probe_files or bool(worker.probes)
+    if worker.interrupted_probe:
+        ps.current_probe = worker.interrupted_probe
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -130,9 +187,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     for p in ps.record.preflight:
         if not p.passed:
             terminalreporter.write_line(f"PREFLIGHT FAILED {p.name}: {p.detail}", red=True)
+    if ps.record.interrupted_probe:
+        terminalreporter.write_line(f"interrupted while measuring {ps.record.interrupted_probe}", red=True)
     if ps.gate and ps.gate.error:
         terminalreporter.write_line(f"baseline: {ps.gate.error}", red=True)
+    if ps.comparison is not None:
+        for r in ps.comparison.failing:
+            if r.status in ("missing", "errored"):  # claims with no item of their own in this run
+                terminalreporter.write_line(f"baseline: {r.probe}::{r.claim} {r.status.upper()}: {r.message}",
+                                            red=True)
     for path in ps.report_paths:
         terminalreporter.write_line(f"report: {path}")
     if ps.report_error:
         terminalreporter.write_line(f"report NOT written: {ps.report_error}", red=True)
+    if ps.baseline_error:
+        terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)

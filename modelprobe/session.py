@@ -10,23 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelLoadError
+from .options import parse_tolerance, read_options
 from .report.record import ModelInfo, PreflightResult, ProbeRecord, RunRecord
-
-DEFAULTS: dict[str, Any] = {
-    "probe_model": "smollm2-135m-instruct",
-    "probe_device": "cpu",
-    "probe_dtype": "float32",
-    "probe_report_dir": "reports",
-    "trust_remote_code": False,
-    "probe_allow_inconclusive": False,
-    "probe_batch_size": 16,
-    "probe_threads": 0,
-    "probe_save": None,
-    "probe_compare": None,
-    "probe_tolerance": None,
-    "probe_strict": False,
-    "probe_allow_model_change": False,
-}
 
 
 @dataclass
@@ -35,6 +20,7 @@ class Options:
     device: str
     dtype: str
     report_dir: Path
+    data_root: Path | None
     trust_remote_code: bool
     allow_inconclusive: bool
     batch_size: int
@@ -47,22 +33,17 @@ class Options:
 
     @classmethod
     def from_config(cls, config: Any) -> Options:
-        def get(name: str) -> Any:
-            value = config.getoption(name, default=None)
-            if value is None:
-                ini = config.getini(name)
-                value = ini if ini not in ("", [], None) else DEFAULTS[name]
-            if isinstance(DEFAULTS[name], bool) and isinstance(value, str):
-                value = value.strip().lower() in ("1", "true", "yes", "on")
-            return value
-
+        """The checked options (raises OptionError naming the option)."""
+        v = read_options(lambda name: config.getoption(name, default=None), config.getini)
         return cls(
-            model=str(get("probe_model")), device=str(get("probe_device")), dtype=str(get("probe_dtype")),
-            report_dir=Path(get("probe_report_dir")), trust_remote_code=bool(get("trust_remote_code")),
-            allow_inconclusive=bool(get("probe_allow_inconclusive")), batch_size=int(get("probe_batch_size")),
-            threads=int(get("probe_threads")),
-            save=get("probe_save"), compare=get("probe_compare"), tolerance=get("probe_tolerance"),
-            strict=bool(get("probe_strict")), allow_model_change=bool(get("probe_allow_model_change")),
+            model=v["probe_model"], device=v["probe_device"], dtype=v["probe_dtype"],
+            report_dir=Path(v["probe_report_dir"]),
+            data_root=Path(v["probe_data_root"]) if v["probe_data_root"] else None,
+            trust_remote_code=v["trust_remote_code"],
+            allow_inconclusive=v["probe_allow_inconclusive"], batch_size=v["probe_batch_size"],
+            threads=v["probe_threads"], save=v["probe_save"], compare=v["probe_compare"],
+            tolerance=v["probe_tolerance"], strict=v["probe_strict"],
+            allow_model_change=v["probe_allow_model_change"],
         )
 
 
@@ -92,13 +73,17 @@ class ProbeSession:
         self._subject: Any = None
         self.load_error: str | None = None
         self.preflight_failed: str | None = None
-        self.record = RunRecord(model=ModelInfo(id=options.model, slug=options.model), started=_now(),
-                                seed=0, probes_commit=_git_commit(rootdir))
+        # The slug names the report folder before the model is loaded (collection errors, interrupts).
+        self.record = RunRecord(model=ModelInfo(id=options.model, slug=_slug_guess(options.model)),
+                                started=_now(), seed=0, probes_commit=_git_commit(rootdir))
         self.record.versions = {"python": platform.python_version()}
-        self.probes_run = 0
+        self.saw_probe_files = False
+        self.current_probe: str | None = None  # identity of the probe being measured (for interrupts)
         self.gate: BaselineGate | None = BaselineGate(self) if options.compare else None
+        self.comparison: Any = None
         self.report_paths: list[Path] = []
         self.report_error: str | None = None
+        self.baseline_error: str | None = None  # --probe-save failed (the reports themselves were written)
 
     @property
     def loaded(self) -> bool:
@@ -140,10 +125,13 @@ class ProbeSession:
             self.preflight_failed = "; ".join(f"{p.name}: {p.detail}" for p in failed)
         return subject
 
-    def gate_message(self, probe_name: str, claim: Any) -> str | None:
-        return self.gate.message(probe_name, claim) if self.gate else None
+    def gate_message(self, probe_file: str, claim: Any) -> str | None:
+        return self.gate.message(probe_file, claim) if self.gate else None
 
-    def after_probe(self, probe_name: str) -> PreflightResult:
+    def after_probe(self, probe_name: str) -> PreflightResult | None:
+        """No hook of ours may survive a probe; None when no model was loaded."""
+        if self._subject is None:
+            return None
         from .subject.preflight import check_no_hooks_left
         result = check_no_hooks_left(self._subject, after=f"probe {probe_name}")
         if not result.passed:
@@ -153,24 +141,41 @@ class ProbeSession:
     def add_probe(self, probe: ProbeRecord) -> None:
         self.record.probes = [p for p in self.record.probes if p.file != probe.file] + [probe]
 
+    def in_scope(self, files: list[str], deselected: list[str] = ()) -> None:
+        """Record the run's selection: probe files collected (or not collectable), claims deselected."""
+        self.record.collected_files = sorted(set(self.record.collected_files or []) | set(files))
+        self.record.deselected = sorted(set(self.record.deselected) | set(deselected))
+
     def finish(self, interrupted: bool) -> None:
         self.record.finished = _now()
         self.record.interrupted = interrupted
+        if interrupted and self.current_probe:
+            self.record.interrupted_probe = self.current_probe
+        if self.gate:
+            self.comparison = self.gate.comparison(self.record)
+
+    @property
+    def gate_failed(self) -> bool:
+        """A usable baseline was not matched: an error, a regression, or a baseline claim not measured."""
+        return bool(self.gate and (self.gate.error or (self.comparison is not None and not self.comparison.ok)))
 
     def write_reports(self) -> None:
         """report.{json,md,html} (+ baseline); a write failure is kept as one line, never a crash."""
         from .report.baseline import save_baseline
-        from .report.errors import ReportError
+        from .report.errors import BaselineError, ReportError
         from .report.writers import write_all
 
         directory = self.options.report_dir / self.record.model.slug
-        comparison = self.gate.comparison(self.record) if self.gate else None
         try:
-            self.report_paths = list(write_all(self.record, directory, comparison=comparison))
-            if self.options.save:
-                self.report_paths.append(save_baseline(self.record, self.options.report_dir, self.options.save))
+            self.report_paths = list(write_all(self.record, directory, comparison=self.comparison))
         except ReportError as e:
             self.report_error = str(e)
+            return
+        if self.options.save:
+            try:
+                self.report_paths.append(save_baseline(self.record, self.options.report_dir, self.options.save))
+            except BaselineError as e:
+                self.baseline_error = str(e)
 
 
 def tokenization_record(subject: Any) -> dict[str, Any]:
@@ -188,26 +193,6 @@ def tokenization_record(subject: Any) -> dict[str, Any]:
     return out
 
 
-def parse_tolerance(text: str | None) -> tuple[float | None, float | None]:
-    """'0.05' or 'abs:0.05' or 'rel:0.1' or 'abs:0.05,rel:0.1' → (abs, rel)."""
-    if not text:
-        return None, None
-    tol_abs = tol_rel = None
-    for part in str(text).split(","):
-        key, _, value = part.strip().rpartition(":")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ValueError(f"--probe-tolerance {text!r}: expected e.g. 0.05, abs:0.05 or rel:0.1") from None
-        if key in ("", "abs"):
-            tol_abs = number
-        elif key == "rel":
-            tol_rel = number
-        else:
-            raise ValueError(f"--probe-tolerance {text!r}: unknown part {key!r} (abs or rel)")
-    return tol_abs, tol_rel
-
-
 class BaselineGate:
     """--probe-compare: each claim is held against the same claim of a stored run as it finishes."""
 
@@ -216,7 +201,7 @@ class BaselineGate:
         self.before: RunRecord | None = None
         self.error: str | None = None
         opts = session.options
-        self.tol_abs, self.tol_rel = parse_tolerance(opts.tolerance)
+        self.tol_abs, self.tol_rel = parse_tolerance(opts.tolerance) if opts.tolerance else (None, None)
         from .report.baseline import BaselineError, load_report
         try:
             self.before = load_report(opts.compare, opts.report_dir, _slug_guess(opts.model))
@@ -246,13 +231,13 @@ class BaselineGate:
             self.error = str(e)
             return None
 
-    def message(self, probe_name: str, claim: Any) -> str | None:
+    def message(self, probe_file: str, claim: Any) -> str | None:
         from .report.baseline import compare
         if self.error:
             return f"baseline comparison impossible: {self.error}"
         if self.before is None:
             return None
-        before_probe = next((p for p in self.before.probes if p.name == probe_name), None)
+        before_probe = next((p for p in self.before.probes if p.file == probe_file), None)
         before_claim = next((c for c in before_probe.claims if c.name == claim.name), None) if before_probe else None
         if before_claim is None:
             return ("claim is new since the baseline (fails under --probe-strict)"

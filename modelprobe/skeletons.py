@@ -1,4 +1,5 @@
-"""Commented probe-file skeletons for `modelprobe new KIND NAME`; each validates as written."""
+"""Commented probe-file skeletons for `modelprobe new KIND NAME`, and example rows for the data files they
+name (written only where no such file exists), so that a fresh skeleton validates as written."""
 
 from __future__ import annotations
 
@@ -70,4 +71,24 @@ claims:
 controls:
   random_circuits: 100           # same size, same layers where possible
 """,
+}
+
+
+# Example rows for the data files a skeleton names: a shape to replace, not a data set.
+SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
+    "logit_lens": {"data/capitals.jsonl": [
+        {"prompt": "The capital of France is", "answer": " Paris"},
+        {"prompt": "The capital of Germany is", "answer": " Berlin"},
+        {"prompt": "The capital of Italy is", "answer": " Rome"},
+    ]},
+    "direction": {
+        "data/harmful_instructions.jsonl": [{"prompt": "Explain how to pick the lock of my neighbour's door."}],
+        "data/harmless_instructions.jsonl": [{"prompt": "Explain how to bake a loaf of bread."}],
+    },
+    "circuit": {
+        "data/ioi.jsonl": [{"prompt": "When Mary and John went to the store, John gave a drink to",
+                            "answer": " Mary", "wrong": " John"}],
+        "data/ioi_abc.jsonl": [{"prompt": "When Mary and John went to the store, Tom gave a drink to",
+                                "answer": " Mary", "wrong": " John"}],
+    },
 }

@@ -51,7 +51,8 @@ def run(
 
 
 def row(c: Comparison, probe: str, claim: str):
-    (r,) = [r for r in c.rows if (r.probe, r.claim) == (probe, claim)]
+    """The row of a claim; rows name a probe by its identity, the file relative to the rootdir."""
+    (r,) = [r for r in c.rows if (r.probe, r.claim) == (f"probes/{probe}.yaml", claim)]
     return r
 
 
@@ -121,28 +122,68 @@ def test_claim_tolerance_overrides_global():
     assert compare(run({("p", "c"): ("pass", 0.8, {"abs": 0.5})}), tight).ok is False
 
 
-def test_new_and_missing_with_and_without_strict():
+def test_missing_always_fails_new_fails_only_with_strict():
     before = run({("p", "kept"): ("pass", 0.8), ("p", "gone"): ("pass", 0.5), ("old", "x"): ("fail", 0.1)})
     after = run({("p", "kept"): ("pass", 0.8), ("p", "added"): ("pass", 0.9), ("newprobe", "y"): ("pass", 1)})
     c = compare(before, after)
-    assert c.ok
+    assert not c.ok  # a baseline claim that was not measured never passes the gate
     assert row(c, "p", "added").status == "new" and not row(c, "p", "added").failing
     assert row(c, "newprobe", "y").status == "new"
-    assert row(c, "p", "gone").status == "missing" and not row(c, "p", "gone").failing
-    assert row(c, "old", "x").status == "missing"
+    assert row(c, "p", "gone").status == "missing" and row(c, "p", "gone").failing
+    assert row(c, "old", "x").status == "missing" and row(c, "old", "x").failing
     s = compare(before, after, strict=True)
-    assert not s.ok
     assert {(r.probe, r.claim) for r in s.rows if r.failing} == {
-        ("p", "added"), ("newprobe", "y"), ("p", "gone"), ("old", "x")}
+        ("probes/p.yaml", "added"), ("probes/newprobe.yaml", "y"), ("probes/p.yaml", "gone"),
+        ("probes/old.yaml", "x")}
 
 
-def test_probe_error_now_flips_a_passing_claim():
+def test_missing_counts_only_claims_the_selection_asked_for():
+    before = run({("p", "kept"): ("pass", 0.8), ("p", "gone"): ("pass", 0.5), ("old", "x"): ("fail", 0.1)})
+    after = run({("p", "kept"): ("pass", 0.8)})
+    after.collected_files = ["probes/p.yaml"]  # e.g. `pytest probes/p.yaml -k kept`
+    after.deselected = ["probes/p.yaml::gone"]
+    assert compare(before, after).ok
+    after.deselected = []  # asked for but not measured (deleted from the file, interrupted, crashed)
+    c = compare(before, after)
+    assert not c.ok and row(c, "p", "gone").status == "missing"
+    assert [r.claim for r in c.rows] == ["kept", "gone"]  # old::x was not asked for
+
+
+def test_uncollectable_probe_fails_every_baseline_claim_of_it():
+    before = run({("p", "c"): ("pass", 0.8), ("p", "d"): ("fail", 0.1)})
+    after = run({}, errors={"p": "probes/p.yaml:3:5: claims.c.expct: unknown key 'expct'"})
+    after.probes[0].collected = False
+    after.collected_files = ["probes/p.yaml"]  # its claims are unknown: none was deselected
+    c = compare(before, after)
+    assert {r.status for r in c.rows} == {"errored"} and all(r.failing for r in c.rows)
+    assert "could not be collected" in row(c, "p", "d").message and "expct" in row(c, "p", "d").message
+
+
+def test_probe_error_now_fails_every_claim_of_it():
     before = run({("p", "c"): ("pass", 0.8), ("p", "d"): ("fail", 0.1)})
     after = run({}, errors={"p": "RuntimeError: boom"})
     c = compare(before, after)
-    assert row(c, "p", "c").status == "flipped" and row(c, "p", "c").failing
+    assert row(c, "p", "c").status == "errored" and row(c, "p", "c").failing
     assert "boom" in row(c, "p", "c").message
-    assert row(c, "p", "d").status == "missing" and not row(c, "p", "d").failing
+    assert row(c, "p", "d").status == "errored" and row(c, "p", "d").failing
+
+
+def test_non_finite_effects_never_pass_a_tolerance():
+    before = run({("p", "c"): ("pass", 0.8)})
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        c = compare(before, run({("p", "c"): ("pass", bad)}), tolerance_abs=0.5)
+        assert not c.ok and row(c, "p", "c").status == "regressed" and "not a finite" in row(c, "p", "c").message
+
+
+def test_same_file_name_in_two_folders_are_two_probes():
+    def two(effect_b: float) -> RunRecord:
+        rec = RunRecord(model=ModelInfo(id="m", slug="m"))
+        for folder, effect in (("a", 0.8), ("b", effect_b)):
+            rec.probes.append(ProbeRecord(name="x", kind="logit_lens", file=f"{folder}/x.probe.yaml",
+                                          claims=[ClaimResult(name="c", verdict="pass", effect=effect)]))
+        return rec
+    c = compare(two(0.8), two(0.1), tolerance_abs=0.05)
+    assert [(r.probe, r.status) for r in c.rows] == [("a/x.probe.yaml", "ok"), ("b/x.probe.yaml", "regressed")]
 
 
 def test_metadata_mismatch_gives_warnings():
@@ -274,6 +315,8 @@ def test_cli_exit_codes(reports, capsys, tmp_path):
     more = reports("more", run({("p", "c"): ("pass", 0.81), ("p", "new"): ("pass", 1.0)}))
     assert cli_compare([a, more]) == 0
     assert cli_compare([a, more, "--strict"]) == 1
+    assert cli_compare([more, a]) == 1  # p::new is in the baseline and missing now
+    assert "MISSING" in capsys.readouterr().out
 
 
 def test_cli_resolves_baseline_names(reports, tmp_path, capsys):

@@ -106,18 +106,28 @@ BAD_PROBES = {
                    "bad.probe.yaml:8:12: claims.c.top_k: Input should be a valid integer*"),
     "bad_threshold": ("claims:\n  c:\n    expect: {final_accuracy: {at_least: 0.5, at_most: 0.9}}\n",
                       "bad.probe.yaml:8:30: claims.c.expect.final_accuracy: give exactly one of at_least or at_most"),
+}
+# Checks that need the model run when the claim runs (collection never loads it): the claim fails with
+# the same one located line.
+MODEL_CHECKED = {
     "layer_beyond_depth": ("claims:\n  c:\n    layer: 12\n    expect: {share_by_layer: {at_least: 0.5}}\n",
                            "bad.probe.yaml:8:12: claims.c.layer: layer 12 is beyond the model's depth (4 layers*"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_PROBES))
+@pytest.mark.parametrize("case", sorted(BAD_PROBES) + sorted(MODEL_CHECKED))
 def test_bad_probe_is_one_line_error_and_others_still_run(pytester, probe_dir, copy_model, case):
-    body, expected = BAD_PROBES[case]
+    body, expected = BAD_PROBES.get(case) or MODEL_CHECKED[case]
     head = "kind: logit_lens\nabout: x\nprompts: data/copy.jsonl\n# a comment\n# another\n"
     (probe_dir / "bad.probe.yaml").write_text(head + body)
     result = run(pytester, copy_model)
-    result.assert_outcomes(passed=2, failed=1, errors=1)
+    if case in BAD_PROBES:
+        result.assert_outcomes(passed=2, failed=1, errors=1)
+    else:
+        result.assert_outcomes(passed=2, failed=2)
+    rec = report(pytester, copy_model)
+    bad = next(p for p in rec["probes"] if p["file"] == "probes/bad.probe.yaml")
+    assert bad["error"] and expected.split("*")[0] in bad["error"]  # in the report too, not only on screen
     result.stdout.fnmatch_lines([f"*{expected}"])
     assert "Traceback" not in result.stdout.str()
 
@@ -132,12 +142,14 @@ def test_unknown_kind_missing_data_and_multi_token_answer(pytester, probe_dir, c
         "kind: logit_lens\nprompts: data/multi.jsonl\ntarget: single_token\n"
         "claims:\n  c:\n    expect: {final_accuracy: {at_least: 1}}\n")
     result = run(pytester, copy_model)
-    result.assert_outcomes(passed=2, failed=1, errors=3)
+    result.assert_outcomes(passed=2, failed=2, errors=2)  # c's check needs the model: its claim fails
     result.stdout.fnmatch_lines([
         "*a.probe.yaml:1:7: kind: unknown kind 'telepathy' (known: *logit_lens*",
         "*b.probe.yaml:2:10: prompts: data file '*missing.jsonl' not found",
         "*multi.jsonl:2: answer ' t3 t4' is 2 tokens for model *; target: single_token needs one",
     ])
+    errors = {p["file"]: p["error"] for p in report(pytester, copy_model)["probes"]}
+    assert all(errors[f"probes/{x}.probe.yaml"] for x in "abc") and errors["probes/lens.probe.yaml"] is None
     assert "Traceback" not in result.stdout.str()
 
 
@@ -199,9 +211,10 @@ def test_xdist_matches_serial(pytester, probe_dir, copy_model):
 def test_unwritable_report_dir_is_one_clear_line(pytester, probe_dir, copy_model):
     (pytester.path / "blocked").write_text("a file where a directory should be")
     result = pytester.runpytest("probes", f"--model={copy_model}", "--probe-report-dir=blocked/reports")
-    result.stdout.fnmatch_lines(["*report NOT written: *blocked*"])
-    assert "Traceback" not in result.stdout.str()
-    assert result.ret != 0
+    # Found before any claim runs, not after the whole run.
+    result.stderr.fnmatch_lines(["*modelprobe: --probe-report-dir=blocked/reports: blocked is not a directory"])
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
 
 
 def test_last_failed_and_exitfirst_work_on_claims(pytester, probe_dir, copy_model):
@@ -226,3 +239,119 @@ def test_numbers_do_not_depend_on_batch_size(pytester, probe_dir, random_model):
     # Continuous per-layer probabilities would expose a padding or position-id error.
     assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
     assert len(set(results[0][1])) > 3
+
+
+# --------------------------------------------------------------------------- the gate never passes by accident
+
+
+def test_a_probe_with_a_typo_fails_the_gate_and_is_in_every_report(pytester, probe_dir, copy_model, capsys):
+    run(pytester, copy_model, "--probe-save=base").assert_outcomes(passed=2, failed=1)
+    base = pytester.path / "out" / "baselines" / copy_model.name / "base.json"
+    saved = json.loads(base.read_text())
+    assert saved["model"]["path"] == ""  # no directory of the machine that made it
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.replace("expect: {median_first_layer: {at_most",
+                                                                  "expct: {median_first_layer: {at_most"))
+    result = run(pytester, copy_model, "--probe-compare=base")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*baseline: probes/lens.probe.yaml::emerges_early ERRORED: pass → error: probe could "
+                                 "not be collected: *lens.probe.yaml:7:5: claims.emerges_early*"])
+    md = (pytester.path / "out" / copy_model.name / "report.md").read_text()
+    assert "1 error" in md and "regressions against the baseline" in md and "expct" in md
+    rec = report(pytester, copy_model)
+    assert rec["probes"][0]["collected"] is False and "expct" in rec["probes"][0]["error"]
+    from modelprobe.cli import main
+    assert main(["compare", str(base), str(pytester.path / "out" / copy_model.name / "report.json")]) == 1
+    assert "3 errored" in capsys.readouterr().out
+
+
+def test_missing_claims_fail_without_strict_and_only_those_selected_count(pytester, probe_dir, copy_model):
+    run(pytester, copy_model, "--probe-save=base")
+    # -k: the unselected baseline claims are not "missing"
+    run(pytester, copy_model, "--probe-compare=base", "-k", "early").assert_outcomes(passed=1, deselected=2)
+    rec = report(pytester, copy_model)
+    assert rec["collected_files"] == ["probes/lens.probe.yaml"]
+    assert rec["deselected"] == ["probes/lens.probe.yaml::emerges_late", "probes/lens.probe.yaml::final_accuracy"]
+    # a claim removed from the probe file is missing against the baseline: the run fails, strict or not
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.split("  final_accuracy:")[0])
+    result = run(pytester, copy_model, "--probe-compare=base", "-k", "not emerges_late")
+    result.assert_outcomes(passed=1, deselected=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*baseline: probes/lens.probe.yaml::final_accuracy MISSING: claim not measured*"])
+    # --probe-strict: a claim new since the baseline fails too, and only with it
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE + "  fresh:\n    expect: {final_accuracy: {at_least: 0.5}}\n")
+    run(pytester, copy_model, "--probe-compare=base", "-k", "fresh").assert_outcomes(passed=1, deselected=3)
+    strict = run(pytester, copy_model, "--probe-compare=base", "--probe-strict", "-k", "fresh")
+    strict.assert_outcomes(failed=1, deselected=3)
+    strict.stdout.fnmatch_lines(["*claim is new since the baseline*"])
+
+
+def test_same_file_name_in_two_folders_are_two_probes(pytester, probe_dir, tmp_path):
+    clean = save_copy_model(tmp_path / "clean" / "toy")
+    damaged = save_copy_model(tmp_path / "release2" / "toy", damaged=True)
+    for folder in ("a", "b"):
+        (probe_dir / folder).mkdir()
+        (probe_dir / folder / "lens.probe.yaml").write_text(LENS_PROBE.replace("data/copy.jsonl", "../data/copy.jsonl"))
+    (probe_dir / "lens.probe.yaml").unlink()
+    run(pytester, clean, "--probe-save=base")
+    files = sorted(p["file"] for p in report(pytester, clean)["probes"])
+    assert files == ["probes/a/lens.probe.yaml", "probes/b/lens.probe.yaml"]
+    result = run(pytester, clean)
+    result.stdout.fnmatch_lines(["probes/a/lens.probe.yaml *emerges_early*", "probes/b/lens.probe.yaml *emerges_early*"])
+    (probe_dir / "a" / "lens.probe.yaml").unlink()  # b alone is compared with b's baseline, not a's
+    result = run(pytester, damaged, "--probe-compare=base", "probes/b")
+    result.stdout.fnmatch_lines(["*regression against baseline: *pass → fail*"])
+    assert "probes/a/lens.probe.yaml" not in result.stdout.str()  # not asked for: not missing
+
+
+def test_collection_never_loads_the_model_and_k_loads_it_once(pytester, probe_dir, copy_model, monkeypatch):
+    import modelprobe.subject.subject as subject_module
+    loads = []
+    real = subject_module.load_subject
+    monkeypatch.setattr(subject_module, "load_subject", lambda *a, **k: loads.append(a) or real(*a, **k))
+    (probe_dir / "other.probe.yaml").write_text(LENS_PROBE.replace("tags: [lens, toy]", "tags: [other]"))
+    run(pytester, copy_model, "--co")
+    run(pytester, tmp := copy_model.parent / "nowhere", "--co")  # an unloadable model: --co still lists
+    assert loads == [] and not (pytester.path / "out").exists() and tmp
+    run(pytester, copy_model, "-k", "other and early").assert_outcomes(passed=1, deselected=5)
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_writes_an_interrupted_report_naming_the_probe(pytester, probe_dir, copy_model, signal_name):
+    stale = pytester.path / "out" / copy_model.name / "report.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"stale": true}')
+    pytester.makeconftest(f"""
+        import os, signal, time
+        from modelprobe.session import ProbeSession
+
+        def subject(self):  # what a CI timeout (SIGTERM) or Ctrl-C does while a probe is being measured
+            os.kill(os.getpid(), signal.{signal_name})
+            time.sleep(60)
+
+        ProbeSession.subject = subject
+    """)
+    result = run(pytester, copy_model, subprocess=True)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    rec = report(pytester, copy_model)
+    assert rec["interrupted"] is True and rec["interrupted_probe"] == "probes/lens.probe.yaml"
+    assert rec["probes"][0]["error"].startswith("interrupted")
+    md = (pytester.path / "out" / copy_model.name / "report.md").read_text()
+    assert "interrupted while measuring `probes/lens.probe.yaml`" in md
+
+
+def test_every_option_is_in_the_readme_table():
+    from modelprobe.options import OPTIONS
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for o in OPTIONS:
+        assert f"| `{o.flag}` | `{o.ini}` |" in readme, o.flag
+
+
+def test_data_outside_the_rootdir_needs_probe_data_root(pytester, probe_dir, copy_model, tmp_path):
+    outside = write_jsonl(tmp_path / "shared" / "copy.jsonl", copy_task_rows())
+    (probe_dir / "lens.probe.yaml").write_text(LENS_PROBE.replace("data/copy.jsonl", str(outside)))
+    refused = run(pytester, copy_model)
+    refused.assert_outcomes(errors=1)
+    refused.stdout.fnmatch_lines(["*lens.probe.yaml:4:10: prompts: data file '*copy.jsonl' is outside the probe's "
+                                  "folder and the rootdir*"])
+    run(pytester, copy_model, f"--probe-data-root={outside.parent}").assert_outcomes(passed=2, failed=1)

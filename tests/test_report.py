@@ -306,3 +306,36 @@ def test_report_layer_imports_no_torch_and_leaves_pyplot_alone(tmp_path):
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_two_runs_writing_one_folder_never_mix_their_files(tmp_path):
+    """Report files are written together under the folder's lock: the folder always holds one run's three."""
+    import threading
+    import time
+
+    from modelprobe.report._io import report_lock
+
+    runs = [make_record() for _ in range(2)]
+    for i, rec in enumerate(runs):
+        rec.started = f"run-{i}"
+    directory = tmp_path / "tiny"
+
+    def write(rec: RunRecord) -> threading.Thread:
+        t = threading.Thread(target=write_all, args=(rec, directory), kwargs={"github_summary": False})
+        t.start()
+        return t
+
+    with report_lock(directory):  # another run holds the folder: this one waits
+        waiting = write(runs[1])
+        time.sleep(0.5)
+        assert not (directory / "report.json").exists()
+    waiting.join(timeout=30)
+    assert not waiting.is_alive()
+    for _ in range(3):  # two runs racing: whichever finishes last, its three files are the ones left
+        for t in [write(runs[0]), write(runs[1])]:
+            t.join(timeout=30)
+        texts = [(directory / n).read_text() for n in ("report.json", "report.md", "report.html")]
+        assert all("run-0" in t for t in texts) or all("run-1" in t for t in texts)
+        assert not any("run-0" in t and "run-1" in t for t in texts)
+    assert sorted(p.name for p in directory.iterdir()) == [".modelprobe.lock", "report.html", "report.json",
+                                                           "report.md"]  # no temp file left behind

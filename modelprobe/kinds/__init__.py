@@ -93,12 +93,11 @@ def load(path: Path) -> LoadedProbe:
 
 
 def check_data_files(probe: LoadedProbe) -> None:
-    """Every data file the probe names exists and its rows are well formed (no model needed)."""
+    """Every data file the probe names is allowed, exists and reads as JSONL, and its rows are well formed
+    (no model needed): a located SpecError / DataError otherwise. The rows are kept on the probe."""
     kind = KINDS[probe.spec.kind]
     for rel, loc in kind.data_files(probe.spec):
-        path = probe.path.parent / rel
-        if not path.is_file():
-            raise probe.error(f"data file '{path}' not found", loc)
+        probe.rows(rel, loc, required=())
     kind.check_data(probe)
 
 

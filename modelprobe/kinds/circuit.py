@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
@@ -111,7 +111,7 @@ class CircuitSpec(ProbeBase):
         "attention_heads", description="what 'everything else' means: every attention head; every head and "
         "every whole MLP; or {neurons: layers}, the MLP neurons of those layers")
     circuit: list[CircuitComponent] = Field(min_length=1)
-    claims: dict[str, CircuitClaim] = Field(min_length=1)
+    claims: dict[ClaimName, CircuitClaim] = Field(min_length=1)
     controls: CircuitControls = Field(default_factory=CircuitControls)
 
     @model_validator(mode="after")

@@ -30,7 +30,18 @@ from .._lazy import LazyModule, torch
 from ..errors import SiteError
 from ..names import canonical_name
 from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    FiniteFloat,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    RateThreshold,
+    Seed,
+    Strict,
+    Tolerance,
+)
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from ..subject.sites import Site, resolve_layer
@@ -59,7 +70,7 @@ class SplitSpec(Strict):
     train: int = Field(64, ge=1, description="prompts per set for the difference of means")
     validation: int = Field(32, ge=0, description="prompts per set for choosing layer and position")
     test: int = Field(64, ge=1, description="prompts per set for the claims")
-    seed: int = Field(0, description="seed of the split")
+    seed: Seed = Field(0, description="seed of the split")
 
 
 class PromptSets(Strict):
@@ -89,7 +100,7 @@ class DirectionSearch(Strict):
         "selected", description="selected: add claims add the chosen direction at its layer (the paper); "
                                 "best_induce: at the candidate that best induces among those that passed "
                                 "the filters (said in the report)")
-    max_kl: float = Field(0.1, gt=0, description="drop candidates whose ablation moves harmless next-token "
+    max_kl: FiniteFloat = Field(0.1, gt=0, description="drop candidates whose ablation moves harmless next-token "
                                                  "distributions by more than this KL")
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="layer: auto drops l >= int(this * L)")
     select_new_tokens: int = Field(12, ge=1, description="reply length used to score candidates with a "
@@ -105,9 +116,9 @@ class BehaviourSpec(Strict):
 
 
 class DirectionExpect(OneExpectation):
-    rate_drop: Threshold | None = Field(None, description="base rate - intervened rate, on the same prompts")
-    rate_rise: Threshold | None = Field(None, description="intervened rate - base rate, on the same prompts")
-    rate: Threshold | None = Field(None, description="the behaviour rate under the intervention")
+    rate_drop: RateChangeThreshold | None = Field(None, description="base rate - intervened rate, on the same prompts")
+    rate_rise: RateChangeThreshold | None = Field(None, description="intervened rate - base rate, on the same prompts")
+    rate: RateThreshold | None = Field(None, description="the behaviour rate under the intervention")
 
 
 class DirectionClaim(ClaimSpec):
@@ -117,7 +128,7 @@ class DirectionClaim(ClaimSpec):
                     "at the chosen layer (see direction.add_layer), all positions; weight_orthogonalize: edit the residual-writing "
                     "weights so the direction cannot be written")
     on: Literal["positive", "negative"]
-    scale: float = Field(1.0, description="add only: multiple of the direction added (-1 subtracts it)")
+    scale: FiniteFloat = Field(1.0, description="add only: multiple of the direction added (-1 subtracts it)")
     expect: DirectionExpect
     tolerance: Tolerance | None = None
 
@@ -128,7 +139,7 @@ class DirectionSpec(ProbeBase):
     direction: DirectionSearch = Field(default_factory=DirectionSearch)
     behaviour: BehaviourSpec
     control_directions: int = Field(3, ge=1, description="random directions of the same norm per claim")
-    claims: dict[str, DirectionClaim] = Field(min_length=1)
+    claims: dict[ClaimName, DirectionClaim] = Field(min_length=1)
 
 
 # ---- engine helpers -------------------------------------------------------------------------------

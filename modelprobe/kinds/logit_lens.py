@@ -14,7 +14,16 @@ from pydantic import Field
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import ClaimResult, LinePlot, Series
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    Count,
+    OneExpectation,
+    ProbeBase,
+    RateThreshold,
+    Threshold,
+    Tolerance,
+)
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
 from ..subject.sites import Site, resolve_layer
@@ -26,8 +35,8 @@ NEVER = 2.0  # first-layer fraction recorded for a target that never reaches top
 
 
 class LensExpect(OneExpectation):
-    final_accuracy: Threshold | None = Field(None, description="share of prompts whose target is top-k at the last layer")
-    share_by_layer: Threshold | None = Field(None, description="share of prompts whose target is top-k at or before `layer`")
+    final_accuracy: RateThreshold | None = Field(None, description="share of prompts whose target is top-k at the last layer")
+    share_by_layer: RateThreshold | None = Field(None, description="share of prompts whose target is top-k at or before `layer`")
     median_first_layer: Threshold | None = Field(
         None, description="median first layer (fraction of depth, (l+1)/L) at which the target is top-k")
 
@@ -35,7 +44,7 @@ class LensExpect(OneExpectation):
 class LensClaim(ClaimSpec):
     expect: LensExpect
     layer: LayerSpec | None = Field(None, description="for share_by_layer: int, negative, or fraction of depth")
-    top_k: int = Field(1, ge=1)
+    top_k: Count = Field(1)
     only_correct: bool = Field(False, description="measure only prompts whose target is top-1 at the last layer")
     tolerance: Tolerance | None = None
 
@@ -48,7 +57,7 @@ class LogitLensSpec(ProbeBase):
     target: Literal["first_token", "single_token"] = Field(
         "first_token", description="first_token: the answer's first token; single_token: answers must be one token")
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
-    claims: dict[str, LensClaim] = Field(min_length=1)
+    claims: dict[ClaimName, LensClaim] = Field(min_length=1)
 
 
 class LogitLens(ProbeKind[LogitLensSpec]):

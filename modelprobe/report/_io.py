@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import ReportWriteError
@@ -50,3 +53,36 @@ def write_text(
             except OSError:
                 pass
     return path
+
+
+LOCK_NAME = ".modelprobe.lock"
+
+
+@contextlib.contextmanager
+def report_lock(directory: str | os.PathLike[str], timeout_s: float = 300.0,
+                error: type[Exception] = ReportWriteError) -> Iterator[Path]:
+    """Hold the report folder's lock file while a run writes its reports, so that two runs writing one folder
+    never mix report.json from one with report.html from the other (each file is also replaced atomically)."""
+    d = ensure_dir(directory, error)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): atomic replaces still keep each file whole
+        yield d
+        return
+    try:
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise error(f"cannot create the lock file in {d}: {_reason(e)}") from None
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise error(f"{d} is locked by another run for over {timeout_s:.0f} s") from None
+                time.sleep(0.05)
+        yield d
+    finally:
+        os.close(fd)  # closing releases the lock

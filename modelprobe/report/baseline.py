@@ -37,7 +37,7 @@ __all__ = [
     "save_baseline",
 ]
 
-Status = Literal["ok", "flipped", "regressed", "improved", "new", "missing"]
+Status = Literal["ok", "flipped", "regressed", "improved", "new", "missing", "errored"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -61,8 +61,13 @@ def baseline_path(report_dir: str | os.PathLike[str], model_slug: str, name: str
 
 
 def save_baseline(record: RunRecord, report_dir: str | os.PathLike[str], name: str) -> Path:
-    """Save `record` as baseline `name` for its model; returns the file written (overwrites)."""
+    """Save `record` as baseline `name` for its model; returns the file written (overwrites).
+
+    The model's local path is left out: a committed baseline names no directory of the machine that
+    made it (model id, slug and weights hash identify the model).
+    """
     path = baseline_path(report_dir, record.model.slug, name)
+    record = record.model_copy(update={"model": record.model.model_copy(update={"path": ""})})
     text = json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
     return write_text(path.parent, path.name, text, error=BaselineError)
 
@@ -119,6 +124,8 @@ def load_report(
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BaselineError(f"{path} is not JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except RecursionError:
+        raise BaselineError(f"{path} is not a modelprobe report (JSON nested too deeply)") from None
     if not isinstance(data, dict) or data.get("tool") != "modelprobe":
         raise BaselineError(f'{path} is not a modelprobe report (no "tool": "modelprobe")')
     version = data.get("schema_version")
@@ -128,7 +135,9 @@ def load_report(
             "re-run the probes to make a new report / baseline"
         )
     try:
-        return RunRecord.model_validate(data)
+        record = RunRecord.model_validate(data)
+    except RecursionError:
+        raise BaselineError(f"{path} is not a valid modelprobe report (nested too deeply)") from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
@@ -136,6 +145,10 @@ def load_report(
         raise BaselineError(
             f"{path} is not a valid modelprobe report: field {loc}: {err['msg']}{more}"
         ) from None
+    duplicates = sorted({p.file for p in record.probes if [q.file for q in record.probes].count(p.file) > 1})
+    if duplicates:
+        raise BaselineError(f"{path} lists probe {duplicates[0]} more than once: which one is meant is unclear")
+    return record
 
 
 # ---------------------------------------------------------------- diff
@@ -169,6 +182,10 @@ class Comparison(BaseModel):
 
 def _finite(x: float | None) -> float | None:
     return x if x is not None and math.isfinite(x) else None
+
+
+def _not_a_number(x: float | None) -> bool:
+    return x is not None and not math.isfinite(x)
 
 
 def _allowed(
@@ -210,11 +227,18 @@ def _diff_claim(
         tolerance=allowed,
     )
     verdicts = f"{before.verdict} → {after.verdict}"
-    if before.verdict == "pass" and after.verdict != "pass":
+    if after.verdict == "error":
+        row.status, row.failing = "errored", True
+        row.message = f"{verdicts}: {one_line(after.reason, 120)}" if after.reason else verdicts
+    elif before.verdict == "pass" and after.verdict != "pass":
         row.status, row.failing = "flipped", True
         row.message = f"{verdicts} ({_effects(before.effect, after.effect)})"
         if after.reason:
             row.message += f": {one_line(after.reason, 120)}"
+    elif _not_a_number(after.effect) or (_not_a_number(before.effect) and (tol_abs, tol_rel) != (None, None)):
+        # NaN or inf is no measurement: it must not slip through a tolerance by comparing false.
+        row.status, row.failing = "regressed", True
+        row.message = f"{_effects(before.effect, after.effect)}: not a finite number, nothing to compare"
     elif delta is not None and allowed is not None and abs(delta) > allowed * (1 + 1e-9) + 1e-12:
         row.status, row.failing = "regressed", True
         moved = "rose" if delta > 0 else "fell"
@@ -262,12 +286,12 @@ def _metadata_warnings(before: RunRecord, after: RunRecord) -> list[str]:
         w.append(f"seed differs: {before.seed} → {after.seed}")
     if before.model.dtype and after.model.dtype and before.model.dtype != after.model.dtype:
         w.append(f"model dtype differs: {before.model.dtype} → {after.model.dtype}")
-    bprobes = {p.name: p for p in before.probes}
+    bprobes = {p.file: p for p in before.probes}
     for p in after.probes:
-        q = bprobes.get(p.name)
+        q = bprobes.get(p.file)
         if q is not None and q.file_hash and p.file_hash and q.file_hash != p.file_hash:
             w.append(
-                f"probe {p.name}: probe file changed since the baseline "
+                f"probe {p.file}: probe file changed since the baseline "
                 f"(hash {q.file_hash[:12]} → {p.file_hash[:12]})"
             )
     for k in sorted(set(before.versions) & set(after.versions)):
@@ -288,66 +312,42 @@ def compare(
     strict: bool = False,
     allow_model_change: bool = False,
 ) -> Comparison:
-    """Diff two runs claim by claim (matched by probe name and claim name).
+    """Diff two runs claim by claim, matched by probe identity (its file, relative to the rootdir) and name.
 
-    - passed before, not now → "flipped" (failing);
+    - passed before, not now → "flipped" (failing); an "error" verdict now → "errored" (failing);
     - |effect delta| > tolerance → "regressed" (failing); the tolerance is the AFTER claim's own
       {"abs", "rel"} if it has one, else `tolerance_abs` / `tolerance_rel`; allowed delta is
-      max(abs, rel·|before effect|); no tolerance at all → effect moves never fail;
+      max(abs, rel·|before effect|); no tolerance at all → effect moves never fail; a NaN or
+      infinite effect now is always failing;
     - not passing before, passing now → "improved";
-    - in one run only → "new" / "missing" (failing only if `strict`);
+    - in the baseline and in this run's selection (a claim of a file the run collected or failed to collect,
+      `after.collected_files`, all files when None; not deselected, `after.deselected`) but not measured →
+      "missing" or, when its probe errored, "errored": always failing — a gate never passes on a claim it
+      did not measure (a claim deleted from its probe file is missing too);
+    - new since the baseline → "new" (failing only if `strict`);
     - different model slug / hash → BaselineError unless `allow_model_change` (then a warning);
     - different probe file hash, seed, model dtype, package versions → warnings.
     """
     warnings = _check_models(before, after, allow_model_change)
     warnings += _metadata_warnings(before, after)
 
-    bprobes: dict[str, ProbeRecord] = {p.name: p for p in before.probes}
-    aprobes: dict[str, ProbeRecord] = {p.name: p for p in after.probes}
-    bclaims = {(p.name, c.name): c for p in before.probes for c in p.claims}
-    aclaims = {(p.name, c.name): c for p in after.probes for c in p.claims}
+    aprobes: dict[str, ProbeRecord] = {p.file: p for p in after.probes}
+    bclaims = {(p.file, c.name): c for p in before.probes for c in p.claims}
+    aclaims = {(p.file, c.name): c for p in after.probes for c in p.claims}
 
     rows: list[ClaimDiff] = []
-    for (pname, cname), a in aclaims.items():
-        b = bclaims.get((pname, cname))
-        if b is not None:
-            rows.append(_diff_claim(pname, b, a, tolerance_abs, tolerance_rel))
-        else:
-            where = "probe" if pname not in bprobes else "claim"
-            rows.append(
-                ClaimDiff(
-                    probe=pname,
-                    claim=cname,
-                    after_verdict=a.verdict,
-                    after_effect=a.effect,
-                    status="new",
-                    failing=strict,
-                    message=f"{where} not in the baseline (now {a.verdict}, effect {fmt_num(a.effect)})",
-                )
-            )
-    for (pname, cname), b in bclaims.items():
-        if (pname, cname) in aclaims:
+    for key, a in aclaims.items():
+        b = bclaims.get(key)
+        rows.append(_diff_claim(key[0], b, a, tolerance_abs, tolerance_rel) if b is not None
+                    else _new_row(key, a, strict, known=any(p.file == key[0] for p in before.probes)))
+    scope = set(after.collected_files) if after.collected_files is not None else None
+    deselected = set(after.deselected)
+    for key, b in bclaims.items():
+        if key in aclaims:
             continue
-        ap = aprobes.get(pname)
-        row = ClaimDiff(
-            probe=pname,
-            claim=cname,
-            before_verdict=b.verdict,
-            before_effect=b.effect,
-            status="missing",
-            failing=strict,
-        )
-        if ap is not None and ap.error:
-            # the probe ran but could not be measured: a claim that passed no longer does
-            row.after_verdict = "error"
-            row.message = f"probe error: {one_line(ap.error, 160)}"
-            if b.verdict == "pass":
-                row.status, row.failing = "flipped", True
-                row.message = f"pass → error ({row.message})"
-        else:
-            where = "claim" if ap is not None else "probe"
-            row.message = f"{where} not in this run (baseline: {b.verdict}, effect {fmt_num(b.effect)})"
-        rows.append(row)
+        if (scope is not None and key[0] not in scope) or f"{key[0]}::{key[1]}" in deselected:
+            continue  # the run did not ask for this claim (other paths, -k, -m)
+        rows.append(_missing_row(key, b, aprobes.get(key[0])))
 
     return Comparison(
         before_model=before.model.slug,
@@ -356,6 +356,26 @@ def compare(
         warnings=warnings,
         ok=not any(r.failing for r in rows),
     )
+
+
+def _new_row(key: tuple[str, str], a: ClaimResult, strict: bool, known: bool) -> ClaimDiff:
+    where = "claim" if known else "probe"
+    return ClaimDiff(probe=key[0], claim=key[1], after_verdict=a.verdict, after_effect=a.effect, status="new",
+                     failing=strict,
+                     message=f"{where} not in the baseline (now {a.verdict}, effect {fmt_num(a.effect)})")
+
+
+def _missing_row(key: tuple[str, str], b: ClaimResult, ap: ProbeRecord | None) -> ClaimDiff:
+    row = ClaimDiff(probe=key[0], claim=key[1], before_verdict=b.verdict, before_effect=b.effect,
+                    status="missing", failing=True)
+    if ap is not None and ap.error:
+        stage = "could not be collected" if not ap.collected else "could not be measured"
+        row.status, row.after_verdict = "errored", "error"
+        row.message = f"{b.verdict} → error: probe {stage}: {one_line(ap.error, 160)}"
+    else:
+        where = "claim" if ap is not None else "probe"
+        row.message = f"{where} not measured in this run (baseline: {b.verdict}, effect {fmt_num(b.effect)})"
+    return row
 
 
 # ---------------------------------------------------------------- text
@@ -390,7 +410,9 @@ def comparison_table(comparison: Comparison) -> tuple[list[str], list[list[str]]
 def comparison_verdict(comparison: Comparison) -> str:
     failing = comparison.failing
     if not failing:
-        return f"OK: no regressions ({len(comparison.rows)} claims compared)"
+        matched = sum(r.before_verdict is not None and r.after_verdict is not None for r in comparison.rows)
+        new = sum(r.status == "new" for r in comparison.rows)
+        return f"OK: no regressions ({matched} claims compared" + (f", {new} new)" if new else ")")
     counts: dict[str, int] = {}
     for r in failing:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -412,21 +434,33 @@ def format_comparison(comparison: Comparison) -> str:
 # ---------------------------------------------------------------- CLI
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="modelprobe compare",
         description=(
             "Compare two modelprobe reports claim by claim. Exit 0: no regressions; "
-            "1: a claim flipped or regressed; 2: a report could not be read or compared."
+            "1: a claim flipped, regressed, errored or was not measured; 2: a report could not be read "
+            "or compared."
         ),
     )
     p.add_argument("before", help="baseline: a report .json file, or a baseline NAME")
     p.add_argument("after", help="new run: a report .json file, or a baseline NAME")
-    p.add_argument("--tolerance-abs", type=float, default=None, metavar="X",
+    p.add_argument("--tolerance-abs", type=_tolerance, default=None, metavar="X",
                    help="fail when an effect moves by more than X (claims' own tolerances win)")
-    p.add_argument("--tolerance-rel", type=float, default=None, metavar="Y",
+    p.add_argument("--tolerance-rel", type=_tolerance, default=None, metavar="Y",
                    help="fail when an effect moves by more than Y × |baseline effect|")
-    p.add_argument("--strict", action="store_true", help="claims in only one report fail too")
+    p.add_argument("--strict", action="store_true",
+                   help="claims new in the second report fail too (missing or errored ones always fail)")
     p.add_argument("--allow-model-change", action="store_true",
                    help="compare reports of different models (a warning instead of an error)")
     p.add_argument("--report-dir", default=DEFAULT_REPORT_DIR,

@@ -118,14 +118,15 @@ class ClaimResult(_Record):
 
 
 class ProbeRecord(_Record):
-    name: str  # probe file stem, e.g. "logit_lens_capitals"
+    name: str  # display name: the probe file's name without .probe.yaml, e.g. "logit_lens_capitals"
     kind: str
-    file: str
+    file: str  # the probe's identity: its path relative to the rootdir (posix), e.g. "probes/x.probe.yaml"
     file_hash: str = ""
     about: str = ""
     settings: dict[str, Any] = Field(default_factory=dict)  # resolved layer, position, template ...
     claims: list[ClaimResult] = Field(default_factory=list)
-    error: str | None = None  # a probe that could not be measured
+    error: str | None = None  # a probe that could not be measured (one located line)
+    collected: bool = True  # False: the file could not be read or validated, so its claims are unknown
     duration_s: float = 0.0
 
 
@@ -139,6 +140,12 @@ class RunRecord(_Record):
     started: str = ""
     finished: str = ""
     interrupted: bool = False
+    interrupted_probe: str | None = None  # identity of the probe being measured when the run was stopped
+    # The run's selection: the probe files it collected (or failed to collect; None: not recorded) and the
+    # claims of those that -k, -m, --lf ... deselected ("file::claim"). A baseline claim of a collected file
+    # that was not deselected must be measured now.
+    collected_files: list[str] | None = None
+    deselected: list[str] = Field(default_factory=list)
     preflight: list[PreflightResult] = Field(default_factory=list)
     tokenization: dict[str, Any] = Field(default_factory=dict)  # chat template + example token ids
     probes: list[ProbeRecord] = Field(default_factory=list)

@@ -13,19 +13,22 @@ SUMMARY_HEADERS = ["probe", "claim", "verdict", "effect", "CI", "threshold", "co
 def summary_rows(record: RunRecord) -> list[list[str]]:
     """One row per claim (probe, claim, verdict, effect, CI, threshold, control), as strings.
 
-    A probe that errored before producing claims gets one row with verdict "error".
+    A probe that errored before producing claims gets one row with verdict "error". Probes are named by
+    their display name, or by their file where two share a name (a/x.probe.yaml, b/x.probe.yaml).
     """
+    names = Counter(p.name for p in record.probes)
     rows: list[list[str]] = []
     for probe in record.probes:
+        shown = probe.name if names[probe.name] == 1 else probe.file
         if not probe.claims:
             verdict = "error" if probe.error else MISSING
             claim = "(probe error)" if probe.error else "(no claims)"
-            rows.append([probe.name, claim, verdict, MISSING, MISSING, MISSING, MISSING])
+            rows.append([shown, claim, verdict, MISSING, MISSING, MISSING, MISSING])
             continue
         for c in probe.claims:
             rows.append(
                 [
-                    probe.name,
+                    shown,
                     c.name,
                     c.verdict,
                     fmt_num(c.effect),

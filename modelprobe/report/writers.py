@@ -21,7 +21,7 @@ from ._fmt import (
     fmt_value,
     one_line,
 )
-from ._io import ensure_dir, write_text
+from ._io import report_lock, write_text
 from .errors import ReportWriteError
 from .record import ClaimResult, ProbeRecord, RunRecord
 from .summary import SUMMARY_HEADERS, summary_rows, verdict_counts
@@ -51,8 +51,11 @@ GITHUB_SUMMARY_LIMIT = 1_000_000
 
 def write_json(record: RunRecord, directory: str | os.PathLike[str]) -> Path:
     """Write `report.json` (the full record; `RunRecord.model_validate_json` reads it back)."""
-    text = json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
-    return write_text(directory, "report.json", text)
+    return write_text(directory, "report.json", json_text(record))
+
+
+def json_text(record: RunRecord) -> str:
+    return json.dumps(record.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n"
 
 
 # ---------------------------------------------------------------- markdown
@@ -165,7 +168,7 @@ def _claim_md(c: ClaimResult) -> list[str]:
 
 
 def _probe_md(p: ProbeRecord) -> list[str]:
-    out = [f"### {_code(p.name)} ({p.kind})", ""]
+    out = [f"### {_code(p.name)} ({p.kind or 'not collected'})", ""]
     if p.about:
         out += [p.about.strip(), ""]
     file = f"- **file:** {_code(p.file)}"
@@ -176,7 +179,8 @@ def _probe_md(p: ProbeRecord) -> list[str]:
         out.append(f"- **duration:** {fmt_num(p.duration_s)} s")
     out.append("")
     if p.error:
-        out += ["> [!CAUTION]", "> **💥 error — this probe could not be measured:**", ">"]
+        what = "measured" if p.collected else "collected (read and validated)"
+        out += ["> [!CAUTION]", f"> **💥 error — this probe could not be {what}:**", ">"]
         out += ["> " + line if line else ">" for line in _fenced(p.error).splitlines()]
         out.append("")
     if p.settings:
@@ -208,7 +212,8 @@ def render_markdown(record: RunRecord, comparison: Comparison | None = None, ful
     line = " · ".join(f"{VERDICT_ICON[v]} {n[v]} {labels[v]}" for v in labels)
     out += [f"**{line}**", ""]
     if record.interrupted:
-        out += ["> [!WARNING]", "> This run was interrupted: not every probe was measured.", ""]
+        cut = f" while measuring {_code(record.interrupted_probe)}" if record.interrupted_probe else ""
+        out += ["> [!WARNING]", f"> This run was interrupted{cut}: not every probe was measured.", ""]
     out += [_header_list(record), ""]
     out += ["## Summary", ""]
     rows = summary_rows(record)
@@ -272,14 +277,16 @@ def write_all(
     (that file is not in the returned list). `comparison` (from `baseline.compare`) adds a
     baseline section to the markdown and a before → after chart to the HTML.
     """
-    from .html import write_html
+    from .html import render_html
 
-    ensure_dir(directory)
-    paths = [
-        write_json(record, directory),
-        write_markdown(record, directory, comparison),
-        write_html(record, directory, comparison),
-    ]
+    # Render first, then write the three files together under the folder's lock (each atomically).
+    texts = {
+        "report.json": json_text(record),
+        "report.md": render_markdown(record, comparison),
+        "report.html": render_html(record, comparison),
+    }
+    with report_lock(directory):
+        paths = [write_text(directory, name, text) for name, text in texts.items()]
     if github_summary:
         _append_github_summary(record, comparison)
     return paths

@@ -1,8 +1,24 @@
 """Probe-file field types and the YAML reader. Knows no kind: the kinds registry assembles the specs."""
 
 from .claims import ClaimSpec
-from .fields import OneExpectation, ProbeBase, SiteSpec, Strict, Threshold, Tolerance
+from .fields import (
+    ClaimName,
+    Count,
+    FiniteFloat,
+    NonNegativeInt,
+    OneExpectation,
+    ProbeBase,
+    Rate,
+    RateChangeThreshold,
+    RateThreshold,
+    Seed,
+    SiteSpec,
+    Strict,
+    Threshold,
+    Tolerance,
+)
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
-__all__ = ["PROBE_SUFFIX", "ClaimSpec", "LoadedProbe", "OneExpectation", "ProbeBase", "SiteSpec", "Strict", "Threshold",
+__all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
+           "ProbeBase", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "Strict", "Threshold",
            "Tolerance", "load_probe"]

@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import math
+import re
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from ..names import COMPONENTS
 
 ComponentName = Literal[COMPONENTS]  # type: ignore[valid-type]
+
+# Constrained numbers shared by every kind: nonsense (.nan, .inf, 1e400, a rate of 1.5, a seed of -5, a
+# top_k of 36 digits) is a located validation error, never a vacuous verdict or a crash at run time.
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, description="a non-negative seed below 2**32")]
+Count = Annotated[int, Field(ge=1, le=1_000_000)]  # a number of prompts, tokens, controls, top-k ...
+
+_CLAIM_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_TAG = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _claim_name(name: str) -> str:
+    if not _CLAIM_NAME.match(name):
+        raise ValueError(f"claim name {name!r} may hold only letters, digits and '_' "
+                         "(it becomes a pytest test id that -k and node ids must be able to select)")
+    return name
+
+
+def _tag(tag: str) -> str:
+    if not _TAG.match(tag):
+        raise ValueError(f"tag {tag!r} must be a Python identifier (it becomes a pytest marker)")
+    return tag
+
+
+ClaimName = Annotated[str, AfterValidator(_claim_name)]
+Tag = Annotated[str, AfterValidator(_tag)]
 
 
 class Strict(BaseModel):
@@ -18,15 +48,23 @@ class Strict(BaseModel):
 
 
 class Threshold(Strict):
-    """Exactly one of at_least / at_most."""
+    """Exactly one of at_least / at_most, a finite number; subclasses bound it to the statistic's range."""
 
-    at_least: float | None = Field(None, description="pass when the whole interval is at or above this")
-    at_most: float | None = Field(None, description="pass when the whole interval is at or below this")
+    at_least: FiniteFloat | None = Field(None, description="pass when the whole interval is at or above this")
+    at_most: FiniteFloat | None = Field(None, description="pass when the whole interval is at or below this")
+    bounds: ClassVar[tuple[float, float]] = (-math.inf, math.inf)  # the range of the statistic
 
     @model_validator(mode="after")
     def _one(self) -> Threshold:
         if (self.at_least is None) == (self.at_most is None):
             raise ValueError("give exactly one of at_least or at_most")
+        low, high = self.bounds
+        value = self.value
+        if not low <= value <= high:
+            raise ValueError(f"{self.comparison}: {value:g} is outside the statistic's range [{low:g}, {high:g}]")
+        if (self.comparison == "at_least" and value <= low) or (self.comparison == "at_most" and value >= high):
+            raise ValueError(f"{self.comparison}: {value:g} can never fail (the statistic lies in "
+                             f"[{low:g}, {high:g}])")
         return self
 
     @property
@@ -36,6 +74,18 @@ class Threshold(Strict):
     @property
     def value(self) -> float:
         return float(self.at_least if self.at_least is not None else self.at_most)
+
+
+class RateThreshold(Threshold):
+    """A threshold on a share or a rate, in [0, 1]."""
+
+    bounds: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+
+class RateChangeThreshold(Threshold):
+    """A threshold on a difference of two rates, in [-1, 1]."""
+
+    bounds: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
 
 class OneExpectation(Strict):
@@ -59,8 +109,10 @@ class OneExpectation(Strict):
 
 
 class Tolerance(Strict):
-    abs: float | None = Field(None, ge=0, description="largest allowed absolute move of the effect vs a baseline")
-    rel: float | None = Field(None, ge=0, description="largest allowed relative move of the effect vs a baseline")
+    abs: FiniteFloat | None = Field(None, ge=0, description="largest allowed absolute move of the effect vs a "
+                                                            "baseline")
+    rel: FiniteFloat | None = Field(None, ge=0, description="largest allowed relative move of the effect vs a "
+                                                            "baseline")
 
 
 LayerSpec = int | float | str | list[int | float]
@@ -85,7 +137,7 @@ class ProbeBase(Strict):
 
     kind: str
     about: str = Field("", description="the claim in one sentence, as a reader would state it")
-    tags: list[str] = Field(default_factory=list, description="become pytest markers (-m) and keywords (-k)")
-    seed: int = Field(0, description="seed for splits, bootstrap and random controls")
-    batch_size: int | None = Field(None, ge=1, description="override the run's batch size for this probe")
+    tags: list[Tag] = Field(default_factory=list, description="become pytest markers (-m) and keywords (-k)")
+    seed: Seed = Field(0, description="seed for splits, bootstrap and random controls")
+    batch_size: int | None = Field(None, ge=1, le=1 << 16, description="override the run's batch size for this probe")
     schema_: str | None = Field(None, alias="$schema")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +15,23 @@ from pydantic import BaseModel, ValidationError
 
 from ..errors import DataError, SpecError
 from .fields import ProbeBase
-from .yaml_loader import Positions, load_yaml, position_of
+from .yaml_loader import MAX_PROBE_BYTES, Positions, load_yaml, position_of, read_text_file
 
 PROBE_SUFFIX = ".probe.yaml"
+MAX_DATA_BYTES = 64 << 20  # a JSONL prompt set; larger is a mistake or an attack, not a probe
+
+# Data files may live only inside the probe file's folder or one of these roots (the rootdir, the working
+# directory of `modelprobe validate`, and --probe-data-root): a probe file can never read /etc/passwd.
+_data_roots: list[Path] = []
+
+
+def set_data_roots(roots: list[Path]) -> None:
+    """Where data files may live besides the probe's own folder (the plugin passes the rootdir)."""
+    _data_roots[:] = [Path(os.path.abspath(r)) for r in roots]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
 
 
 @dataclass
@@ -29,7 +44,20 @@ class LoadedProbe:
 
     @property
     def name(self) -> str:
-        return self.path.name[: -len(PROBE_SUFFIX)] if self.path.name.endswith(PROBE_SUFFIX) else self.path.stem
+        return probe_name(self.path)
+
+    def data_path(self, rel: str, loc: tuple) -> Path:
+        """The data file named `rel` at `loc` (relative to the probe file): it must exist and lie inside the
+        probe's folder or an allowed root; a located SpecError otherwise."""
+        folder = Path(os.path.abspath(self.path.parent))
+        path = Path(os.path.normpath(folder / rel))
+        roots = [folder, *(_data_roots or [Path(os.path.abspath(os.curdir))])]
+        if not any(_inside(path, root) for root in roots):
+            raise self.error(f"data file '{rel}' is outside the probe's folder and the rootdir "
+                             f"({', '.join(str(r) for r in roots)}); --probe-data-root allows another folder", loc)
+        if not path.exists():
+            raise self.error(f"data file '{self.path.parent / rel}' not found", loc)
+        return path
 
     def error(self, message: str, loc: tuple = (), key: bool = False) -> SpecError:
         """A SpecError at `loc` of this file."""
@@ -43,7 +71,7 @@ class LoadedProbe:
     def rows(self, rel: str, loc: tuple, required: tuple[str, ...] = ("prompt",)) -> list[dict[str, Any]]:
         """Rows of a JSONL data file named in the probe (relative to the probe file), read once."""
         if rel not in self.data:
-            self.data[rel] = read_jsonl(self.path.parent / rel, required, self, loc)
+            self.data[rel] = read_jsonl(rel, required, self, loc)
         rows = self.data[rel]
         for i, row in enumerate(rows):
             missing = [f for f in required if f not in row]
@@ -52,28 +80,37 @@ class LoadedProbe:
         return rows
 
 
-def read_jsonl(path: Path, required: tuple[str, ...], probe: LoadedProbe, loc: tuple) -> list[dict[str, Any]]:
+def read_jsonl(rel: str, required: tuple[str, ...], probe: LoadedProbe, loc: tuple) -> list[dict[str, Any]]:
     """Rows of a data file named at `loc` of a probe: a missing file is an error at that YAML field."""
-    if not path.is_file():
-        raise probe.error(f"data file '{path}' not found", loc)
-    rows = parse_jsonl(path, required)
+    path = probe.data_path(rel, loc)
+    rows = parse_jsonl(path, required, shown=probe.path.parent / rel)
     if not rows:
-        raise probe.error(f"data file '{path}' holds no rows", loc)
+        raise probe.error(f"data file '{probe.path.parent / rel}' holds no rows", loc)
     return rows
 
 
-def parse_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """One JSON object per line; problems are DataErrors located as `file:line`."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
+def parse_jsonl(path: Path, required: tuple[str, ...] = (), shown: Path | None = None) -> list[dict[str, Any]]:
+    """One JSON object per line; problems are DataErrors located as `file:line[:col]`."""
+    shown = shown or path
+
+    def error(message: str, line: int | None, col: int | None) -> DataError:
+        where = f"{shown}:{line}:{col}" if line and col else f"{shown}:{line}" if line else f"{shown}"
+        return DataError(f"{where}: {message}")
+
+    if not path.exists():
+        raise DataError(f"{shown}: file not found")
+    text = read_text_file(path, MAX_DATA_BYTES, error)
+    path = shown
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(text.splitlines()):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i + 1}:{e.colno}: not valid JSON: {e.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i + 1}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{i + 1}: each line must be a JSON object")
         missing = [f for f in required if f not in row]
@@ -145,11 +182,19 @@ def validate(data: Any, spec_cls: type[BaseModel], path: Path, positions: Positi
         raise SpecError(_message(first, spec_cls), floc, str(path), line, col, rendered="\n".join(lines)) from None
 
 
+def probe_name(path: Path) -> str:
+    """The display name: the file name without .probe.yaml."""
+    return path.name[: -len(PROBE_SUFFIX)] if path.name.endswith(PROBE_SUFFIX) else path.stem
+
+
 def load_probe(path: Path, kinds: Mapping[str, type[ProbeBase]]) -> LoadedProbe:
     """Load and validate one probe file (no model needed). Raises SpecError / DataError."""
     path = Path(path)
+    if not probe_name(path):
+        raise SpecError(f"the file name gives an empty probe name: name it NAME{PROBE_SUFFIX}", ("<file>",),
+                        str(path))
     data, positions = load_yaml(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(data_bytes(path)).hexdigest()[:16]
     if not isinstance(data, dict):
         raise SpecError("a probe file is a mapping with 'kind', 'claims', ...", (), str(path), 1, 1)
     kind = data.get("kind")
@@ -160,5 +205,14 @@ def load_probe(path: Path, kinds: Mapping[str, type[ProbeBase]]) -> LoadedProbe:
         line, col = position_of(("kind",), positions)
         raise SpecError(f"unknown kind '{kind}' (known: {', '.join(sorted(kinds))})", ("kind",),
                         str(path), line, col)
-    spec = validate(data, kinds[kind], path, positions)
+    try:
+        spec = validate(data, kinds[kind], path, positions)
+    except RecursionError:
+        raise SpecError("nested too deeply", (), str(path), 1, 1) from None
     return LoadedProbe(path, spec, positions, digest)  # type: ignore[arg-type]
+
+
+def data_bytes(path: Path) -> bytes:
+    """The bytes of a file already read and checked by load_yaml (regular, under the size limit)."""
+    with open(path, "rb") as f:
+        return f.read(MAX_PROBE_BYTES + 1)

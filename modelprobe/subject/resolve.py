@@ -91,11 +91,15 @@ def resolve(model: str) -> ResolvedModel:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file '{model}' does not exist")
+        check_gguf(path)
         return ResolvedModel(model, slugify(path.name), path.parent.resolve(), path.name, file_fingerprint([path]))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"'{model}' is a directory without config.json: not a Hugging Face model")
         weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        for w in weights:
+            if w.suffix == ".safetensors":
+                check_safetensors(w)
         return ResolvedModel(model, slugify(path.resolve().name), path.resolve(), None,
                              file_fingerprint(weights or [path / "config.json"]))
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
@@ -103,6 +107,37 @@ def resolve(model: str) -> ResolvedModel:
         return ResolvedModel(model, slugify(model.replace("/", "--")), snap, None, snap.name[:16])
     raise ModelLoadError(f"'{model}' is neither the alias '{DEFAULT_ALIAS}', a local directory, a .gguf file "
                          "nor a hub id (org/name)")
+
+
+def check_gguf(path: Path) -> None:
+    """A .gguf file starts with the magic bytes GGUF: anything else is refused before transformers sees it."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"GGUF file '{path}' cannot be read: {e.strerror}") from None
+    if magic != b"GGUF":
+        raise ModelLoadError(f"'{path}' is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def check_safetensors(path: Path) -> None:
+    """The header of a .safetensors file is whole and its tensors end inside the file: a truncated or damaged
+    copy is one clear line, not a loader traceback."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise ValueError("its header is cut off")
+            header = json.loads(f.read(n))
+        ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        reason = "its header is not valid JSON" if isinstance(e, json.JSONDecodeError) else str(e) or type(e).__name__
+        raise ModelLoadError(f"'{path}' is damaged: {reason}") from None
+    if 8 + n + max(ends, default=0) > size:
+        raise ModelLoadError(f"'{path}' is truncated: its tensors need {8 + n + max(ends)} bytes, the file has "
+                             f"{size}")
 
 
 def converted_gguf(resolved: ResolvedModel, progress: bool = True) -> Path:
@@ -117,9 +152,14 @@ def converted_gguf(resolved: ResolvedModel, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with status(f"converting {resolved.gguf_file} to a cached safetensors copy (once)", progress):
-        tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file,
-                                                     dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file,
+                                                         dtype=torch.float32)
+        except Exception as e:  # the file is the user's: whatever the reader trips on, say it in one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ModelLoadError(f"GGUF file '{resolved.path / resolved.gguf_file}' could not be read: "
+                                 f"{type(e).__name__}: {first}") from None
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
         state = model.state_dict()

@@ -1,0 +1,181 @@
+"""Every modelprobe option, defined once: flag, ini name, parser, default and help, in one table.
+
+Each value is checked when it is read (command line first, then the ini file, then the default), and a
+bad one is one line naming the option: a nonsense batch size must stop the run, never measure nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+class OptionError(ValueError):
+    """A bad option value; the message names the option."""
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # --probe-batch-size
+    ini: str  # probe_batch_size (also the argparse dest)
+    parse: Callable[[str], Any]  # text -> value; raises ValueError with the reason
+    default: Any
+    help: str
+
+    @property
+    def is_flag(self) -> bool:
+        return self.parse is parse_bool
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false (or 1/0, yes/no, on/off)")
+
+
+def _int_at_least(low: int, high: int = 1 << 31) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number >= {low}") from None
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+_DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d{1,3})?)$")
+
+
+def parse_device(text: str) -> str:
+    value = str(text).strip()
+    if not _DEVICE.match(value):
+        raise ValueError("expected cpu, cuda, cuda:N, mps or auto")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    value = str(text).strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_baseline_name(text: str) -> str:
+    value = str(text).strip()
+    if not _NAME.match(value) or value.endswith(".json"):
+        raise ValueError("a baseline NAME: letters, digits, '.', '_' or '-' (no path, no .json)")
+    return value
+
+
+def parse_tolerance(text: str) -> tuple[float | None, float | None]:
+    """'0.05' or 'abs:0.05' or 'rel:0.1' or 'abs:0.05,rel:0.1' → (abs, rel), each finite and >= 0."""
+    tol_abs = tol_rel = None
+    for part in str(text).split(","):
+        key, _, value = part.strip().rpartition(":")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError("expected e.g. 0.05, abs:0.05, rel:0.1 or abs:0.05,rel:0.1") from None
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"{value.strip()} is not a finite number >= 0")
+        if key in ("", "abs"):
+            tol_abs = number
+        elif key == "rel":
+            tol_rel = number
+        else:
+            raise ValueError(f"unknown part {key!r} (abs or rel)")
+    return tol_abs, tol_rel
+
+
+def _tolerance_text(text: str) -> str:
+    parse_tolerance(text)
+    return str(text).strip()
+
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--model", "probe_model", _non_empty, DEFAULT_MODEL,
+           f"model under test: alias, local HF directory, .gguf file or cached hub id (default {DEFAULT_MODEL})"),
+    Option("--probe-device", "probe_device", parse_device, "cpu",
+           "cpu, cuda, cuda:N, mps or auto (device_map='auto' across GPUs)"),
+    Option("--probe-dtype", "probe_dtype", _choice("float32", "bfloat16", "float16"), "float32",
+           "float32 (default), bfloat16 or float16"),
+    Option("--probe-report-dir", "probe_report_dir", _non_empty, "reports",
+           "where reports/<model-slug>/report.* go (default reports)"),
+    Option("--probe-data-root", "probe_data_root", _non_empty, None,
+           "also allow data files under this folder (default: only the probe's folder and the rootdir)"),
+    Option("--trust-remote-code", "trust_remote_code", parse_bool, False,
+           "allow model code from the model directory (off by default)"),
+    Option("--probe-allow-inconclusive", "probe_allow_inconclusive", parse_bool, False,
+           "do not fail the run on inconclusive claims"),
+    Option("--probe-batch-size", "probe_batch_size", _int_at_least(1, 1 << 16), 16,
+           "prompts per forward pass (default 16)"),
+    Option("--probe-threads", "probe_threads", _int_at_least(0, 4096), 0,
+           "torch threads (default 0: all cores; 1 per xdist worker)"),
+    Option("--probe-save", "probe_save", parse_baseline_name, None,
+           "save this run as baseline NAME under <report-dir>/baselines/<model-slug>/"),
+    Option("--probe-compare", "probe_compare", _non_empty, None,
+           "compare with a baseline (NAME or path to a report.json); every baseline claim the selection "
+           "includes must be measured now"),
+    Option("--probe-tolerance", "probe_tolerance", _tolerance_text, None,
+           "allowed effect move vs the baseline: 0.05, abs:0.05, rel:0.1 (needs --probe-compare)"),
+    Option("--probe-strict", "probe_strict", parse_bool, False,
+           "claims new since the baseline fail the comparison too"),
+    Option("--probe-allow-model-change", "probe_allow_model_change", parse_bool, False,
+           "allow comparing with another model's baseline"),
+)
+
+BY_INI = {o.ini: o for o in OPTIONS}
+# Options that only mean something with --probe-compare: on the command line without it they are a mistake.
+NEEDS_COMPARE = ("probe_tolerance", "probe_strict", "probe_allow_model_change")
+
+
+def read_options(from_cli: Callable[[str], Any], from_ini: Callable[[str], Any]) -> dict[str, Any]:
+    """{ini name: checked value}. `from_cli`/`from_ini` return None (or '') when the option is not set."""
+    values: dict[str, Any] = {}
+    given_on_cli: set[str] = set()
+    for o in OPTIONS:
+        raw, where = from_cli(o.ini), f"{o.flag}"
+        if raw is None:
+            raw, where = from_ini(o.ini), f"ini option {o.ini}"
+            if raw in ("", None, []):
+                values[o.ini] = o.default
+                continue
+        else:
+            given_on_cli.add(o.ini)
+        if isinstance(raw, bool) and o.is_flag:
+            values[o.ini] = raw
+            continue
+        text = raw if isinstance(raw, str) else str(raw)
+        try:
+            values[o.ini] = o.parse(text)
+        except ValueError as e:
+            shown = f"{where}={text}" if o.flag == where else f"{where} = {text!r}"
+            raise OptionError(f"{shown}: {e}") from None
+    if values["probe_compare"] is None:
+        for name in NEEDS_COMPARE:
+            if name in given_on_cli and values[name]:
+                raise OptionError(f"{BY_INI[name].flag} needs --probe-compare (it says how to compare with a "
+                                  "baseline)")
+    return values
