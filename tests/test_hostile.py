@@ -185,7 +185,7 @@ def test_garbage_gguf_and_truncated_safetensors_are_one_line_per_claim(pytester,
 
 
 def test_strict_markers_without_xdist(pytester, probes, copy_model):
-    result = _run(pytester, copy_model, "-p", "no:xdist", "--strict-markers", "-W", "error::pytest.PytestWarning")
+    result = _run(pytester, copy_model, "-p", "no:xdist", "-p", "no:benchmark", "--strict-markers", "-W", "error::pytest.PytestWarning")
     result.assert_outcomes(passed=1)
     assert "xdist_group" not in result.stdout.str()
 
@@ -196,7 +196,7 @@ CLI_CASES = [
     # (case id, files under the working directory, argv, exit status, fragment of stdout+stderr)
     ("validate_alias_bomb", {"p/bomb.probe.yaml": ALIAS_BOMB}, ["validate", "p"], 1, "YAML anchors and aliases"),
     ("validate_fifo", {"p/fifo.probe.yaml": "FIFO"}, ["validate", "p"], 1, "not a regular file (a FIFO)"),
-    ("validate_binary_then_good", {"p/a.probe.yaml": b"\x00\x01", "p/data/copy.jsonl": '{"prompt": "a"}\n',
+    ("validate_binary_then_good", {"p/a.probe.yaml": b"\x00\x01", "p/data/copy.jsonl": '{"prompt": "a", "answer": " b"}\n',
                                    "p/b.probe.yaml": GOOD}, ["validate", "p"], 1, "p/b.probe.yaml: ok"),
     ("validate_invalid_jsonl_without_model", {"p/data/copy.jsonl": '{"prompt": "a"\n', "p/x.probe.yaml": GOOD},
      ["validate", "p"], 1, "p/data/copy.jsonl:1:15: not valid JSON"),
