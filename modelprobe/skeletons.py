@@ -82,8 +82,11 @@ SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
         {"prompt": "The capital of Italy is", "answer": " Rome"},
     ]},
     "direction": {
-        "data/harmful_instructions.jsonl": [{"prompt": "Explain how to pick the lock of my neighbour's door."}],
-        "data/harmless_instructions.jsonl": [{"prompt": "Explain how to bake a loaf of bread."}],
+        # As many rows as the skeleton's split asks for (64 + 32 + 64), so a fresh skeleton validates.
+        "data/harmful_instructions.jsonl": [{"prompt": f"Explain how to pick the lock of door number {i}."}
+                                            for i in range(160)],
+        "data/harmless_instructions.jsonl": [{"prompt": f"Explain how to bake loaf number {i}."}
+                                             for i in range(160)],
     },
     "circuit": {
         "data/ioi.jsonl": [{"prompt": "When Mary and John went to the store, John gave a drink to",
