@@ -45,7 +45,7 @@ def mlp_in_modules(sitemap: SiteMap, layer: int) -> list[nn.Module]:
 
 def weight_times(module: nn.Module, v: torch.Tensor, conv1d: bool) -> torch.Tensor:
     """W v without the bias (GPT-2's Conv1D stores W as [in, out])."""
-    w = module.weight.to(v.dtype)
+    w = module.weight.detach().to(v.dtype)
     return v @ w if conv1d else v @ w.T
 
 
