@@ -171,7 +171,7 @@ class IclUpdate(ProbeKind[IclUpdateSpec]):
             if stat == "max_rel_error":
                 measured = m.identity_claim(runs, self.layers[name])
             elif stat == "spearman_rho":
-                measured = m.converges_claim(runs, self.layers[name][0], spec.seed)
+                measured = m.converges_claim(runs, self.layers[name][0], claim.expect.threshold, spec.seed)
             else:
                 measured = m.transfers_claim(runs, self.layers[name], _control(claim), spec.seed)
             claims.append(judge(name, claim, Measured(**measured)))

@@ -110,5 +110,36 @@ def rank1_applied(sitemap: SiteMap, updates: Mapping[int, Rank1], rows: Sequence
             h.remove()
 
 
-__all__ = ["Rank1", "factors", "frobenius", "frobenius_diff", "mlp_in_modules", "mlp_input_site",
+class _Stop(Exception):
+    """Raised by the hook at the last layer a pass needs: the layers above it would be wasted work."""
+
+
+def query_mlp_inputs(model: nn.Module, sitemap: SiteMap, batch, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The MLP input u at the last column of each row, per layer in `layers` ({layer: [b, d] float64}),
+    running the model only up to the highest of them (no logits)."""
+    got: dict[int, torch.Tensor] = {}
+    top = max(layers)
+    handles = []
+
+    def make(layer: int):
+        def pre(mod, args):
+            got[layer] = args[0][:, -1].double().cpu()
+            if layer == top:
+                raise _Stop
+        return pre
+    try:
+        for layer in layers:
+            handles.append(mlp_in_modules(sitemap, layer)[0].register_forward_pre_hook(_tag(make(layer))))
+        with torch.inference_mode():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False, logits_to_keep=1)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+__all__ = ["Rank1", "query_mlp_inputs", "factors", "frobenius", "frobenius_diff", "mlp_in_modules", "mlp_input_site",
            "not_applicable", "rank1_applied", "weight_times"]

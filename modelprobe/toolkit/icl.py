@@ -96,6 +96,19 @@ def last_states(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[
     return LastStates(states, lp, logits)
 
 
+def query_inputs(subject: Subject, ids: Sequence[Sequence[int]], layers: Sequence[int],
+                 batch_size: int | None = None) -> dict[int, torch.Tensor]:
+    """The MLP input at the query token per layer ({layer: [n, d] float64}); each pass stops at the
+    highest layer asked for."""
+    from ..subject.rank1 import query_mlp_inputs
+    out: dict[int, torch.Tensor] = {}
+    for batch in subject.batches(ids, batch_size):
+        got = query_mlp_inputs(subject.model, subject.sitemap, batch, layers)
+        for layer, x in got.items():
+            out.setdefault(layer, torch.zeros(len(ids), x.shape[-1], dtype=torch.float64))[batch.rows] = x
+    return out
+
+
 def identity(subject: Subject, ctx_ids: Sequence[Sequence[int]], plain_ids: Sequence[Sequence[int]],
              batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[Rank1]]:
     """The exactness check: rank-1 updates (and residual biases) computed layer by layer on the already
@@ -130,4 +143,4 @@ def identity(subject: Subject, ctx_ids: Sequence[Sequence[int]], plain_ids: Sequ
     return per_layer, rel(final.logits, ctx.logits), [updates[layer] for layer in layers]
 
 
-__all__ = ["Draw", "LastStates", "draw_prompts", "identity", "last_states", "render", "shuffled"]
+__all__ = ["Draw", "LastStates", "draw_prompts", "identity", "last_states", "query_inputs", "render", "shuffled"]
