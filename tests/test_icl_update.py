@@ -30,7 +30,7 @@ def _ids(subject, words: list[str]) -> list[int]:
 
 # ---- the machinery ---------------------------------------------------------------------------------
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(family=st.sampled_from(SUPPORTED),
        contexts=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), min_size=1, max_size=4),
        query=st.lists(st.sampled_from(WORDS), min_size=1, max_size=3))
@@ -229,3 +229,18 @@ def test_bad_output_token_is_a_data_line(tmp_path, tiny_subject):
     with pytest.raises(DataError) as e:
         _run(_probe(tmp_path, CONVERGES, rows, shots=4, prompts=8), tiny_subject("llama"))
     assert "task.jsonl:4: output" in str(e.value)
+
+
+@pytest.mark.slow
+def test_shipped_probe_sets_up_and_the_identity_holds_on_the_default_model():
+    from modelprobe.subject import load_subject
+    subject = load_subject("smollm2-135m-instruct", progress=False)
+    probe = load(Path(__file__).parent.parent / "probes" / "icl_update_antonyms.probe.yaml")
+    check_data_files(probe)
+    kind = instantiate(probe, subject)
+    prep = kind.prepared
+    s = prep.shots
+    ctx = [prep.ids["prefix"][j * s + s - 1] for j in range(3)]
+    per_layer, logits, _ = identity(subject, ctx, prep.ids["plain"][:3])
+    assert per_layer.shape == (3, subject.n_layers)
+    assert per_layer.max() <= 1e-4 and logits.max() <= 1e-4

@@ -110,6 +110,62 @@ def rank1_applied(sitemap: SiteMap, updates: Mapping[int, Rank1], rows: Sequence
             h.remove()
 
 
+def online_updates(model: nn.Module, sitemap: SiteMap, batch, mid_ctx: torch.Tensor,
+                   u_ctx: torch.Tensor) -> tuple[dict[int, Rank1], dict[int, torch.Tensor]]:
+    """The identity's updates for one batch in a single pass: at each layer, in order, the query token's
+    resid_mid and MLP input u of the no-context run (already updated below) give the bias and the
+    factors that make it follow the with-context run (mid_ctx, u_ctx: [b, L, d]); they are applied at
+    once, so the next layer sees the updated run. Returns ({layer: Rank1}, {layer: bias [b, d]})."""
+    updates: dict[int, Rank1] = {}
+    biases: dict[int, torch.Tensor] = {}
+    handles = []
+    f = sitemap.family
+
+    def at_mid(layer: int):
+        def pre(mod, args, kwargs):
+            h = (args[0] if args else kwargs["hidden_states"])[:, -1].double()
+            biases[layer] = mid_ctx[:, layer].to(h.device) - h
+        return pre
+
+    def at_u(layer: int):
+        def pre(mod, args):
+            u = args[0][:, -1].double()
+            updates[layer] = factors(sitemap, layer, u, u_ctx[:, layer].to(u.device))
+        return pre
+
+    def add_bias(layer: int):
+        def post(mod, args, output):
+            out = output.clone()
+            out[:, -1] += biases[layer].to(out.dtype)
+            return out
+        return post
+    try:
+        for layer in range(sitemap.n_layers):
+            handles.append(sitemap.module(layer, f.resid_mid_reader).register_forward_pre_hook(
+                _tag(at_mid(layer)), with_kwargs=True))
+            handles.append(sitemap.module(layer, f.mlp_in[0]).register_forward_pre_hook(_tag(at_u(layer))))
+            start = 0
+            for module in mlp_in_modules(sitemap, layer):
+                width = module.weight.shape[1] if f.conv1d else module.weight.shape[0]
+
+                def apply(mod, args, output, layer=layer, lo=start, hi=start + width):
+                    upd = updates[layer]
+                    u = args[0][:, -1].double()
+                    out = output.clone()
+                    out[:, -1] += (upd.a[:, lo:hi] * (u * upd.b).sum(-1, keepdim=True)).to(out.dtype)
+                    return out
+                handles.append(module.register_forward_hook(_tag(apply)))
+                start += width
+            handles.append(sitemap.module(layer, f.mlp_write).register_forward_hook(_tag(add_bias(layer))))
+        with torch.inference_mode():
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    return updates, biases
+
+
 class _Stop(Exception):
     """Raised by the hook at the last layer a pass needs: the layers above it would be wasted work."""
 
@@ -141,5 +197,5 @@ def query_mlp_inputs(model: nn.Module, sitemap: SiteMap, batch, layers: Sequence
     return got
 
 
-__all__ = ["Rank1", "query_mlp_inputs", "factors", "frobenius", "frobenius_diff", "mlp_in_modules", "mlp_input_site",
+__all__ = ["Rank1", "online_updates", "query_mlp_inputs", "factors", "frobenius", "frobenius_diff", "mlp_in_modules", "mlp_input_site",
            "not_applicable", "rank1_applied", "weight_times"]

@@ -112,12 +112,13 @@ def query_inputs(subject: Subject, ids: Sequence[Sequence[int]], layers: Sequenc
 def identity(subject: Subject, ctx_ids: Sequence[Sequence[int]], plain_ids: Sequence[Sequence[int]],
              batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray, list[Rank1]]:
     """The exactness check: rank-1 updates (and residual biases) computed layer by layer on the already
-    updated no-context run make its query token follow the with-context run exactly.
+    updated no-context run (in one pass, `online_updates`) make its query token follow the with-context
+    run exactly; a separate pass applies the stored factors and measures the errors.
 
     Returns the relative error of the residual after each layer [n, L], of the last-token logits [n],
     and the factors per layer.
     """
-    from ..subject.rank1 import factors, mlp_input_site
+    from ..subject.rank1 import Rank1, mlp_input_site, online_updates
     from ..subject.sites import Site as _Site
 
     sm = subject.sitemap
@@ -126,13 +127,21 @@ def identity(subject: Subject, ctx_ids: Sequence[Sequence[int]], plain_ids: Sequ
     mid = [_Site("resid_mid", layer) for layer in layers]
     post = [_Site("resid_post", layer) for layer in layers]
     ctx = last_states(subject, ctx_ids, u_sites + mid + post, keep_logits=True, batch_size=batch_size)
-    updates: dict[int, Rank1] = {}
-    biases: dict[int, torch.Tensor] = {}
-    for layer in layers:
-        run = last_states(subject, plain_ids, [u_sites[layer], mid[layer]], updates=updates, biases=biases,
-                          batch_size=batch_size)
-        updates[layer] = factors(sm, layer, run.states[u_sites[layer]], ctx.states[u_sites[layer]])
-        biases[layer] = ctx.states[mid[layer]] - run.states[mid[layer]]
+    n = len(plain_ids)
+    u_ctx = torch.stack([ctx.states[s] for s in u_sites], dim=1)  # [n, L, d]
+    mid_ctx = torch.stack([ctx.states[s] for s in mid], dim=1)
+    updates = {layer: None for layer in layers}
+    biases = {layer: torch.zeros(n, sm.d_model, dtype=torch.float64) for layer in layers}
+    for batch in subject.batches(plain_ids, batch_size):
+        rows = batch.rows
+        got, bias = online_updates(subject.model, sm, batch, mid_ctx[rows], u_ctx[rows])
+        for layer in layers:
+            if updates[layer] is None:
+                updates[layer] = Rank1(torch.zeros(n, got[layer].a.shape[-1], dtype=torch.float64),
+                                       torch.zeros(n, got[layer].b.shape[-1], dtype=torch.float64))
+            updates[layer].a[rows], updates[layer].b[rows] = got[layer].a.cpu(), got[layer].b.cpu()
+            biases[layer][rows] = bias[layer].cpu()
+    # The check: a fresh pass with the stored factors and biases, through the same hooks converges uses.
     final = last_states(subject, plain_ids, post, updates=updates, biases=biases, keep_logits=True,
                         batch_size=batch_size)
 
