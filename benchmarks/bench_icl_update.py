@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ PROBE = Path(__file__).resolve().parent.parent / "probes" / "icl_update_antonyms
 
 def converges_only(prompts: int, layer: float) -> Path:
     """The shipped probe's settings with only its converges claim."""
-    text = PROBE.read_text().split("claims:")[0].replace("prompts: 64", f"prompts: {prompts}")
+    text = re.sub(r"\nprompts: \d+", f"\nprompts: {prompts}", PROBE.read_text().split("claims:")[0])
     text = text.replace("task: data/", f"task: {PROBE.parent}/data/").replace("control_task: data/",
                                                                              f"control_task: {PROBE.parent}/data/")
     text += f"claims:\n  converges:\n    layer: {layer}\n    expect: {{spearman_rho: {{at_most: -0.5}}}}\n"

@@ -138,7 +138,7 @@ class Runs:
             s, n = self.prep.shots, len(self.prep.ids["plain"])
             ctx = [self.prep.ids["prefix"][j * s + s - 1] for j in range(n)]
             self._identity = identity(self.subject, ctx, self.prep.ids["plain"], self.spec.batch_size)
-            self.counts["identity_sequences"] = n * (self.subject.n_layers + 2)
+            self.counts["identity_sequences"] = 3 * n  # with context; plain, updating online; plain, checked
         return self._identity
 
 
