@@ -1,0 +1,178 @@
+"""icl_update: in-context learning acts as a rank-1 update of the MLP input weights (Dherin et al. 2025).
+
+For the query token, a context's effect on a block equals W -> W + a bᵀ on every matrix that reads the
+MLP input, plus a residual bias where the skip connection carries the context. Rank 1 is a tautology,
+so three claims are tested:
+
+- identity (machinery check, not a finding): updates built layer by layer on the already-updated
+  no-context run reproduce the with-context logits;
+- converges: adding the examples one by one, the steps ‖ΔW_i − ΔW_{i−1}‖ shrink (Spearman ρ against
+  i per prompt, i >= 2), more clearly than with shuffled-label contexts;
+- transfers: the update from one context, applied to another query without context, recovers part
+  of the context's gain in the answer's log-probability, more than another task's update does.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold
+from ..spec.fields import LayerSpec, Strict
+from ..subject.sites import resolve_layer
+from ..toolkit.prompts import read_rows
+from .base import Measured, Outcome, ProbeKind, judge
+
+Control = Literal["shuffled_labels", "other_task", "random_rank1"]
+CONTROLS = {"spearman_rho": ("shuffled_labels",), "gain_recovered": ("other_task", "random_rank1"),
+            "max_rel_error": ()}
+
+
+class IclFormat(Strict):
+    example: str = Field(description="one context example, with {input} and {output}")
+    query: str = Field(description="the query, with {input} and no {output}; the answer follows it")
+
+    @field_validator("example", "query")
+    @classmethod
+    def _placeholders(cls, value: str, info) -> str:
+        need = ("input", "output") if info.field_name == "example" else ("input",)
+        for name in need:
+            if "{" + name + "}" not in value:
+                raise ValueError(f"the {info.field_name} format must contain {{{name}}}")
+        try:
+            value.format(input="x", output="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{input}} and {{output}} may appear in braces (use {{{{ }}}} for a brace): "
+                             f"{e}") from None
+        if info.field_name == "query" and "{output}" in value:
+            raise ValueError("the query format must not contain {output}: the model is asked for it")
+        return value
+
+
+class IclExpect(OneExpectation):
+    max_rel_error: Threshold | None = Field(None, description="identity: largest relative error of the "
+                                            "updated no-context run against the with-context run")
+    spearman_rho: Threshold | None = Field(None, description="converges: mean Spearman rho of the update "
+                                           "steps ‖ΔW_i − ΔW_{i−1}‖ against i (negative: they shrink)")
+    gain_recovered: Threshold | None = Field(None, description="transfers: share of the context's gain in "
+                                             "answer log-probability recovered by another query's update")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> IclExpect:
+        th = self.threshold
+        if self.statistic == "spearman_rho" and not -1 <= th.value <= 1:
+            raise ValueError(f"spearman_rho threshold {th.value} must lie in [-1, 1]")
+        if self.statistic == "max_rel_error" and not 0 < th.value < 1:
+            raise ValueError(f"max_rel_error threshold {th.value} must lie in (0, 1)")
+        if self.statistic == "gain_recovered" and not -10 <= th.value <= 10:
+            raise ValueError(f"gain_recovered threshold {th.value} must lie in [-10, 10]")
+        return self
+
+
+class IclClaim(ClaimSpec):
+    expect: IclExpect
+    layers: LayerSpec | None = Field(None, description="identity: layers whose residual error counts "
+                                     "(default all; the logits always count)")
+    layer: LayerSpec | None = Field(None, description="converges: one layer; transfers: one or more "
+                                    "(int, negative, fraction of depth, list, 'a:b'); default 0.5")
+    control: Control | None = Field(None, description="converges: shuffled_labels; transfers: other_task "
+                                    "(default) or random_rank1")
+
+    @model_validator(mode="after")
+    def _fits(self) -> IclClaim:
+        stat = self.expect.statistic
+        if stat == "max_rel_error" and self.layer is not None:
+            raise ValueError("identity (max_rel_error) takes 'layers', not 'layer'")
+        if stat != "max_rel_error" and self.layers is not None:
+            raise ValueError(f"{stat} takes 'layer', not 'layers'")
+        if self.control is not None and self.control not in CONTROLS[stat]:
+            allowed = ", ".join(CONTROLS[stat]) or "none"
+            raise ValueError(f"control '{self.control}' does not fit {stat} (allowed: {allowed})")
+        return self
+
+
+class IclUpdateSpec(ProbeBase):
+    kind: Literal["icl_update"]
+    task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
+    control_task: str | None = Field(None, description="another task's JSONL file, for control: other_task")
+    format: IclFormat
+    shots: int = Field(8, ge=3, le=64, description="context examples per prompt")
+    prompts: int = Field(64, ge=8, le=4096, description="(context, query) pairs drawn with the seed")
+    claims: dict[str, IclClaim] = Field(min_length=1)
+
+
+def _control(claim: IclClaim) -> str | None:
+    return claim.control or (CONTROLS[claim.expect.statistic] or (None,))[0]
+
+
+class IclUpdate(ProbeKind[IclUpdateSpec]):
+    name = "icl_update"
+    Spec = IclUpdateSpec
+
+    @classmethod
+    def data_files(cls, spec: IclUpdateSpec) -> list[tuple[str, tuple]]:
+        files = [(spec.task, ("task",))]
+        return files + ([(spec.control_task, ("control_task",))] if spec.control_task else [])
+
+    @classmethod
+    def check_data(cls, probe) -> dict[str, list[dict]]:
+        spec = probe.spec
+        rows = {"task": read_rows(probe, spec.task, ("task",), ("input", "output"))}
+        transfers = any(c.expect.statistic == "gain_recovered" for c in spec.claims.values())
+        need = spec.shots + (2 if transfers else 1)
+        if len(rows["task"]) < need:
+            why = "shots + 2: the examples, a query and an unseen query" if transfers else "shots + 1"
+            raise probe.error(f"the task has {len(rows['task'])} items; {spec.shots} shots need at least {need} "
+                              f"({why})", ("task",))
+        for name, claim in spec.claims.items():
+            if _control(claim) == "other_task" and not spec.control_task:
+                raise probe.error("control other_task needs 'control_task' (another task's JSONL file)",
+                                  ("claims", name, "control"))
+        if spec.control_task:
+            rows["control"] = read_rows(probe, spec.control_task, ("control_task",), ("input", "output"))
+            if len(rows["control"]) < spec.shots + 1:
+                raise probe.error(f"the control task has {len(rows['control'])} items; it needs at least "
+                                  f"shots + 1 = {spec.shots + 1}", ("control_task",))
+        return rows
+
+    def setup(self) -> None:
+        from ..subject.rank1 import not_applicable
+        from ..toolkit.icl_measure import Prepared
+
+        spec, subject = self.spec, self.subject
+        self.rows = self.check_data(self.probe)
+        self.layers: dict[str, list[int]] = {}
+        for name, claim in spec.claims.items():
+            stat = claim.expect.statistic
+            key, default = ("layers", "all") if stat == "max_rel_error" else ("layer", 0.5)
+            given = getattr(claim, key)
+            layers = resolve_layer(default if given is None else given, subject.n_layers, ("claims", name, key))
+            if stat == "spearman_rho" and len(layers) != 1:
+                raise self.probe.error(f"converges reads one layer, got {len(layers)}", ("claims", name, key))
+            self.layers[name] = layers
+        self.reason = not_applicable(subject.sitemap)
+        self.prepared = Prepared.build(subject, spec, self.rows, self.probe.path.parent / spec.task)
+
+    def measure(self) -> Outcome:
+        from ..toolkit import icl_measure as m
+
+        spec, prep = self.spec, self.prepared
+        settings = {"task": spec.task, "control_task": spec.control_task, "shots": spec.shots,
+                    "prompts": spec.prompts, "position": "last (the query token)", **prep.settings()}
+        if self.reason:
+            claims = [judge(name, c, Measured(None, None, 0, c.expect.statistic, untestable=self.reason))
+                      for name, c in spec.claims.items()]
+            return Outcome({**settings, "not_applicable": self.reason}, claims)
+        runs = m.Runs(self.subject, prep, spec, self.layers)
+        claims = []
+        for name, claim in spec.claims.items():
+            stat = claim.expect.statistic
+            if stat == "max_rel_error":
+                measured = m.identity_claim(runs, self.layers[name])
+            elif stat == "spearman_rho":
+                measured = m.converges_claim(runs, self.layers[name][0], claim.expect.threshold, spec.seed)
+            else:
+                measured = m.transfers_claim(runs, self.layers[name], _control(claim), spec.seed)
+            claims.append(judge(name, claim, Measured(**measured)))
+        return Outcome({**settings, **runs.counts}, claims)
