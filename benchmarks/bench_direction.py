@@ -7,11 +7,12 @@ W1  difference of means at every layer (resid_pre, the post-instruction position
 W2  greedy generation of 32 new tokens for 32 prompts with the direction projected out of every
     block input, attention output and MLP output: `Subject.generate` with AblateDirection vs
     `model.generate` with hand-written hooks.
-W3  choosing the direction (step 3) with the shipped refusal probe's settings: logit scores over every
-    layer x post-instruction position (gradient screen, then exact bypass / induce / KL for the
-    `candidates` best layers) vs the old 8-point grid scored on 12-token generations (the generation
-    path, still used by graders without a token form). Same process, same difference of means, run
-    alternately; both include the validation pass.
+W3  choosing the direction (step 3) with the shipped refusal probe's settings: exact logit scores over
+    every layer x post-instruction position (induce for all, resumed from the cached residual stream with
+    the template's shared prefix run once; bypass and KL for the `candidates` best inducers) vs the old
+    8-point grid scored on 12-token generations (the generation path, still used by graders without a
+    token form). Same process, same difference of means, run alternately; both include the validation
+    pass.
 
 The ratio is modelprobe / transformers (W3: logit selection / generation grid; 1.0 = same cost). Usage:
     python benchmarks/bench_direction.py [--model smollm2-135m-instruct] [--prompts 64] [--threads 1] [--repeat 2]
