@@ -91,7 +91,8 @@ def test_upper_half_passes_with_layer_auto(upper, tmp_path):
     s = out.settings
     assert s["layer"] in (4, 5) and s["position"] == -1
     sel = s["selection"]
-    assert sel["mode"].startswith("exact: induce measured for all 10") and sel["n_candidates"] == 12  # 0-5 x 2
+    assert sel["mode"].startswith("exact: induce measured for all 10")
+    assert sel["n_candidates"] == 12  # layers 0-5 x 2 positions
     assert sel["removed"] == {"layer": 4, "zero_direction": 2, "not_finite": 0, "induce": 8, "kl": 0,
                               "not_measured": 0, "passed": 2}
     rows = {(r["layer"], r["position"]): r for r in s["candidates"]}
@@ -135,10 +136,12 @@ def test_bypass_is_measured_for_the_best_inducers_only(upper, tmp_path):
     out = run_variant(upper, tmp_path, **{"position: post_instruction": "position: post_instruction\n  "
                                                                         "candidates: 1"}).settings
     sel = out["selection"]
-    assert sel["n_measured"] == 1 and sel["removed"]["not_measured"] == 1 and "the 1 best by induce" in sel["mode"]
+    assert sel["n_measured"] == 1 and sel["removed"]["not_measured"] == 1
+    assert "the 1 best by induce" in sel["mode"]
     rows = [r for r in out["candidates"] if r["induce"] > 0]
     best, other = sorted(rows, key=lambda r: -r["induce"])
-    assert best["kept"] and best["bypass"] is not None and (out["layer"], out["position"]) == (best["layer"], -1)
+    assert best["kept"] and best["bypass"] is not None
+    assert (out["layer"], out["position"]) == (best["layer"], -1)
     assert other["bypass"] is None and other["note"].startswith("not measured")
 
 
@@ -257,7 +260,8 @@ def test_resume_variants_equal_plain_forwards(planted):
     """Several added vectors (or ablated directions) per batch, resumed at a layer, with and without the
     shared prefix, give each variant's plain forward; interventions on some positions only are refused."""
     import json
-    rows = [json.loads(x)["prompt"] for x in (DATA / "toy_harmless.jsonl").read_text().splitlines() if x.strip()]
+    lines = (DATA / "toy_harmless.jsonl").read_text().splitlines()
+    rows = [json.loads(x)["prompt"] for x in lines if x.strip()]
     ids = planted.encode_all(rows[:6], chat_template=True)
     prefix = common_prefix(ids)
     assert 0 < prefix < min(map(len, ids))
@@ -268,13 +272,17 @@ def test_resume_variants_equal_plain_forwards(planted):
     vecs = torch.randn(3, planted.sitemap.d_model, generator=gen)
     units = torch.nn.functional.normalize(torch.randn(2, planted.sitemap.d_model, generator=gen), dim=-1)
     for p in (0, prefix):
-        out = resume_variants(planted, batch, layer, acts[Site("resid_pre", layer)], 3,
-                              lambda n: [Add(Site("resid_pre", layer), "all", vector=vecs.repeat_interleave(n, 0))], p)
+        def added(n):
+            return [Add(Site("resid_pre", layer), "all", vector=vecs.repeat_interleave(n, 0))]
+
+        def ablated(n):
+            return ablate_direction_everywhere(planted.n_layers, units.repeat_interleave(n, 0))
+
+        out = resume_variants(planted, batch, layer, acts[Site("resid_pre", layer)], 3, added, p)
         for v in range(3):
             plain = planted.forward(batch, (), [Add(Site("resid_pre", layer), "all", vector=vecs[v])]).logits
             torch.testing.assert_close(out[v * 6:(v + 1) * 6], plain, rtol=0, atol=1e-4)
-        out = resume_variants(planted, batch, 0, acts[Site("resid_pre", 0)], 2,
-                              lambda n: ablate_direction_everywhere(planted.n_layers, units.repeat_interleave(n, 0)), p)
+        out = resume_variants(planted, batch, 0, acts[Site("resid_pre", 0)], 2, ablated, p)
         for v in range(2):
             plain = planted.forward(batch, (), ablate_direction_everywhere(planted.n_layers, units[v])).logits
             torch.testing.assert_close(out[v * 6:(v + 1) * 6], plain, rtol=0, atol=1e-4)

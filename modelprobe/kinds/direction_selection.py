@@ -159,6 +159,16 @@ def _variant_chunks(n: int, b: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _added(site: Site, vecs: torch.Tensor, n: int) -> list[Add]:
+    """Each vector added at `site`, all positions, to n rows in a row (variant-major batches)."""
+    return [Add(site, "all", vector=vecs.repeat_interleave(n, 0))]
+
+
+def _ablated(n_layers: int, units: torch.Tensor, n: int) -> list:
+    """Each unit direction projected out everywhere, for n rows in a row (variant-major batches)."""
+    return ablate_direction_everywhere(n_layers, units.repeat_interleave(n, 0))
+
+
 def _exact_induce(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Validation, score) -> None:
     """Exact induce score of every candidate: the negatives resumed at the candidate's layer with r added
     at all positions, the candidates of one layer side by side in the same forwards."""
@@ -173,15 +183,15 @@ def _exact_induce(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Va
             b = len(batch.rows)
             for part in _variant_chunks(len(here), b):
                 v = vecs[part]
-                logits = resume_variants(
-                    subject, batch, layer, acts[layer], len(v),
-                    lambda n, v=v, layer=layer: [Add(Site("resid_pre", layer), "all", vector=v.repeat_interleave(n, 0))], prefix)
+                logits = resume_variants(subject, batch, layer, acts[layer], len(v),
+                                         partial(_added, Site("resid_pre", layer), v), prefix)
                 sums[part] += score(logits.cpu()).double().view(len(v), b).sum(1)
         for c, s in zip(here, sums / n_neg):
             c.induce = float(s)
 
 
-def _exact_ablation(kind: Any, diffs: torch.Tensor, measured: list[Candidate], val: Validation, score) -> None:
+def _exact_ablation(kind: Any, diffs: torch.Tensor, measured: list[Candidate], val: Validation,
+                    score) -> None:
     """Exact bypass (score on positives) and KL (on negatives) with each candidate's unit direction
     projected out everywhere, several candidates per forward."""
     subject, ids = kind.subject, kind.ids["validation"]
@@ -197,10 +207,8 @@ def _exact_ablation(kind: Any, diffs: torch.Tensor, measured: list[Candidate], v
             b = len(batch.rows)
             for part in _variant_chunks(len(measured), b):
                 u = units[part]
-                logits = resume_variants(
-                    subject, batch, 0, acts[0], len(u),
-                    lambda n, u=u: ablate_direction_everywhere(subject.n_layers, u.repeat_interleave(n, 0)),
-                    prefix).cpu()
+                logits = resume_variants(subject, batch, 0, acts[0], len(u),
+                                         partial(_ablated, subject.n_layers, u), prefix).cpu()
                 if which == "positive":
                     bypass[part] += score(logits).double().view(len(u), b).sum(1)
                 else:
@@ -239,8 +247,9 @@ def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Va
     tokens = [kind.subject.tokenizer.convert_ids_to_tokens([i])[0] for i in kind.select_ids]
     info.update(
         mode=(f"exact: induce measured for all {len(todo)} candidates, bypass and KL for "
-              + (f"all {len(measured)} that induce" if len(measured) == len(passing)
-                 else f"the {len(measured)} best by induce of {len(passing)} that induce")),
+              + (f"all {len(measured)} that induce" if len(measured) == len(passing) else
+                 f"the {len(measured)} best by induce of {len(passing)} that induce" if passing else
+                 f"the fixed layer's {len(measured)} best by induce (none induces)")),
         score=(f"mean log-odds of the first reply token being one of {tokens} at the last prompt position "
                "(Arditi et al.'s refusal score); a candidate must reach induce > 0"),
         base_bypass=base_bypass, base_induce=base_induce, induce_floor=0.0, score_tokens=tokens)
@@ -310,7 +319,7 @@ def _why(removed: dict[str, int], n_measured: int) -> str:
         ("layer", "past the layer cap"), ("zero_direction", "zero direction"), ("not_finite", "not finite"),
         ("induce", "do not induce"), ("kl", "KL above max_kl"),
         ("not_measured", "not measured (bypass and KL)")) if removed[key]]
-    return ", ".join(parts) + f"; {n_measured} measured in full" if parts else f"{n_measured} measured in full"
+    return "; ".join([", ".join(parts)] * bool(parts) + [f"{n_measured} measured in full"])
 
 
 def _choose(kind: Any, cands: list[Candidate], measured: list[Candidate], info: dict[str, Any]) -> Selection:

@@ -227,11 +227,12 @@ def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch
         cols = torch.arange(width, device=dev)
         real = (cols[None, :] >= pad[:, None]).repeat(n_variants, 1)  # [rows, width]
         own = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None] & real[:, None, :]
-        mask = torch.cat([torch.ones(len(real), width, prefix, dtype=torch.bool, device=dev), own], -1)[:, None]
+        seen = torch.ones(len(real), width, prefix, dtype=torch.bool, device=dev)  # the prefix: by every token
+        mask = torch.cat([seen, own], -1)[:, None]
         cache.repeat = b
         state = RunState(phase="prompt", pad=batch.pad.repeat(n_variants), prompt_len=width)
         with hooked(subject.model, subject.sitemap, state, edits_for_rows):
-            out = _run_layers(subject, tail, start, mask, batch.position_ids[:, prefix:].repeat(n_variants, 1),
-                              cache)
+            positions = batch.position_ids[:, prefix:].repeat(n_variants, 1)
+            out = _run_layers(subject, tail, start, mask, positions, cache)
             logits = subject.sitemap.unembed(subject.sitemap.final_norm(out[:, -1:]))
     return logits[:, -1].float()
