@@ -225,8 +225,8 @@ def selection_cost(subject, repeat: int) -> list:
         return f"{where}, {sel.info['n_measured']}/{sel.info['n_candidates']} measured"
 
     print("W3 logit selection:", {k: new.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
-    for c in sorted((c for c in new.candidates if c.bypass is not None), key=lambda c: c.layer):
-        print("   ", c.row())
+    for c in sorted((c for c in new.candidates if c.note != "zero direction"), key=lambda c: -c.induce)[:8]:
+        print("   ", c.row())  # the best inducers: every candidate's induce score is exact
     print("W3 generation grid:", {k: old.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
     for c in sorted((c for c in old.candidates if c.bypass is not None), key=lambda c: c.layer):
         print("   ", c.row())
