@@ -7,11 +7,12 @@ W1  difference of means at every layer (resid_pre, the post-instruction position
 W2  greedy generation of 32 new tokens for 32 prompts with the direction projected out of every
     block input, attention output and MLP output: `Subject.generate` with AblateDirection vs
     `model.generate` with hand-written hooks.
-W3  choosing the direction (step 3) with the shipped refusal probe's settings: logit scores over every
-    layer x post-instruction position (gradient screen, then exact bypass / induce / KL for the
-    `candidates` best layers) vs the old 8-point grid scored on 12-token generations (the generation
-    path, still used by graders without a token form). Same process, same difference of means, run
-    alternately; both include the validation pass.
+W3  choosing the direction (step 3) with the shipped refusal probe's settings: exact logit scores over
+    every layer x post-instruction position (induce for all, resumed from the cached residual stream with
+    the template's shared prefix run once; bypass and KL for the `candidates` best inducers) vs the old
+    8-point grid scored on 12-token generations (the generation path, still used by graders without a
+    token form). Same process, same difference of means, run alternately; both include the validation
+    pass.
 
 The ratio is modelprobe / transformers (W3: logit selection / generation grid; 1.0 = same cost). Usage:
     python benchmarks/bench_direction.py [--model smollm2-135m-instruct] [--prompts 64] [--threads 1] [--repeat 2]
@@ -224,8 +225,8 @@ def selection_cost(subject, repeat: int) -> list:
         return f"{where}, {sel.info['n_measured']}/{sel.info['n_candidates']} measured"
 
     print("W3 logit selection:", {k: new.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
-    for c in sorted((c for c in new.candidates if c.bypass is not None), key=lambda c: c.layer):
-        print("   ", c.row())
+    for c in sorted((c for c in new.candidates if c.note != "zero direction"), key=lambda c: -c.induce)[:8]:
+        print("   ", c.row())  # the best inducers: every candidate's induce score is exact
     print("W3 generation grid:", {k: old.info[k] for k in ("mode", "removed", "base_bypass", "base_induce")})
     for c in sorted((c for c in old.candidates if c.bypass is not None), key=lambda c: c.layer):
         print("   ", c.row())

@@ -1,5 +1,6 @@
 """Direction selection (kinds/direction_selection.py): the upper-half planted fixture, the filters and
-their counts, no quiet fallback, the per-intervention layer for `add`, and the gradient screen."""
+their counts, no quiet fallback, the per-intervention layer for `add`, and the exactness of the batched,
+resumed, prefix-sharing scores (subject/resume.py resume_variants) against plain forwards."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ import torch
 
 from modelprobe.errors import SpecError
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.direction import diff_in_means
-from modelprobe.kinds.direction_selection import NO_CANDIDATE, Candidate, _choose, _filter, token_ids_for
+from modelprobe.kinds.direction_selection import (
+    NO_CANDIDATE,
+    Candidate,
+    _choose,
+    _filter,
+    select,
+    token_ids_for,
+)
 from modelprobe.kinds.graders import TOKEN_FORMS, build_grader, log_odds
 from modelprobe.subject import Add, Site, load_subject
-from modelprobe.subject.gradients import addition_gradients
+from modelprobe.subject.resume import common_prefix, resume_variants
+from modelprobe.toolkit.metrics import kl
+from modelprobe.toolkit.steering import ablate_direction_everywhere
 
 torch.set_num_threads(1)
 
@@ -39,15 +48,19 @@ def planted():
     return load_subject(str(PLANTED), progress=False)
 
 
-def run_variant(subject, tmp_path, base: Path = UPPER_PROBE, **replace: str):
-    """Run a copy of a probe file with some lines replaced (data paths made absolute)."""
+def variant(subject, tmp_path, base: Path = UPPER_PROBE, **replace: str):
+    """The kind instance of a copy of a probe file with some lines replaced (data paths made absolute)."""
     text = base.read_text().replace("../fixtures/data/", f"{DATA}/")
     for old, new in replace.items():
         assert old in text, old
         text = text.replace(old, new)
     path = tmp_path / f"variant_{abs(hash(tuple(replace.items())))}.probe.yaml"
     path.write_text(text)
-    return instantiate(load(path), subject).run()
+    return instantiate(load(path), subject)
+
+
+def run_variant(subject, tmp_path, base: Path = UPPER_PROBE, **replace: str):
+    return variant(subject, tmp_path, base, **replace).run()
 
 
 # ---- the upper-half fixture ---------------------------------------------------------------------------
@@ -78,27 +91,58 @@ def test_upper_half_passes_with_layer_auto(upper, tmp_path):
     s = out.settings
     assert s["layer"] in (4, 5) and s["position"] == -1
     sel = s["selection"]
-    assert sel["mode"].startswith("screened") and sel["n_candidates"] == 12  # layers 0-5 x 2 positions
-    assert sel["removed"] == {"layer": 4, "zero_direction": 2, "not_measured": 5, "not_finite": 0, "kl": 0,
-                              "induce": 3, "passed": 2}
+    assert sel["mode"].startswith("exact: induce measured for all 10")
+    assert sel["n_candidates"] == 12  # layers 0-5 x 2 positions
+    assert sel["removed"] == {"layer": 4, "zero_direction": 2, "not_finite": 0, "induce": 8, "kl": 0,
+                              "not_measured": 0, "passed": 2}
     rows = {(r["layer"], r["position"]): r for r in s["candidates"]}
-    assert len(rows) == 12 and all(r["induce_estimate"] is not None for r in rows.values() if r["norm"] > 0)
-    for layer in (1, 2, 3):  # measured and rejected: the lower layers do not induce
+    assert len(rows) == 12 and all(r["induce"] is not None for r in rows.values())
+    for layer in (1, 2, 3):  # scored and rejected: the lower layers do not induce
         assert rows[(layer, -1)]["note"] == "does not induce" and rows[(layer, -1)]["induce"] < 0
     for layer in (4, 5):
         assert rows[(layer, -1)]["kept"] and rows[(layer, -1)]["induce"] > 0 and rows[(layer, -1)]["bypass"] < 0
     for c in out.claims:
         assert c.effect >= 0.9 and c.control.p_value < 0.05
-        assert len(c.curves["induce_estimate"]) == 6 and len(c.curves["direction_norm"]) == 8
+        assert len(c.curves["induce"]) == 6 and len(c.curves["direction_norm"]) == 8
 
 
-def test_screened_selection_chooses_what_exhaustive_scoring_chooses(upper, tmp_path):
-    screened = run_variant(upper, tmp_path).settings
-    full = run_variant(upper, tmp_path, **{"position: post_instruction": "position: post_instruction\n  "
-                                                                         "candidates: 12"}).settings
-    assert full["selection"]["mode"] == "exhaustive" and full["selection"]["n_measured"] == 10
-    assert (screened["layer"], screened["position"]) == (full["layer"], full["position"])
-    assert {"layer", "bypass", "induce", "kl"} <= set(full["candidates"][0])
+def test_exact_scores_equal_plain_forwards(upper, tmp_path):
+    """The selection's batched, resumed, prefix-sharing induce / bypass / KL are what plain forwards with
+    the Add and ablation hooks give, to 1e-4."""
+    kind = variant(upper, tmp_path)
+    kind._memo = {}
+    diffs = kind._means()
+    sel = select(kind, diffs)
+    val = kind.ids["validation"]
+    sorry = kind.select_ids
+    base_neg = upper.last_logits(val["negative"])
+    checked = 0
+    for c in sel.candidates:
+        if c.note == "zero direction" or (c.layer, c.position) not in {(1, -2), (3, -1), (4, -1), (5, -1)}:
+            continue
+        r = diffs[kind.positions.index(c.position), c.layer].float()
+        added = upper.last_logits(val["negative"], [Add(Site("resid_pre", c.layer), "all", vector=r)])
+        assert abs(float(log_odds(added, sorry).mean()) - c.induce) <= 1e-4, (c.layer, c.position)
+        if c.bypass is not None:
+            edits = ablate_direction_everywhere(upper.n_layers, r / r.norm())
+            bypass = float(log_odds(upper.last_logits(val["positive"], edits), sorry).mean())
+            assert abs(bypass - c.bypass) <= 1e-4
+            assert abs(float(kl(base_neg, upper.last_logits(val["negative"], edits)).mean()) - c.kl) <= 1e-4
+            checked += 1
+    assert checked == 2  # layers 4 and 5 at -1: the two that induce
+
+
+def test_bypass_is_measured_for_the_best_inducers_only(upper, tmp_path):
+    out = run_variant(upper, tmp_path, **{"position: post_instruction": "position: post_instruction\n  "
+                                                                        "candidates: 1"}).settings
+    sel = out["selection"]
+    assert sel["n_measured"] == 1 and sel["removed"]["not_measured"] == 1
+    assert "the 1 best by induce" in sel["mode"]
+    rows = [r for r in out["candidates"] if r["induce"] > 0]
+    best, other = sorted(rows, key=lambda r: -r["induce"])
+    assert best["kept"] and best["bypass"] is not None
+    assert (out["layer"], out["position"]) == (best["layer"], -1)
+    assert other["bypass"] is None and other["note"].startswith("not measured")
 
 
 def test_upper_half_restricted_to_lower_layers_is_inconclusive(upper, tmp_path):
@@ -186,7 +230,7 @@ def test_filters_are_the_papers():
         assert not c.kept and c.note == note
 
 
-# ---- scores and the gradient screen --------------------------------------------------------------------
+# ---- scores and exactness --------------------------------------------------------------------------
 
 def test_grader_token_forms():
     assert build_grader("refusal").token_form == TOKEN_FORMS["refusal"] == ("I", "Sorry", "As")
@@ -212,32 +256,42 @@ def test_select_token_that_is_several_tokens_is_a_located_error(upper, tmp_path)
     assert "\n" not in msg
 
 
-def test_addition_gradients_match_finite_differences(planted):
-    def ids(name, n):
-        import json
-        rows = [json.loads(x)["prompt"] for x in (DATA / name).read_text().splitlines() if x.strip()][:n]
-        return planted.encode_all(rows, chat_template=True)
+def test_resume_variants_equal_plain_forwards(planted):
+    """Several added vectors (or ablated directions) per batch, resumed at a layer, with and without the
+    shared prefix, give each variant's plain forward; interventions on some positions only are refused."""
+    import json
+    lines = (DATA / "toy_harmless.jsonl").read_text().splitlines()
+    rows = [json.loads(x)["prompt"] for x in lines if x.strip()]
+    ids = planted.encode_all(rows[:6], chat_template=True)
+    prefix = common_prefix(ids)
+    assert 0 < prefix < min(map(len, ids))
+    batch = next(planted.batches(ids, 6))
+    layer = 2
+    acts = planted.forward(batch, [Site("resid_pre", 0), Site("resid_pre", layer)], (), logits=None).acts
+    gen = torch.Generator().manual_seed(0)
+    vecs = torch.randn(3, planted.sitemap.d_model, generator=gen)
+    units = torch.nn.functional.normalize(torch.randn(2, planted.sitemap.d_model, generator=gen), dim=-1)
+    for p in (0, prefix):
+        def added(n):
+            return [Add(Site("resid_pre", layer), "all", vector=vecs.repeat_interleave(n, 0))]
 
-    harmful, harmless = ids("toy_harmful.jsonl", 16), ids("toy_harmless.jsonl", 10)
-    sorry = planted.token_id("sorry")
-    grads, base = addition_gradients(planted, harmless, [1, 2], lambda lg: log_odds(lg, sorry), batch_size=4)
-    clean = log_odds(planted.last_logits(harmless), sorry)
-    torch.testing.assert_close(base, clean, rtol=1e-4, atol=1e-4)
-    v = diff_in_means(planted, harmful, harmless, [-1])[0, 2].float()
-    eps = 1e-2
-    for i, layer in enumerate((1, 2)):
-        up, down = (log_odds(planted.last_logits(harmless, [Add(Site("resid_pre", layer), "all", vector=e * v)]),
-                             sorry) for e in (eps, -eps))
-        fd = float((up - down).mean()) / (2 * eps)  # central difference: no second-order term
-        assert abs(fd - float(grads[i] @ v.double())) <= 0.05 * abs(fd) + 1e-3, (layer, fd, float(grads[i] @ v.double()))
+        def ablated(n):
+            return ablate_direction_everywhere(planted.n_layers, units.repeat_interleave(n, 0))
+
+        out = resume_variants(planted, batch, layer, acts[Site("resid_pre", layer)], 3, added, p)
+        for v in range(3):
+            plain = planted.forward(batch, (), [Add(Site("resid_pre", layer), "all", vector=vecs[v])]).logits
+            torch.testing.assert_close(out[v * 6:(v + 1) * 6], plain, rtol=0, atol=1e-4)
+        out = resume_variants(planted, batch, 0, acts[Site("resid_pre", 0)], 2, ablated, p)
+        for v in range(2):
+            plain = planted.forward(batch, (), ablate_direction_everywhere(planted.n_layers, units[v])).logits
+            torch.testing.assert_close(out[v * 6:(v + 1) * 6], plain, rtol=0, atol=1e-4)
     assert not planted.leaked_hooks()
-
-    def broken(lg):
-        raise RuntimeError("score failed")
-
-    with pytest.raises(RuntimeError, match="score failed"):
-        addition_gradients(planted, harmless, [1], broken)
-    assert not planted.leaked_hooks()
+    with pytest.raises(ValueError, match="all positions"):
+        resume_variants(planted, batch, layer, acts[Site("resid_pre", layer)], 1,
+                        lambda n: [Add(Site("resid_pre", layer), "last", vector=vecs[0])], prefix)
+    assert common_prefix([[1, 2, 3], [1, 2, 4]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
+    assert common_prefix([[5, 2], [1, 2]]) == 0
 
 
 def test_generation_scored_selection_has_no_quiet_fallback_either(upper, tmp_path):

@@ -12,7 +12,8 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
    layer l, KL = next-token KL(base ‖ ablated) on negatives. Candidates at l >= 0.8 L (auto only),
    with KL above the limit, that do not induce, or with a zero direction are dropped; the lowest
    bypass wins. When none passes, the claims are inconclusive unless the probe fixes the layer.
-   See direction_selection.py (logit scores for graders with a token form, every layer x position).
+   See direction_selection.py (exact logit scores for graders with a token form: induce for every
+   layer x position, bypass and KL for the best inducers).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
 """
@@ -88,10 +89,10 @@ class DirectionSearch(Strict):
     position: Literal["post_instruction", "last"] | int = Field(
         "post_instruction", description="post_instruction: the template tokens after the instruction are "
                                         "the candidates; last; or a token index (negative from the end)")
-    candidates: int = Field(8, ge=1, description="most (layer, position) candidates measured exactly on "
-                                                 "validation; beyond it, every candidate gets a first-order "
-                                                 "induce estimate (logit scores) and the best layers are "
-                                                 "measured, or (generation scores) a grid of layers is")
+    candidates: int = Field(8, ge=1, description="logit scores: most candidates whose bypass and KL are "
+                                                 "measured (the best by exact induce score among those that "
+                                                 "induce; every candidate's induce score is exact); "
+                                                 "generation scores: layers in the grid measured")
     select_tokens: list[str] | None = Field(
         None, min_length=1, description="first reply tokens whose log-odds score candidates (default: the "
                                         "grader's token form: refusal -> I, Sorry, As; a tokens grader's "

@@ -8,17 +8,20 @@ non-finite score are dropped; the lowest bypass wins.
 
 Here, when the grader has a token form (graders.TOKEN_FORMS, a `tokens` grader, or
 direction.select_tokens):
-- every (layer, position) candidate below the depth cap gets a first-order estimate of its induce score
-  from one forward and backward pass over the validation negatives (subject/gradients.py): the
-  gradient of the mean score w.r.t. a vector added at each layer, dotted with each candidate;
-- the `candidates` best of them (best position per layer, layers ranked by that estimate; all of them
-  when there are no more than `candidates`) are measured exactly: one ablated forward over validation
-  positives and negatives (bypass and KL), and the addition resumed from the cached residual stream at
-  its layer (induce). Filters and the choice are the paper's, on the exact numbers.
-Why not measure every candidate exactly: each costs a full ablated forward over the validation set, so
-on SmolLM2-135M (24 layers x 6 positions) that is ~11x the old 8-point generation grid; the screen plus
-8 exact candidates costs 0.79x of it (benchmarks/bench_direction.py W3). The estimate only decides which
-candidates are measured; every number a filter or the choice reads is exact.
+- every (layer, position) candidate below the depth cap gets its EXACT induce score: the validation
+  negatives resume from their clean residual stream at the candidate's layer (cached by the validation
+  pass), all positions of one layer in the same forwards (subject/resume.py `resume_variants`), and the
+  chat template's shared prefix runs once per candidate instead of once per prompt. That is about
+  (L - l) / L of a forward over the negatives per candidate, without the prefix;
+- bypass and KL (one ablated forward over the validation positives and negatives each, prefix shared
+  too) are measured for the candidates that pass induce > 0 - the `candidates` best of them by induce
+  when more pass (the others are reported as not measured). When the probe fixes the layer they are
+  measured whether or not the candidates induce, so that the fixed layer can be judged.
+Every number a filter or the choice reads is exact (the batched, resumed scores equal plain forwards,
+tests/test_direction_selection.py). On SmolLM2-135M (24 layers x 6 positions, 32 validation prompts per
+set) the whole selection costs about 1.2x the old 8-point generation grid (benchmarks/bench_direction.py
+W3: 576 s vs 464 s, 1 thread, same process, loaded machine). Sharing the template's 24-token prefix
+halves the induce cost; what is left is compute (wider or unpadded batches were no faster on CPU).
 A grader without a token form (sentiment, custom substrings...) scores on short generated replies, on a
 grid of `candidates` layers, each at its best-separating position: generation per candidate is costly.
 
@@ -38,9 +41,9 @@ import numpy as np
 import torch
 
 from ..subject import Add, Site
-from ..subject.gradients import addition_gradients
-from ..subject.resume import resume
+from ..subject.resume import common_prefix, resume_variants
 from ..toolkit.metrics import kl as _kl
+from ..toolkit.steering import ablate_direction_everywhere
 from .graders import log_odds
 
 NO_CANDIDATE = "no candidate direction passed selection"
@@ -52,7 +55,6 @@ class Candidate:
     position: int
     norm: float
     separation: float | None = None
-    induce_estimate: float | None = None  # first-order (gradient) estimate; None when not screened
     bypass: float | None = None
     induce: float | None = None
     kl: float | None = None
@@ -92,36 +94,50 @@ def token_ids_for(subject: Any, texts: Sequence[str]) -> list[int]:
     return ids
 
 
-def validation_pass(kind: Any, diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out separation of each candidate ([P, L], Cohen's d of the projections on validation)
-    and the base next-token logits of the validation prompts (positives first), from one pass."""
+@dataclass
+class Validation:
+    """What one clean pass over the validation prompts gives selection."""
+
+    separation: torch.Tensor  # [P, L] Cohen's d of the projections, held out
+    logits: torch.Tensor  # [n_pos + n_neg, vocab] base next-token logits, positives first
+    # Each batch of validation positives / negatives with its clean resid_pre, by layer (logit scoring only):
+    positive: list[tuple[Any, dict[int, torch.Tensor]]] = field(default_factory=list)
+    negative: list[tuple[Any, dict[int, torch.Tensor]]] = field(default_factory=list)
+
+
+def validation_pass(kind: Any, diffs: torch.Tensor, keep: bool = False) -> Validation:
+    """Held-out separation of each candidate and the base next-token logits of the validation prompts,
+    from one pass; with `keep`, the residual streams that exact scoring resumes from (layer 0 for the
+    positives, every candidate layer for the negatives)."""
     subject = kind.subject
     val = kind.ids["validation"]
-    ids = val["positive"] + val["negative"]
-    n_pos = len(val["positive"])
     units = diffs / diffs.norm(dim=-1, keepdim=True).clamp(min=1e-30)  # [P, L, d]
     sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)]
     s1 = torch.zeros(2, *units.shape[:2], dtype=torch.float64)
     s2 = torch.zeros_like(s1)
-    logits = torch.empty(len(ids), 0)
-    for fw in subject.run(ids, capture=sites, logits="last", batch_size=kind.spec.batch_size,
-                          desc="direction: validation"):
-        rows = torch.tensor(fw.batch.rows)
-        neg = rows >= n_pos
-        if logits.shape[1] == 0:
-            logits = torch.empty(len(ids), fw.logits.shape[-1])
-        logits[rows] = fw.logits.cpu()
-        for li, site in enumerate(sites):
-            for pi, p in enumerate(kind.positions):
-                proj = fw.at(site, p).double().cpu() @ units[pi, li]  # [b]
-                for g, m in ((0, ~neg), (1, neg)):
-                    s1[g, pi, li] += proj[m].sum()
-                    s2[g, pi, li] += (proj[m] ** 2).sum()
-    n = torch.tensor([n_pos, len(ids) - n_pos], dtype=torch.float64)[:, None, None]
+    parts: list[torch.Tensor] = []
+    out = Validation(torch.empty(0), torch.empty(0))
+    for g, (which, layers) in enumerate((("positive", [0]), ("negative", sorted({0, *kind.layers})))):
+        logits = torch.empty(0)
+        for fw in subject.run(val[which], capture=sites, logits="last", batch_size=kind.spec.batch_size,
+                              desc=f"direction: validation ({which})"):
+            if logits.shape[0] == 0:
+                logits = torch.empty(len(val[which]), fw.logits.shape[-1])
+            logits[fw.batch.rows] = fw.logits.cpu()
+            for li, site in enumerate(sites):
+                for pi, p in enumerate(kind.positions):
+                    proj = fw.at(site, p).double().cpu() @ units[pi, li]  # [b]
+                    s1[g, pi, li] += proj.sum()
+                    s2[g, pi, li] += (proj ** 2).sum()
+            if keep:
+                getattr(out, which).append((fw.batch, {layer: fw.acts[sites[layer]] for layer in layers}))
+        parts.append(logits)
+    n = torch.tensor([len(val["positive"]), len(val["negative"])], dtype=torch.float64)[:, None, None]
     mean = s1 / n
     var = (s2 / n - mean ** 2).clamp(min=0)
-    sep = (mean[0] - mean[1]) / torch.sqrt((var[0] + var[1]) / 2 + 1e-12)
-    return sep, logits
+    out.separation = (mean[0] - mean[1]) / torch.sqrt((var[0] + var[1]) / 2 + 1e-12)
+    out.logits = torch.cat(parts)
+    return out
 
 
 def _filter(c: Candidate, max_kl: float, induce_floor: float) -> None:
@@ -136,100 +152,141 @@ def _filter(c: Candidate, max_kl: float, induce_floor: float) -> None:
     c.note = "; ".join(reasons)
 
 
-def _screen(kind: Any, diffs: torch.Tensor, todo: list[Candidate], base_induce: float) -> list[Candidate]:
-    """First-order induce estimate for every candidate; the `candidates` best layers (each at its best
-    position) are returned for exact scoring, the others are marked as not measured."""
-    subject, k = kind.subject, kind.spec.direction.candidates
-    layers = sorted({c.layer for c in todo})
-    grads, _ = addition_gradients(subject, kind.ids["validation"]["negative"], layers,
-                                  partial(log_odds, token_ids=kind.select_ids), kind.spec.batch_size)
-    row = {layer: i for i, layer in enumerate(layers)}
-    best: dict[int, Candidate] = {}
-    for c in todo:
-        r = diffs[kind.positions.index(c.position), c.layer]
-        c.induce_estimate = base_induce + float(grads[row[c.layer]] @ r)
-        if c.layer not in best or c.induce_estimate > best[c.layer].induce_estimate:
-            best[c.layer] = c
-    measured = sorted(best.values(), key=lambda c: -c.induce_estimate)[:k]
-    for c in todo:
-        if c in measured:
-            continue
-        if best[c.layer] in measured:
-            c.note = f"not measured: layer {c.layer} is measured at position {best[c.layer].position}"
-        else:
-            c.note = f"not measured: layer {c.layer} is not among the {k} best by induce estimate"
-    return measured
+# Rows (variants x prompts) per resumed forward: on CPU, wider batches are no faster per token.
+ROWS_PER_FORWARD = 64
 
 
-def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val_logits: torch.Tensor,
+def _variant_chunks(n: int, b: int) -> list[slice]:
+    step = max(1, ROWS_PER_FORWARD // max(1, b))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _added(site: Site, vecs: torch.Tensor, n: int) -> list[Add]:
+    """Each vector added at `site`, all positions, to n rows in a row (variant-major batches)."""
+    return [Add(site, "all", vector=vecs.repeat_interleave(n, 0))]
+
+
+def _ablated(n_layers: int, units: torch.Tensor, n: int) -> list:
+    """Each unit direction projected out everywhere, for n rows in a row (variant-major batches)."""
+    return ablate_direction_everywhere(n_layers, units.repeat_interleave(n, 0))
+
+
+def _exact_induce(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Validation, score) -> None:
+    """Exact induce score of every candidate: the negatives resumed at the candidate's layer with r added
+    at all positions, the candidates of one layer side by side in the same forwards."""
+    subject = kind.subject
+    prefix = common_prefix(kind.ids["validation"]["negative"])
+    n_neg = len(kind.ids["validation"]["negative"])
+    for layer in sorted({c.layer for c in todo}):
+        here = [c for c in todo if c.layer == layer]
+        vecs = torch.stack([diffs[kind.positions.index(c.position), layer].float() for c in here])
+        sums = torch.zeros(len(here), dtype=torch.float64)
+        for batch, acts in val.negative:
+            b = len(batch.rows)
+            for part in _variant_chunks(len(here), b):
+                v = vecs[part]
+                logits = resume_variants(subject, batch, layer, acts[layer], len(v),
+                                         partial(_added, Site("resid_pre", layer), v), prefix)
+                sums[part] += score(logits.cpu()).double().view(len(v), b).sum(1)
+        for c, s in zip(here, sums / n_neg):
+            c.induce = float(s)
+
+
+def _exact_ablation(kind: Any, diffs: torch.Tensor, measured: list[Candidate], val: Validation,
+                    score) -> None:
+    """Exact bypass (score on positives) and KL (on negatives) with each candidate's unit direction
+    projected out everywhere, several candidates per forward."""
+    subject, ids = kind.subject, kind.ids["validation"]
+    n_vp = len(ids["positive"])
+    base_neg = val.logits[n_vp:]
+    units = torch.stack([diffs[kind.positions.index(c.position), c.layer].float() for c in measured])
+    units = units / units.norm(dim=-1, keepdim=True)
+    bypass = torch.zeros(len(measured), dtype=torch.float64)
+    kl = torch.zeros(len(measured), dtype=torch.float64)
+    for which, batches in (("positive", val.positive), ("negative", val.negative)):
+        prefix = common_prefix(ids[which])
+        for batch, acts in batches:
+            b = len(batch.rows)
+            for part in _variant_chunks(len(measured), b):
+                u = units[part]
+                logits = resume_variants(subject, batch, 0, acts[0], len(u),
+                                         partial(_ablated, subject.n_layers, u), prefix).cpu()
+                if which == "positive":
+                    bypass[part] += score(logits).double().view(len(u), b).sum(1)
+                else:
+                    base = base_neg[batch.rows].repeat(len(u), 1)
+                    kl[part] += torch.from_numpy(_kl(base, logits)).view(len(u), b).sum(1)
+    for c, bp, k in zip(measured, bypass / n_vp, kl / len(ids["negative"])):
+        c.bypass, c.kl = float(bp), float(k)
+
+
+def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Validation,
                   info: dict[str, Any]) -> list[Candidate]:
-    """Exact logit scores (bypass, induce, KL) for the candidates to measure; returns them."""
-    subject, d, bs = kind.subject, kind.spec.direction, kind.spec.batch_size
-    val = kind.ids["validation"]
-    n_vp = len(val["positive"])
+    """Exact logit scores: induce for every candidate, bypass and KL for those that induce (the
+    `candidates` best by induce when more do). Returns the candidates whose bypass and KL were measured."""
+    d = kind.spec.direction
+    n_vp = len(kind.ids["validation"]["positive"])
     score = partial(log_odds, token_ids=kind.select_ids)
-    base_neg_logits = val_logits[n_vp:]
-    base_bypass, base_induce = float(score(val_logits[:n_vp]).mean()), float(score(base_neg_logits).mean())
-    measured = _screen(kind, diffs, todo, base_induce) if len(todo) > d.candidates else todo
-    # The residual stream of the validation negatives at the measured layers, once: each addition then
-    # runs only the layers from its own.
-    layers = sorted({c.layer for c in measured})
-    batches = list(subject.batches(val["negative"], bs))
-    cached = [subject.forward(b, [Site("resid_pre", layer) for layer in layers], (), logits=None).acts
-              for b in batches]
+    base_bypass, base_induce = float(score(val.logits[:n_vp]).mean()), float(score(val.logits[n_vp:]).mean())
+    _exact_induce(kind, diffs, todo, val, score)
+    passing = []
+    for c in todo:
+        c.note = "" if math.isfinite(c.induce) else "not finite"
+        if c.note == "" and not c.induce > 0.0:
+            c.note = "does not induce"
+        if not c.note:
+            passing.append(c)
+    fixed = not kind.auto and len(kind.layers) == 1  # the fixed layer is judged even if nothing passes
+    pool = passing or (todo if fixed else [])
+    measured = sorted(pool, key=lambda c: -c.induce if math.isfinite(c.induce) else math.inf)[:d.candidates]
+    for c in passing:
+        if c not in measured:
+            c.note = f"not measured: induce {c.induce:.3g} is not among the {d.candidates} best"
+    if measured:
+        _exact_ablation(kind, diffs, measured, val, score)
     for c in measured:
-        r = diffs[kind.positions.index(c.position), c.layer].float()
-        both = subject.last_logits(val["positive"] + val["negative"], kind._ablate(r / r.norm()), bs)
-        c.bypass = float(score(both[:n_vp]).mean())
-        c.kl = float(_kl(base_neg_logits, both[n_vp:]).mean())
-        induced = torch.empty(len(val["negative"]), dtype=torch.float64)
-        add = [Add(Site("resid_pre", c.layer), positions="all", vector=r)]
-        for b, acts in zip(batches, cached):
-            induced[b.rows] = score(resume(subject, b, c.layer, acts[Site("resid_pre", c.layer)], add).logits.cpu())
-        c.induce = float(induced.mean())
         _filter(c, d.max_kl, 0.0)
-    tokens = [subject.tokenizer.convert_ids_to_tokens([i])[0] for i in kind.select_ids]
+    tokens = [kind.subject.tokenizer.convert_ids_to_tokens([i])[0] for i in kind.select_ids]
     info.update(
-        mode=("exhaustive" if measured is todo else
-              f"screened: all {len(todo)} candidates estimated, the best position of the {len(measured)} best "
-              "layers measured"),
+        mode=(f"exact: induce measured for all {len(todo)} candidates, bypass and KL for "
+              + (f"all {len(measured)} that induce" if len(measured) == len(passing) else
+                 f"the {len(measured)} best by induce of {len(passing)} that induce" if passing else
+                 f"the fixed layer's {len(measured)} best by induce (none induces)")),
         score=(f"mean log-odds of the first reply token being one of {tokens} at the last prompt position "
-               "(Arditi et al.'s refusal score); a candidate must reach induce > 0"
-               + ("" if measured is todo else "; induce_estimate: first-order estimate from the gradient at "
-                  "each layer, used only to choose which candidates to measure")),
+               "(Arditi et al.'s refusal score); a candidate must reach induce > 0"),
         base_bypass=base_bypass, base_induce=base_induce, induce_floor=0.0, score_tokens=tokens)
     return measured
 
 
-def _score_generation(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val_logits: torch.Tensor,
-                      sep: torch.Tensor, info: dict[str, Any]) -> list[Candidate]:
+def _score_generation(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Validation,
+                      info: dict[str, Any]) -> list[Candidate]:
     """Behaviour rates on short generated replies, for graders without a token form."""
     subject, d, bs = kind.subject, kind.spec.direction, kind.spec.batch_size
-    val = kind.ids["validation"]
-    n_vp = len(val["positive"])
+    ids = kind.ids["validation"]
+    n_vp = len(ids["positive"])
     k_new = min(d.select_new_tokens, kind.spec.behaviour.max_new_tokens)
     if len(todo) <= d.candidates:
         measured, mode = todo, "exhaustive"
     else:
         layers = sorted({c.layer for c in todo})
         grid = sorted({layers[int(round(i))] for i in np.linspace(0, len(layers) - 1, min(d.candidates, len(layers)))})
-        best = {layer: kind.positions[int(torch.argmax(sep[:, layer]))] for layer in grid}
+        best = {layer: kind.positions[int(torch.argmax(val.separation[:, layer]))] for layer in grid}
         measured = [c for c in todo if best.get(c.layer) == c.position]
         for c in todo:
             if c not in measured:
                 c.note = f"not measured: outside the grid of {len(grid)} layers"
         mode = f"grid: {len(grid)} of {len(layers)} layers, each at its best-separating position"
-    base_pos = kind._behave(val["positive"], (), k_new, "direction: validation base (positive)")
-    base_neg = kind._behave(val["negative"], (), k_new, "direction: validation base (negative)")
+    base_pos = kind._behave(ids["positive"], (), k_new, "direction: validation base (positive)")
+    base_neg = kind._behave(ids["negative"], (), k_new, "direction: validation base (negative)")
     base_bypass, base_induce = float(base_pos.flags.mean()), float(base_neg.flags.mean())
     for c in measured:
         r = diffs[kind.positions.index(c.position), c.layer].float()
         u = r / r.norm()
-        c.bypass = float(kind._behave(val["positive"], kind._ablate(u), k_new,
+        c.bypass = float(kind._behave(ids["positive"], kind._ablate(u), k_new,
                                       f"direction: bypass L{c.layer} p{c.position}").flags.mean())
-        abl = subject.last_logits(val["negative"], kind._ablate(u), bs)
-        c.kl = float(_kl(val_logits[n_vp:], abl).mean())
-        c.induce = float(kind._behave(val["negative"], kind._add(r, c.layer), k_new,
+        abl = subject.last_logits(ids["negative"], kind._ablate(u), bs)
+        c.kl = float(_kl(val.logits[n_vp:], abl).mean())
+        c.induce = float(kind._behave(ids["negative"], kind._add(r, c.layer), k_new,
                                       f"direction: induce L{c.layer} p{c.position}").flags.mean())
         _filter(c, d.max_kl, base_induce)
     info.update(mode=mode, score=(
@@ -244,36 +301,33 @@ def _order(c: Candidate) -> tuple:
     return (c.bypass, -c.induce, c.kl, c.layer)
 
 
-def _removed(kind: Any, cands: list[Candidate], measured: list[Candidate]) -> dict[str, int]:
-    """How many candidates each filter removed (a candidate failing two filters counts in both)."""
+def _removed(kind: Any, cands: list[Candidate]) -> dict[str, int]:
+    """How many candidates each filter removed (a candidate failing two filters counts in both), and how
+    many were not measured (bypass and KL skipped: beyond `candidates`, or outside the generation grid)."""
     n_pos = len(kind.positions)
     out = {"layer": (kind.subject.n_layers - len(kind.layers)) * n_pos if kind.auto else 0,
            "zero_direction": sum(c.note == "zero direction" for c in cands),
-           "not_measured": sum(c.note.startswith("not measured") for c in cands),
-           "not_finite": sum("not finite" in c.note for c in measured),
-           "kl": sum("KL " in c.note for c in measured),
-           "induce": sum("does not induce" in c.note for c in measured)}
+           "not_finite": sum("not finite" in c.note for c in cands),
+           "induce": sum("does not induce" in c.note for c in cands),
+           "kl": sum("KL " in c.note for c in cands),
+           "not_measured": sum(c.note.startswith("not measured") for c in cands)}
     out["passed"] = sum(c.kept for c in cands)
     return out
 
 
 def _why(removed: dict[str, int], n_measured: int) -> str:
-    """The filter counts in words: '36 past the layer cap, 6 zero; of 8 measured, KL above max_kl: 8, ...'."""
-    unmeasured = [f"{removed[key]} {label}" for key, label in (
-        ("layer", "past the layer cap"), ("zero_direction", "zero"), ("not_measured", "not measured (screened out)"))
-        if removed[key]]
-    failed = [f"{label}: {removed[key]}" for key, label in (
-        ("kl", "KL above max_kl"), ("induce", "does not induce"), ("not_finite", "not finite")) if removed[key]]
-    parts = [", ".join(unmeasured)] if unmeasured else []
-    if failed:
-        parts.append(f"of {n_measured} measured, " + ", ".join(failed))
-    return "; ".join(parts) or "none measured"
+    """The filter counts in words: '36 past the layer cap, 6 zero; does not induce: 90, ...; 8 measured'."""
+    parts = [f"{removed[key]} {label}" for key, label in (
+        ("layer", "past the layer cap"), ("zero_direction", "zero direction"), ("not_finite", "not finite"),
+        ("induce", "do not induce"), ("kl", "KL above max_kl"),
+        ("not_measured", "not measured (bypass and KL)")) if removed[key]]
+    return "; ".join([", ".join(parts)] * bool(parts) + [f"{n_measured} measured in full"])
 
 
 def _choose(kind: Any, cands: list[Candidate], measured: list[Candidate], info: dict[str, Any]) -> Selection:
     d = kind.spec.direction
     kept = [c for c in cands if c.kept]
-    removed = info["removed"] = _removed(kind, cands, measured)
+    removed = info["removed"] = _removed(kind, cands)
     chosen = min(kept, key=_order) if kept else None
     if chosen is None:
         why = _why(removed, len(measured))
@@ -301,7 +355,7 @@ def _curves(kind: Any, sel: Selection, norms: torch.Tensor, sep: torch.Tensor) -
     at_pos = {c.layer: c for c in sel.candidates if c.position == kind.positions[pi]}
     if kind.layers != list(range(len(kind.layers))) or not all(layer in at_pos for layer in kind.layers):
         return
-    for key in ("induce_estimate", "bypass", "induce", "kl"):
+    for key in ("bypass", "induce", "kl"):
         values = [getattr(at_pos[layer], key) for layer in kind.layers]
         if all(v is not None for v in values):
             sel.curves[key] = [float(v) for v in values]
@@ -319,7 +373,8 @@ def select(kind: Any, diffs: torch.Tensor) -> Selection:
                                     "add": "add claims use the fixed direction"})
         sel.curves["direction_norm"] = norms[pi].tolist()
         return sel
-    sep, val_logits = validation_pass(kind, diffs)
+    val = validation_pass(kind, diffs, keep=bool(kind.select_ids))
+    sep = val.separation
     cands = [Candidate(layer, kind.positions[pi], float(norms[pi, layer]), separation=float(sep[pi, layer]))
              for layer, pi in pairs]
     todo = []
@@ -335,14 +390,12 @@ def select(kind: Any, diffs: torch.Tensor) -> Selection:
         measured = []
         info.update(mode="none: every candidate direction is zero", score=None)
     elif kind.select_ids:
-        measured = _score_logits(kind, diffs, todo, val_logits, info)
+        measured = _score_logits(kind, diffs, todo, val, info)
     else:
-        measured = _score_generation(kind, diffs, todo, val_logits, sep, info)
+        measured = _score_generation(kind, diffs, todo, val, info)
     for c in cands:
         if c.note == "zero direction" and "base_bypass" in info:  # ablating or adding nothing: the base
             c.bypass, c.induce, c.kl = info["base_bypass"], info["base_induce"], 0.0
-            if any(x.induce_estimate is not None for x in todo):
-                c.induce_estimate = info["base_induce"]
     info.update(n_candidates=len(cands), n_measured=len(measured))
     sel = _choose(kind, cands, measured, info)
     _curves(kind, sel, norms, sep)

@@ -13,7 +13,7 @@ post-processing). Every other family falls back to a full forward: correct, only
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -128,3 +128,111 @@ def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor |
     if out is not None:
         lg = out[:, -1].float() if logits == "last" else out.float()
     return Forward(batch, {s: v[-1] for s, v in cap.items()}, lg)
+
+
+# ---- many variants of one batch, sharing the prompts' common prefix ----------------------------------
+
+def common_prefix(ids: Sequence[Sequence[int]]) -> int:
+    """Tokens every prompt starts with (a chat template's system turn, say), leaving each prompt at least
+    one token of its own; 0 when they share nothing."""
+    if not ids:
+        return 0
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        while n > 0 and list(x[:n]) != list(first[:n]):
+            n -= 1
+    return max(n, 0)
+
+
+def can_share_prefix(subject: Subject) -> bool:
+    """Whether `resume_variants` can run a shared prefix once (plain causal attention in every layer)."""
+    config = subject.model.config
+    return (can_resume(subject) and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and all(_layer_type(subject, layer) == "full_attention" for layer in range(subject.n_layers)))
+
+
+class _PrefixKV:
+    """Stands in for a KV cache: records each layer's keys and values of the prefix (one row per variant),
+    then hands them, repeated per prompt, to the rest of the prompts' tokens."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.repeat = 0  # 0: recording the prefix
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self.repeat:
+            self.kv[layer_idx] = (key, value)
+            return key, value
+        pk, pv = self.kv[layer_idx]
+        return (torch.cat([pk.repeat_interleave(self.repeat, 0), key], 2),
+                torch.cat([pv.repeat_interleave(self.repeat, 0), value], 2))
+
+
+def _run_layers(subject: Subject, hidden: torch.Tensor, start: int, mask: torch.Tensor,
+                position_ids: torch.Tensor, cache: _PrefixKV) -> torch.Tensor:
+    if subject.model.config._attn_implementation == "eager":  # additive mask
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+            ~mask, torch.finfo(hidden.dtype).min)
+    position_embeddings = subject.model.model.rotary_emb(hidden, position_ids)
+    for layer in range(start, subject.n_layers):
+        hidden = subject.sitemap.layers[layer](hidden, attention_mask=mask, position_ids=position_ids,
+                                               cache=cache, use_cache=False,
+                                               position_embeddings=position_embeddings)
+        if isinstance(hidden, tuple):
+            hidden = hidden[0]
+    return hidden
+
+
+def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor, n_variants: int,
+                    interventions: Callable[[int], Sequence[Intervention]], prefix: int = 0) -> torch.Tensor:
+    """Last-position logits [n_variants * b, vocab] of resuming `batch` at `start` under `n_variants`
+    sets of interventions, variant-major (row v * b + i: variant v on prompt i).
+
+    `interventions(n)` gives the interventions for n_variants * n rows, variant-major (per-row vectors
+    repeated n times each); they must edit all positions. `resid_pre` is the clean residual stream at
+    `start` for the batch. When `prefix` > 0 the batch's prompts all start with the same `prefix` tokens:
+    those run once per variant and the other tokens attend to their keys and values, which gives the
+    numbers of the full run (the prefix sees only itself) at a fraction of the cost. Models that cannot
+    share a prefix (see can_share_prefix) run every row in full through `resume`.
+    """
+    b = len(batch.rows)
+    edits_for_rows = interventions(b)
+    for edit in edits_for_rows:
+        if getattr(edit, "positions", "all") != "all":
+            raise ValueError(f"resume_variants needs interventions on all positions, got {edit.positions!r}")
+    if prefix <= 0 or not can_share_prefix(subject):
+        rows = [r + v * (max(batch.rows) + 1) for v in range(n_variants) for r in batch.rows]
+        rep = Batch(rows, batch.input_ids.repeat(n_variants, 1), batch.attention_mask.repeat(n_variants, 1),
+                    batch.position_ids.repeat(n_variants, 1), batch.pad.repeat(n_variants),
+                    batch.lengths * n_variants)
+        return resume(subject, rep, start, resid_pre.repeat(n_variants, 1, 1), edits_for_rows).logits
+    if first_layer(edits_for_rows, subject) < start:
+        raise ValueError(f"cannot resume at layer {start}: an intervention touches a lower layer")
+    dev, dtype = subject.device, next(subject.model.parameters()).dtype
+    hidden = resid_pre.to(dev).to(dtype)
+    pad = batch.pad.to(dev)
+    cache = _PrefixKV()
+    with torch.inference_mode():
+        # The prefix, once per variant (row 0's copy: the prefix of every row is the same).
+        head = hidden[0, int(pad[0]):int(pad[0]) + prefix].expand(n_variants, prefix, -1).contiguous()
+        causal = torch.ones(prefix, prefix, dtype=torch.bool, device=dev).tril()
+        pos = torch.arange(prefix, device=dev).expand(n_variants, prefix)
+        state = RunState(phase="prompt", pad=torch.zeros(n_variants, dtype=torch.long), prompt_len=prefix)
+        with hooked(subject.model, subject.sitemap, state, interventions(1)):
+            _run_layers(subject, head, start, causal.expand(n_variants, 1, prefix, prefix), pos, cache)
+        # The rest: each row's own tokens, left-padded (row i's pad columns now also hide its prefix).
+        tail = hidden[:, prefix:].repeat(n_variants, 1, 1)
+        width = tail.shape[1]
+        cols = torch.arange(width, device=dev)
+        real = (cols[None, :] >= pad[:, None]).repeat(n_variants, 1)  # [rows, width]
+        own = torch.ones(width, width, dtype=torch.bool, device=dev).tril()[None] & real[:, None, :]
+        seen = torch.ones(len(real), width, prefix, dtype=torch.bool, device=dev)  # the prefix: by every token
+        mask = torch.cat([seen, own], -1)[:, None]
+        cache.repeat = b
+        state = RunState(phase="prompt", pad=batch.pad.repeat(n_variants), prompt_len=width)
+        with hooked(subject.model, subject.sitemap, state, edits_for_rows):
+            positions = batch.position_ids[:, prefix:].repeat(n_variants, 1)
+            out = _run_layers(subject, tail, start, mask, positions, cache)
+            logits = subject.sitemap.unembed(subject.sitemap.final_norm(out[:, -1:]))
+    return logits[:, -1].float()
