@@ -70,4 +70,23 @@ claims:
 controls:
   random_circuits: 100           # same size, same layers where possible
 """,
+    "backpatch": _HEADER + """\
+kind: backpatch
+about: Back-patching a later layer's state into an earlier layer fixes two-hop queries the model gets wrong.
+tags: [backpatch]
+queries: data/two_hop.jsonl      # {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", "hop1_aliases",
+                                 #  "hop2", "shortcuts"} per line; answers match the start of a greedy continuation
+filter: {hops_known: true, no_shortcut: true}   # keep queries whose single hops are answered, no shortcut answers
+source_position: last            # or bridge_entity_last: the last token of "entity" in the query
+layers: {source: all, target: all, stride: 1}   # only s > t pairs count; s = t is the identity check
+split: {dev: 0.3, seed: 0}       # the best pair is chosen on dev wrong queries, applied on test
+max_new_tokens: 4
+claims:
+  oracle_fixes:                  # any (s, t) pair fixes a wrong query, minus the random-source oracle
+    expect: {fix_rate_over_null: {at_least: 0.2}}
+  best_pair_fixes:               # the dev-chosen pair on test wrong queries
+    expect: {fix_rate: {at_least: 0.1}}
+  few_breaks:                    # the same pair on the right queries
+    expect: {break_rate: {at_most: 0.1}}
+""",
 }
