@@ -164,9 +164,12 @@ class Backpatch(ProbeKind[BackpatchSpec]):
         for i, r in enumerate(rows):
             prompts += r.get("shortcuts", [])
             owner += [i] * len(r.get("shortcuts", []))
-        ids = encode_rows(self.subject, prompts, self.path, new_tokens=spec.max_new_tokens)
-        texts = [self.subject.decode(g) for g in self.subject.generate(ids, spec.max_new_tokens,
-                                                                       batch_size=spec.batch_size, desc="filter")]
+        # Hop-2 and relation-only prompts repeat across rows (one per bridge entity): generate each once.
+        distinct = list(dict.fromkeys(prompts))
+        ids = encode_rows(self.subject, distinct, self.path, new_tokens=spec.max_new_tokens)
+        gens = self.subject.generate(ids, spec.max_new_tokens, batch_size=spec.batch_size, desc="filter")
+        said = {p: self.subject.decode(g) for p, g in zip(distinct, gens)}
+        texts = [said[p] for p in prompts]
         n = len(rows)
         comp = np.array([gives_answer(texts[i], self._answers(i)) for i in range(n)])
         hop1 = np.array([gives_answer(texts[n + i], [r["hop1_answer"], *r.get("hop1_aliases", [])])
