@@ -100,7 +100,7 @@ def run_ours(subject, prompts, pairs, new: int, aliases=None) -> tuple[float, li
         vals = torch.stack([clean.resid[s, -1] for s, _ in pairs])
         worth = None
         if aliases is not None:
-            def worth(tok, a=aliases[k]):
+            def worth(row, tok, a=aliases[k]):
                 return could_give_answer(subject.decode([tok]), a)
         results.append(patch_last_and_generate(subject, clean, [t for _, t in pairs], vals, new, worth))
     return time.perf_counter() - start, results

@@ -89,4 +89,16 @@ claims:
   few_breaks:                    # the same pair on the right queries
     expect: {break_rate: {at_most: 0.1}}
 """,
+    "patchscope": _HEADER + """\
+kind: patchscope
+about: The bridge entity is decodable from the first entity's last token at middle layers.
+tags: [patchscope]
+source: {prompts: data/two_hop.jsonl, field: query, position: bridge_entity_last, layers: all, stride: 1}
+target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: last, layer: same}   # or a fixed layer
+read: {max_new_tokens: 6, expect_field: hop1_answer, aliases_field: hop1_aliases}
+claims:
+  bridge_decodable_mid_depth:
+    layers: 0.25:0.75            # the best layer of this range is tested (how many were searched is reported)
+    expect: {decode_rate: {at_least: 0.3}}
+""",
 }

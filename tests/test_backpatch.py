@@ -166,3 +166,10 @@ def test_no_pair_above_the_diagonal(late):
     path.write_text(PROBE.replace("layers: {source: all, target: all}", "layers: {source: 1, target: 2}"))
     with pytest.raises(SpecError, match=r"flat.probe.yaml:6:\d+: layers: no source layer lies above"):
         instantiate(load(path), late[1])
+
+
+def test_bridge_entity_position_is_the_entity_token(late):
+    path = late[0] / "bridge.probe.yaml"
+    path.write_text(PROBE.replace("source_position: last", "source_position: bridge_entity_last"))
+    kind = instantiate(load(path), late[1])
+    assert kind.src_pos == [1] * len(planted.queries())  # <bos> aK r12: the entity is token 1

@@ -28,6 +28,7 @@ BUILTIN = {
     "direction": "modelprobe.kinds.direction:Direction",
     "logit_lens": "modelprobe.kinds.logit_lens:LogitLens",
     "backpatch": "modelprobe.kinds.backpatch:Backpatch",
+    "patchscope": "modelprobe.kinds.patchscope:Patchscope",
 }
 
 

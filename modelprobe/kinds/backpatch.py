@@ -198,7 +198,7 @@ class Backpatch(ProbeKind[BackpatchSpec]):
         aliases = self._answers(q)
         worth = {}
 
-        def worth_continuing(tok: int) -> bool:
+        def worth_continuing(row: int, tok: int) -> bool:
             if tok not in worth:
                 worth[tok] = could_give_answer(self.subject.decode([tok]), aliases)
             return worth[tok]
@@ -284,7 +284,8 @@ class Backpatch(ProbeKind[BackpatchSpec]):
                           f"(min_queries: {spec.min_queries})")
         details = {"pairs_searched": len(grid.pairs), "n_wrong": n_wrong, "n_right": len(kept_right)}
         if best is not None:
-            details["best_pair"] = {"source": grid.pairs[best][0], "target": grid.pairs[best][1]}
+            details["best_pair"] = {"source": grid.pairs[best][0], "target": grid.pairs[best][1],
+                                    "dev_fix_rate": float(grid.fixed[parts["dev"], best].mean())}
         if stat in ("oracle_fix_rate", "fix_rate_over_null"):
             mine, theirs = grid.fixed.any(axis=1), grid.null.any(axis=1)
             what = f"any of {len(grid.pairs)} (s, t) pairs fixes a wrong query"

@@ -127,12 +127,12 @@ def _continue(subject: Subject, clean: CleanPrompt, first: torch.Tensor, last_k,
 
 
 def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Sequence[int], values: torch.Tensor,
-                            max_new_tokens: int, worth_continuing: Callable[[int], bool] | None = None,
+                            max_new_tokens: int, worth_continuing: Callable[[int, int], bool] | None = None,
                             batch_size: int = 512) -> list[list[int]]:
     """Greedy continuations (ids) of one prompt, one per row: row r writes values[r] ([d]) into the
     last prompt token's resid_post at layer targets[r], in the prompt pass only.
 
-    `worth_continuing(first_token)` lets the caller skip the continuation of rows whose first token
+    `worth_continuing(row, first_token)` lets the caller skip the continuation of rows whose first token
     already decides the outcome (their result is then that token alone).
     """
     if not can_resume(subject):
@@ -145,8 +145,8 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
             logits, last_k, last_v = _resume_last(subject, clean, t, values[start:start + batch_size])
             first = logits.argmax(-1)
             seqs = [[int(x)] for x in first]
-            go = [i for i, x in enumerate(first.tolist())
-                  if max_new_tokens > 1 and x != eos and (worth_continuing is None or worth_continuing(x))]
+            go = [i for i, x in enumerate(first.tolist()) if max_new_tokens > 1 and x != eos
+                  and (worth_continuing is None or worth_continuing(start + i, x))]
             if go:
                 idx = torch.tensor(go, device=subject.device)
                 cont = _continue(subject, clean, first[idx], [k[idx] for k in last_k], [v[idx] for v in last_v],
