@@ -211,8 +211,7 @@ class Backpatch(ProbeKind[BackpatchSpec]):
         from ..subject.lastpatch import clean_pass
 
         n_p, n_id = len(self.pairs), len(self.identity)
-        other = random_source(len(wrong), self.spec.seed) if len(wrong) >= 2 else np.zeros(len(wrong), int)
-        decoy = random_source(len(wrong), self.spec.seed + 1) if len(wrong) >= 2 else other
+        other, decoy = self._other_answer(wrong, self.spec.seed), self._other_answer(wrong, self.spec.seed + 1)
         cleans = {int(q): clean_pass(self.subject, self.ids[q]) for q in wrong}
         fixed = np.zeros((len(wrong), n_p), dtype=bool)
         null = np.zeros_like(fixed)
@@ -232,6 +231,21 @@ class Backpatch(ProbeKind[BackpatchSpec]):
             changed += sum((g[:1] or [None])[0] != first for g in gens[2 * n_p:])
             id_fixed += sum(gives_answer(x, self._answers(q)) for x in out[2 * n_p:])
         return Grid(self.pairs, fixed, null, texts, changed, id_fixed, n_id * len(wrong))
+
+    def _other_answer(self, wrong: np.ndarray, seed: int) -> np.ndarray:
+        """For each wrong query, another one (by position in `wrong`) whose answer differs where any does:
+        a state from a query with the same answer (two cities of one country) would fix it for free."""
+        if len(wrong) < 2:
+            return np.zeros(len(wrong), dtype=int)
+        pick = random_source(len(wrong), seed)
+        answer = [self.rows[int(q)]["answer"].strip().casefold() for q in wrong]
+        for k in range(len(wrong)):
+            for step in range(len(wrong)):
+                j = (int(pick[k]) + step) % len(wrong)
+                if j != k and answer[j] != answer[k]:
+                    pick[k] = j
+                    break
+        return pick
 
     def _best_on(self, queries: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
         """Whether the pair's patch leaves each (initially right) query answered."""
@@ -311,7 +325,8 @@ class Backpatch(ProbeKind[BackpatchSpec]):
         control, beats = None, None
         if theirs is not None:
             p = paired_control(mine.astype(float), theirs.astype(float), comparison, spec.seed)
-            control = ControlResult(name="random source: the same patches with another query's state",
+            control = ControlResult(name="random source: the same patches with the state of a query with "
+                                         "another answer",
                                     effect=float(theirs.mean()), p_value=p,
                                     detail={"pairs_searched": len(grid.pairs)})
             beats = beats_control(p)
