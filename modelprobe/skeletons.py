@@ -93,6 +93,37 @@ claims:
     expect: {gain_recovered: {at_least: 0.3}}
     control: other_task                  # or random_rank1
 """,
+    "backpatch": _HEADER + """\
+kind: backpatch
+about: Back-patching a later layer's state into an earlier layer fixes two-hop queries the model gets wrong.
+tags: [backpatch]
+queries: data/two_hop.jsonl      # {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", "hop1_aliases",
+                                 #  "hop2", "shortcuts"} per line; answers match the start of a greedy continuation
+filter: {hops_known: true, no_shortcut: true}   # keep queries whose single hops are answered, no shortcut answers
+source_position: last            # or bridge_entity_last: the last token of "entity" in the query
+layers: {source: all, target: all, stride: 1}   # only s > t pairs count; s = t is the identity check
+split: {dev: 0.3, seed: 0}       # the best pair is chosen on dev wrong queries, applied on test
+max_new_tokens: 4
+claims:
+  oracle_fixes:                  # any (s, t) pair fixes a wrong query, minus the random-source oracle
+    expect: {fix_rate_over_null: {at_least: 0.2}}
+  best_pair_fixes:               # the dev-chosen pair on test wrong queries
+    expect: {fix_rate: {at_least: 0.1}}
+  few_breaks:                    # the same pair on the right queries
+    expect: {break_rate: {at_most: 0.1}}
+""",
+    "patchscope": _HEADER + """\
+kind: patchscope
+about: The bridge entity is decodable from the first entity's last token at middle layers.
+tags: [patchscope]
+source: {prompts: data/two_hop.jsonl, field: query, position: bridge_entity_last, layers: all, stride: 1}
+target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: last, layer: same}   # or a fixed layer
+read: {max_new_tokens: 6, expect_field: hop1_answer, aliases_field: hop1_aliases}
+claims:
+  bridge_decodable_mid_depth:
+    layers: 0.25:0.75            # the best layer of this range is tested (how many were searched is reported)
+    expect: {decode_rate: {at_least: 0.3}}
+""",
 }
 
 

@@ -28,6 +28,8 @@ BUILTIN = {
     "direction": "modelprobe.kinds.direction:Direction",
     "logit_lens": "modelprobe.kinds.logit_lens:LogitLens",
     "icl_update": "modelprobe.kinds.icl_update:IclUpdate",
+    "backpatch": "modelprobe.kinds.backpatch:Backpatch",
+    "patchscope": "modelprobe.kinds.patchscope:Patchscope",
 }
 
 

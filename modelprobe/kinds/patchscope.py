@@ -1,0 +1,204 @@
+"""patchscope: what a hidden state holds, read by patching it into a target prompt and letting the model speak.
+
+Ghandeharioun et al., "Patchscopes" (papers.md §6). The residual stream (resid_post) of a source prompt
+at (layer l, position) is written into the last token of a fixed target prompt (e.g. an identity
+few-shot "Syria: Syria; leaf: leaf; x:") at layer l ("same") or a fixed layer, in the prompt pass only;
+the greedy continuation is read. A state "decodes" when the continuation starts with the row's expected
+field (or an alias). Reported per layer as a curve; a claim takes the best layer of its range, held
+against the same patch from another prompt (random source) at that layer.
+
+All (prompt, layer) rows run batched over the target's cached prefix (`subject.lastpatch`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..errors import DataError
+from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
+from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
+from ..spec.fields import LayerSpec, Strict
+from ..stats import wilson_interval
+from ..subject.sites import resolve_layer
+from ..toolkit.answers import could_give_answer, gives_answer
+from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.prompts import encode_rows, read_rows
+from .base import Measured, Outcome, ProbeKind, judge
+
+
+def layers_of(spec: LayerSpec, n_layers: int, loc: tuple) -> list[int]:
+    """resolve_layer, plus ranges of depth fractions ('0.25:0.75' = layers floor(0.25 L) .. floor(0.75 L) - 1)."""
+    if isinstance(spec, str) and ":" in spec and "." in spec:
+        parts = []
+        for x in spec.split(":", 1):
+            try:
+                parts.append(str(round(float(x) * n_layers)) if "." in x else x)
+            except ValueError:
+                parts.append(x)
+        spec = ":".join(parts)
+    return resolve_layer(spec, n_layers, loc)
+
+
+class PatchscopeSource(Strict):
+    prompts: str = Field(description="JSONL file of source rows")
+    field: str = Field("query", description="the row field holding the source prompt")
+    position: Literal["last", "bridge_entity_last"] = Field(
+        "last", description="the last token, or the last token of the row's 'entity' in the prompt")
+    layers: LayerSpec = Field("all", description="source layers: int, fraction, list, 'a:b' or 'all'")
+    stride: int = Field(1, ge=1, le=64, description="keep every stride-th source layer")
+
+
+class PatchscopeTarget(Strict):
+    prompt: str = Field(min_length=1, description="the target prompt; its last token receives the state")
+    position: Literal["last"] = "last"
+    layer: Literal["same"] | int = Field("same", description="'same' as the source layer, or a fixed layer")
+
+
+class PatchscopeRead(Strict):
+    max_new_tokens: int = Field(6, ge=1, le=32)
+    expect_field: str = Field(description="the row field the continuation should start with")
+    aliases_field: str | None = Field(None, description="a row field with a list of accepted aliases")
+
+
+class PatchscopeExpect(OneExpectation):
+    decode_rate: Threshold | None = Field(None, description="share of prompts decoded at the best layer of the range")
+
+
+class PatchscopeClaim(ClaimSpec):
+    expect: PatchscopeExpect
+    layers: LayerSpec = Field("all", description="the layers the best one is taken from ('0.25:0.75': depth fractions)")
+    tolerance: Tolerance | None = None
+
+
+class PatchscopeSpec(ProbeBase):
+    kind: Literal["patchscope"]
+    source: PatchscopeSource
+    target: PatchscopeTarget
+    read: PatchscopeRead
+    claims: dict[str, PatchscopeClaim] = Field(min_length=1)
+
+
+class Patchscope(ProbeKind[PatchscopeSpec]):
+    name = "patchscope"
+    Spec = PatchscopeSpec
+
+    @classmethod
+    def data_files(cls, spec: PatchscopeSpec) -> list[tuple[str, tuple]]:
+        return [(spec.source.prompts, ("source", "prompts"))]
+
+    @classmethod
+    def check_data(cls, probe) -> list[dict]:
+        spec = probe.spec
+        need = (spec.source.field, spec.read.expect_field)
+        rows = read_rows(probe, spec.source.prompts, ("source", "prompts"), need,
+                         ("entity",) if spec.source.position == "bridge_entity_last" else ())
+        path = probe.path.parent / spec.source.prompts
+        for i, row in enumerate(rows):
+            if spec.source.position == "bridge_entity_last" and "entity" not in row:
+                raise DataError(f"{path}:{i + 1}: missing field 'entity' (source.position: bridge_entity_last)")
+            al = row.get(spec.read.aliases_field, []) if spec.read.aliases_field else []
+            if not isinstance(al, list) or not all(isinstance(a, str) for a in al):
+                raise DataError(f"{path}:{i + 1}: field '{spec.read.aliases_field}' must be a list of strings")
+        return rows
+
+    def setup(self) -> None:
+        spec, subject = self.spec, self.subject
+        self.rows = self.check_data(self.probe)
+        self.path = self.probe.path.parent / spec.source.prompts
+        layers = layers_of(spec.source.layers, subject.n_layers, ("source", "layers"))
+        self.layers = sorted(set(layers))[::spec.source.stride]
+        if spec.target.layer != "same":
+            self.target_layer = resolve_layer(spec.target.layer, subject.n_layers, ("target", "layer"))[0]
+        self.ids = encode_rows(subject, [r[spec.source.field] for r in self.rows], self.path)
+        self.target_ids = subject.encode(spec.target.prompt)
+        self.claim_layers = {name: set(layers_of(c.layers, subject.n_layers, ("claims", name, "layers")))
+                             & set(self.layers) for name, c in spec.claims.items()}
+        for name, chosen in self.claim_layers.items():
+            if not chosen:
+                raise self.probe.error("none of these layers is among the source layers measured",
+                                       ("claims", name, "layers"))
+        self.pos = [len(x) - 1 for x in self.ids]
+        if spec.source.position == "bridge_entity_last":
+            self.pos = [self._entity_last(i) for i in range(len(self.rows))]
+
+    def _entity_last(self, i: int) -> int:
+        row, ids, text = self.rows[i], self.ids[i], self.rows[i][self.spec.source.field]
+        at = text.find(row["entity"])
+        if at < 0:
+            raise DataError(f"{self.path}:{i + 1}: field 'entity': {row['entity']!r} does not occur in "
+                            f"field '{self.spec.source.field}'")
+        head = self.subject.encode(text[:at + len(row["entity"])].rstrip())
+        if ids[:len(head)] != head or len(head) >= len(ids) + 1:
+            raise DataError(f"{self.path}:{i + 1}: field 'entity': the tokenizer does not end a token where "
+                            f"{row['entity']!r} ends")
+        return len(head) - 1
+
+    def _expected(self, i: int) -> list[str]:
+        row, read = self.rows[i], self.spec.read
+        return [row[read.expect_field], *(row.get(read.aliases_field, []) if read.aliases_field else [])]
+
+    def _decode(self) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
+        """decoded[i, k] (own state) and null[i, k] (another prompt's state) per prompt and layer."""
+        from .._lazy import torch
+        from ..progress import bar
+        from ..subject.lastpatch import clean_pass, patch_last_and_generate
+
+        n, k = len(self.rows), len(self.layers)
+        states = torch.stack([clean_pass(self.subject, self.ids[i]).resid[self.layers, self.pos[i]]
+                              for i in bar(range(n), "patchscope sources", total=n, enabled=self.subject.progress)])
+        other = random_source(n, self.spec.seed)
+        owner = [i for i in range(n) for _ in range(k)] * 2
+        values = torch.cat([states.reshape(n * k, -1), states[other].reshape(n * k, -1)])
+        same = self.spec.target.layer == "same"
+        targets = [layer if same else self.target_layer for layer in self.layers] * (2 * n)
+        answers = [self._expected(i) for i in range(n)]
+        memo: dict[tuple[int, int], bool] = {}
+
+        def worth(row: int, tok: int) -> bool:
+            key = (owner[row], tok)
+            if key not in memo:
+                memo[key] = could_give_answer(self.subject.decode([tok]), answers[owner[row]])
+            return memo[key]
+
+        clean = clean_pass(self.subject, self.target_ids)
+        gens = patch_last_and_generate(self.subject, clean, targets, values, self.spec.read.max_new_tokens, worth)
+        texts = [self.subject.decode(g) for g in gens]
+        hit = np.array([gives_answer(t, answers[owner[r]]) for r, t in enumerate(texts)])
+        return hit[:n * k].reshape(n, k), hit[n * k:].reshape(n, k), [texts[i * k:(i + 1) * k] for i in range(n)]
+
+    def measure(self) -> Outcome:
+        decoded, null, texts = self._decode()
+        curve, null_curve = decoded.mean(0).tolist(), null.mean(0).tolist()
+        plot = LinePlot(title="decode rate per source layer", x_label="source layer", y_label="share decoded",
+                        x=[float(x) for x in self.layers],
+                        series=[Series(label="own state", y=curve), Series(label="another prompt's state", y=null_curve)])
+        claims = [self._claim(name, claim, decoded, null, texts, plot) for name, claim in self.spec.claims.items()]
+        settings = {"source": self.spec.source.prompts, "n_prompts": len(self.rows), "layers": self.layers,
+                    "target_prompt": self.spec.target.prompt, "target_layer": self.spec.target.layer,
+                    "patch": "resid_post of the source token into the target's last token, prompt pass only",
+                    "match": "continuation starts with the expected field or an alias (case-insensitive)"}
+        return Outcome(settings, claims)
+
+    def _claim(self, name: str, claim: PatchscopeClaim, decoded: np.ndarray, null: np.ndarray,
+               texts: list[list[str]], plot: LinePlot) -> ClaimResult:
+        cols = [k for k, layer in enumerate(self.layers) if layer in self.claim_layers[name]]
+        best = max(cols, key=lambda k: decoded[:, k].mean())
+        mine, theirs = decoded[:, best], null[:, best]
+        n = len(mine)
+        p = paired_control(mine.astype(float), theirs.astype(float), claim.expect.threshold.comparison, self.spec.seed)
+        control = ControlResult(name="random source: another prompt's state, same layer", effect=float(theirs.mean()),
+                                p_value=p, detail={"layers_searched": len(cols)})
+        examples = Table(title=f"examples at layer {self.layers[best]}", columns=["prompt", "expected", "read"],
+                         rows=[[self.rows[i][self.spec.source.field], self._expected(i)[0], texts[i][best]]
+                               for i in range(min(8, n))])
+        m = Measured(float(mine.mean()), wilson_interval(int(mine.sum()), n), n,
+                     f"share of prompts whose state decodes to the expected field at the best of {len(cols)} layers",
+                     control=control, beats_control=beats_control(p),
+                     details={"best_layer": self.layers[best], "layers_searched": len(cols)},
+                     curves={"decode_rate": decoded.mean(0).tolist()},
+                     plots=[plot.model_copy(update={"mark_x": float(self.layers[best]),
+                                                    "mark_label": f"best layer {self.layers[best]}"}), examples])
+        return judge(name, claim, m)

@@ -1,0 +1,172 @@
+"""Patch the last prompt token's residual stream and continue: many (source, target) patches of one prompt
+batched, one row per patch, resuming from the clean run.
+
+A patch that writes a vector into the residual stream (block output, resid_post) at layer t of the LAST
+prompt token leaves every earlier token, and every layer <= t of the last token, exactly as in the
+clean run (attention is causal). So each row only recomputes the last token through layers t+1..L-1,
+attending to the clean keys and values of the prefix, cached once per prompt: the clean residual
+stream of the last token at layer t is replaced by the patched one and the pass resumes there. The
+greedy continuation (the prompt pass is patched, generated tokens are not) then runs with a KV cache
+assembled per row: clean keys/values at layers <= t, patched ones above.
+
+Only families that `resume` can drive (llama-like decoder layers) take this path; the others fall back
+to full forwards with a `Patch` intervention, which give the same tokens, only slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .interventions import Patch, RunState, hooked
+from .resume import can_resume
+from .sites import Site
+from .subject import Subject, cache_kwarg
+
+
+@dataclass
+class CleanPrompt:
+    """One prompt's clean run: its ids, the residual stream at every layer and token, its KV cache."""
+
+    ids: list[int]
+    resid: torch.Tensor  # [L, T, d] resid_post per layer and token
+    keys: list[torch.Tensor]  # per layer [1, kv_heads, T, d_head]
+    values: list[torch.Tensor]
+    logits: torch.Tensor  # [vocab] at the last token
+
+
+def clean_pass(subject: Subject, ids: Sequence[int]) -> CleanPrompt:
+    """Run one prompt unpatched, keeping its residual stream (all layers and tokens) and KV cache."""
+    from transformers import DynamicCache
+
+    sites = [Site("resid_post", layer) for layer in range(subject.n_layers)]
+    x = torch.tensor([list(ids)], device=subject.device)
+    cache = DynamicCache()
+    state = RunState(phase="prompt", pad=torch.zeros(1, dtype=torch.long), prompt_len=x.shape[1])
+    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (), sites) as cap:
+        out = subject.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                            **{cache_kwarg(subject.model.forward): cache})
+    resid = torch.stack([cap[s][-1][0] for s in sites])
+    return CleanPrompt(list(ids), resid, [layer.keys for layer in cache.layers],
+                       [layer.values for layer in cache.layers], out.logits[0, -1].float())
+
+
+class _PrefixCache:
+    """Stands in for a KV cache while one layer runs on the last token: hands the attention the clean
+    prefix keys/values followed by the row's own, and keeps the row's own for the continuation."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+        self.new: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.new = (key, value)
+        n = key.shape[0]
+        return (torch.cat([self.keys.expand(n, -1, -1, -1), key], dim=2),
+                torch.cat([self.values.expand(n, -1, -1, -1), value], dim=2))
+
+
+def _resume_last(subject: Subject, clean: CleanPrompt, targets: torch.Tensor, values: torch.Tensor):
+    """Logits [rows, vocab] of the last token after writing values[r] at resid_post of layer targets[r],
+    and the last token's keys/values per layer for every row (clean at layers <= target)."""
+    base, layers = subject.model.model, subject.sitemap.layers
+    n, n_layers, T = len(targets), subject.n_layers, len(clean.ids)
+    dtype = next(subject.model.parameters()).dtype
+    hidden = torch.zeros(n, 1, values.shape[-1], dtype=dtype, device=subject.device)
+    last_k = [clean.keys[layer][:, :, -1:].expand(n, -1, -1, -1).clone() for layer in range(n_layers)]
+    last_v = [clean.values[layer][:, :, -1:].expand(n, -1, -1, -1).clone() for layer in range(n_layers)]
+    values = values.to(subject.device).to(dtype)
+    kw = cache_kwarg(layers[0].forward)
+    for layer in range(int(targets.min()) + 1, n_layers + 1):
+        starts = targets == layer - 1
+        hidden[starts, 0] = values[starts]
+        if layer == n_layers:
+            break
+        active = torch.nonzero(targets < layer).flatten()
+        h = hidden[active]
+        pos = torch.full((len(active), 1), T - 1, dtype=torch.long, device=subject.device)
+        cache = _PrefixCache(clean.keys[layer][:, :, :-1], clean.values[layer][:, :, :-1])
+        out = layers[layer](h, attention_mask=None, position_ids=pos, use_cache=True,
+                            position_embeddings=base.rotary_emb(h, pos), **{kw: cache})
+        hidden[active] = out[0] if isinstance(out, tuple) else out
+        last_k[layer][active], last_v[layer][active] = cache.new
+    logits = subject.sitemap.unembed(subject.sitemap.final_norm(hidden))[:, -1].float()
+    return logits, last_k, last_v
+
+
+def _continue(subject: Subject, clean: CleanPrompt, first: torch.Tensor, last_k, last_v, steps: int,
+              eos: int | None) -> list[list[int]]:
+    """Greedy continuation of rows whose first new token is `first`, from their assembled KV cache."""
+    from transformers import DynamicCache
+
+    n, T = len(first), len(clean.ids)
+    cache = DynamicCache()
+    for layer in range(subject.n_layers):
+        cache.update(torch.cat([clean.keys[layer][:, :, :-1].expand(n, -1, -1, -1), last_k[layer]], dim=2),
+                     torch.cat([clean.values[layer][:, :, :-1].expand(n, -1, -1, -1), last_v[layer]], dim=2),
+                     layer)
+    out = [[int(t)] for t in first]
+    done = torch.tensor([eos is not None and int(t) == eos for t in first])
+    nxt = first.to(subject.device)
+    kw = cache_kwarg(subject.model.forward)
+    for step in range(steps):
+        if bool(done.all()):
+            break
+        pos = torch.full((n, 1), T + step, dtype=torch.long, device=subject.device)
+        res = subject.model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, logits_to_keep=1,
+                            **{kw: cache})
+        nxt = res.logits[:, -1].argmax(-1)
+        for i in range(n):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        if eos is not None:
+            done |= (nxt == eos).cpu()
+    return [[t for t in seq if t != eos] for seq in out]
+
+
+def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Sequence[int], values: torch.Tensor,
+                            max_new_tokens: int, worth_continuing: Callable[[int, int], bool] | None = None,
+                            batch_size: int = 512) -> list[list[int]]:
+    """Greedy continuations (ids) of one prompt, one per row: row r writes values[r] ([d]) into the
+    last prompt token's resid_post at layer targets[r], in the prompt pass only.
+
+    `worth_continuing(row, first_token)` lets the caller skip the continuation of rows whose first token
+    already decides the outcome (their result is then that token alone).
+    """
+    if not can_resume(subject):
+        return _generate_with_patches(subject, clean, targets, values, max_new_tokens)
+    eos = subject.tokenizer.eos_token_id
+    out: list[list[int]] = []
+    with torch.inference_mode():
+        for start in range(0, len(targets), batch_size):
+            t = torch.as_tensor(list(targets[start:start + batch_size]), device=subject.device)
+            logits, last_k, last_v = _resume_last(subject, clean, t, values[start:start + batch_size])
+            first = logits.argmax(-1)
+            seqs = [[int(x)] for x in first]
+            go = [i for i, x in enumerate(first.tolist()) if max_new_tokens > 1 and x != eos
+                  and (worth_continuing is None or worth_continuing(start + i, x))]
+            if go:
+                idx = torch.tensor(go, device=subject.device)
+                cont = _continue(subject, clean, first[idx], [k[idx] for k in last_k], [v[idx] for v in last_v],
+                                 max_new_tokens - 1, eos)
+                for i, seq in zip(go, cont):
+                    seqs[i] = seq
+            out.extend([[x for x in s if x != eos] for s in seqs])
+    return out
+
+
+def _generate_with_patches(subject: Subject, clean: CleanPrompt, targets: Sequence[int], values: torch.Tensor,
+                           max_new_tokens: int) -> list[list[int]]:
+    """The slow, general path: a full forward per row with a Patch on the last prompt token."""
+    out: list[list[int]] = [[] for _ in targets]
+    for layer in sorted(set(targets)):
+        rows = [i for i, t in enumerate(targets) if t == layer]
+        vals = values[rows]
+        site = Site("resid_post", layer)
+        gens = subject.generate([clean.ids] * len(rows), max_new_tokens,
+                                lambda r, vals=vals, site=site: [Patch(site, "last", values=vals[r])])
+        for i, g in zip(rows, gens):
+            out[i] = g
+    return out

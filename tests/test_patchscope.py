@@ -1,0 +1,71 @@
+"""The patchscope kind on the hand-built two-hop models (tests/fixtures/build_backpatch_fixtures.py).
+
+Source: the composition query "aK r12" at its last token; target: "b0 r2", written at target layer 0.
+The planted model reads the bridge at layer 1 only, so a state decodes to the final answer when it
+already holds the bridge: from layer 0 on for the 40 early entities, from layer 2 on for the 24 late ones.
+So the decode rate is 40/64 at layers 0-1 and 1.0 at layers 2-3, exactly; the no-compose model decodes
+nothing; bad inputs are located errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from modelprobe.errors import SpecError
+from modelprobe.kinds import instantiate, load
+from modelprobe.kinds.patchscope import layers_of
+from modelprobe.subject import load_subject
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "fixtures"))
+import build_backpatch_fixtures as planted  # noqa: E402
+
+PROBE = """\
+kind: patchscope
+about: the final answer is decodable from the composition query's last token once the bridge is there
+source: {prompts: data/two_hop.jsonl, field: query, position: last, layers: all}
+target: {prompt: "b0 r2", position: last, layer: 0}
+read: {max_new_tokens: 2, expect_field: answer}
+claims:
+  decodable_late:
+    layers: "2:4"
+    expect: {decode_rate: {at_least: 0.9}}
+  decodable_early:
+    layers: "0:2"
+    expect: {decode_rate: {at_least: 0.9}}
+"""
+
+
+def _run(tmp_path_factory, variant: str, text: str = PROBE):
+    d = planted.save(tmp_path_factory.mktemp(variant), variant=variant)
+    subject = load_subject(str(d / "model"), progress=False)
+    (d / "ps.probe.yaml").write_text(text)
+    out = instantiate(load(d / "ps.probe.yaml"), subject).run()
+    return {c.name: c for c in out.claims}, d, subject
+
+
+def test_planted_bridge_decodes_late_not_early(tmp_path_factory):
+    claims, _, _ = _run(tmp_path_factory, "late")
+    late, early = claims["decodable_late"], claims["decodable_early"]
+    assert late.verdict == "pass", late.reason
+    assert late.effect == 1.0 and late.control.effect < 0.2
+    assert early.verdict == "fail" and early.effect == pytest.approx(40 / 64)
+    assert late.curves["decode_rate"] == pytest.approx([40 / 64, 40 / 64, 1.0, 1.0])
+
+
+def test_no_compose_model_decodes_nothing(tmp_path_factory):
+    claims, _, _ = _run(tmp_path_factory, "no_compose")
+    assert claims["decodable_late"].verdict == "fail" and claims["decodable_late"].effect == 0.0
+
+
+def test_claim_layers_outside_the_source_layers(tmp_path_factory):
+    text = PROBE.replace("layers: all}", "layers: [0, 1]}")
+    with pytest.raises(SpecError, match=r"ps.probe.yaml:\d+:\d+: claims.decodable_late.layers: none of these"):
+        _run(tmp_path_factory, "late", text)
+
+
+def test_fraction_ranges():
+    assert layers_of("0.25:0.75", 30, ("layers",)) == list(range(8, 22))
+    assert layers_of("all", 4, ("layers",)) == [0, 1, 2, 3]
