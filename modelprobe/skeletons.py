@@ -128,6 +128,10 @@ claims:
 
 
 # Example rows for the data files a skeleton names: a shape to replace, not a data set.
+_TWO_HOP = {"query": "The capital of the country where Lyon is located is", "answer": "Paris", "aliases": [],
+            "entity": "Lyon", "hop1": "Lyon is a city in the country of", "hop1_answer": "France",
+            "hop1_aliases": [], "hop2": "The capital of France is",
+            "shortcuts": ["The capital of Lyon is", "The capital of the country is"]}
 SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
     "logit_lens": {"data/capitals.jsonl": [
         {"prompt": "The capital of France is", "answer": " Paris"},
@@ -147,4 +151,15 @@ SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
         "data/ioi_abc.jsonl": [{"prompt": "When Mary and John went to the store, Tom gave a drink to",
                                 "answer": " Mary", "wrong": " John"}],
     },
+    # The icl_update skeleton draws 8 shots + 2 queries per prompt: each task file needs 10 rows.
+    "icl_update": {
+        "data/icl_antonyms.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
+            ("old", "new"), ("wet", "dry"), ("rich", "poor"), ("early", "late"), ("open", "closed"))],
+        "data/icl_past_tense.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("walk", "walked"), ("jump", "jumped"), ("play", "played"), ("talk", "talked"), ("look", "looked"),
+            ("call", "called"), ("ask", "asked"), ("work", "worked"), ("help", "helped"), ("move", "moved"))],
+    },
+    "backpatch": {"data/two_hop.jsonl": [_TWO_HOP]},
+    "patchscope": {"data/two_hop.jsonl": [_TWO_HOP]},
 }

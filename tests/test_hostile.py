@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from modelprobe.cli import main
+from modelprobe.skeletons import SKELETONS
 from tests.helpers.toy_models import copy_task_rows, save_copy_model, write_jsonl
 
 GOOD = """\
@@ -219,7 +220,7 @@ def test_cli(tmp_path, monkeypatch, capsys, case, files, argv, status, fragment)
     assert fragment in out.out + out.err and "Traceback" not in out.out + out.err
 
 
-@pytest.mark.parametrize("kind", ["logit_lens", "direction", "circuit"])
+@pytest.mark.parametrize("kind", sorted(SKELETONS))
 def test_fresh_skeleton_validates(tmp_path, monkeypatch, capsys, kind):
     monkeypatch.chdir(tmp_path)
     assert main(["new", kind, "mine", "--directory", "fresh"]) == 0
