@@ -27,6 +27,7 @@ BUILTIN = {
     "circuit": "modelprobe.kinds.circuit:Circuit",
     "direction": "modelprobe.kinds.direction:Direction",
     "logit_lens": "modelprobe.kinds.logit_lens:LogitLens",
+    "injection": "modelprobe.kinds.injection:Injection",
 }
 
 
