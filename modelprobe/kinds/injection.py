@@ -377,7 +377,8 @@ class Injection(ProbeKind[InjectionSpec]):
                 claims.append(self._yes_claim(name, claim, t))
             elif stat == "coherence":
                 claims.append(self._rate_claim(name, claim, t["graded"]["injected"].coherent,
-                                               "share of injected test replies that are coherent", None, shared))
+                                               "share of injected test replies that are coherent", None,
+                                               [shared[2]]))
             elif on == "control_trials":
                 claims.append(self._rate_claim(name, claim, t["graded"]["control"].affirmative,
                                                "share of uninjected trials claiming a detection (false alarms)",

@@ -124,9 +124,9 @@ def coherent(reply: str) -> bool:
 
 
 def says_yes(reply: str) -> bool:
-    """A yes/no answer that starts with yes."""
-    words = _WORD.findall(reply.lower())
-    return bool(words) and words[0] == "yes"
+    """The reply's first 'yes' or 'no' is 'yes'."""
+    first = next((w for w in _WORD.findall(reply.lower()) if w in ("yes", "no")), None)
+    return first == "yes"
 
 
 def grade_rules(replies: Sequence[str], forms: Sequence[Sequence[str]]) -> Graded:
@@ -141,7 +141,7 @@ RULES_SHOWN = {
     "identified": "affirmative, and the word / singular-plural / synonym is mentioned no earlier than the "
                   "sentence of the detection claim; a reply opening with the word does not count",
     "coherent": "non-empty; no word n-gram (n<=4) 4 times in a row; >=30% distinct words when >=12 words",
-    "yes": "the reply's first word is 'yes'",
+    "yes": "the first 'yes' or 'no' in the reply is 'yes'",
 }
 
 
