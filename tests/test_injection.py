@@ -44,6 +44,12 @@ def organism():
     return load_subject(str(ORGANISM), progress=False)
 
 
+def test_shipped_probe_validates():
+    probe = load(HERE.parent / "probes" / "injection_concepts.probe.yaml")
+    check_data_files(probe)
+    assert list(probe.spec.claims) == ["detects_and_names", "no_false_alarms", "stays_coherent", "not_a_yes_bias"]
+
+
 # ---- spec and data errors: one located line each --------------------------------------------------
 
 def test_empty_concept_file_is_located(tmp_path):
@@ -152,14 +158,15 @@ def test_organism_with_random_vectors_does_not_pass(organism, tmp_path, monkeypa
 
 
 def test_random_init_model_does_not_pass(tmp_path):
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
     from modelprobe.subject import load_subject
-    from tests.fixtures.build_injection_fixtures import config
 
     tok = AutoTokenizer.from_pretrained(str(ORGANISM))
     torch.manual_seed(3)
-    LlamaForCausalLM(config(len(tok), tok)).save_pretrained(tmp_path / "random")
+    cfg = AutoConfig.from_pretrained(str(ORGANISM))
+    cfg.dtype = "float32"
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "random")
     tok.save_pretrained(tmp_path / "random")
     subject = load_subject(str(tmp_path / "random"), progress=False)
     path = write_probe(tmp_path, split="{dev: 4, test: 20, seed: 0}", control_trials="20")
