@@ -195,3 +195,14 @@ def test_per_row_injection_equals_one_by_one(organism):
         alone = organism.generate([ids[i]], kind.spec.max_new_tokens, edits, batch_size=1)[0]
         assert organism.decode(alone) == batched[i]
     assert batched[0].startswith("yes") and batched[5].split()[:1] != ["yes"]
+
+
+def test_judge_grader_runs_and_records_the_judge(organism, tmp_path):
+    """A second local model grades by its next-token Yes/No logits; its hash goes into the report.
+    (The organism serves as its own judge here: this checks the plumbing, not a judge's quality.)"""
+    path = write_probe(tmp_path, grader=f"{{judge: {ORGANISM}}}", split="{dev: 2, test: 4, seed: 0}",
+                       control_trials="4")
+    outcome = instantiate(load(path), organism).run()
+    assert outcome.settings["grader"]["hash"] and outcome.settings["grader"]["judge"] == str(ORGANISM)
+    assert {c.name for c in outcome.claims} == {"detects_and_names", "no_false_alarms", "stays_coherent",
+                                                "not_a_yes_bias"}

@@ -382,7 +382,7 @@ class Injection(ProbeKind[InjectionSpec]):
             elif on == "control_trials":
                 claims.append(self._rate_claim(name, claim, t["graded"]["control"].affirmative,
                                                "share of uninjected trials claiming a detection (false alarms)",
-                                               None, []))
+                                               None, [self._bars(t["graded"])]))
             else:
                 claims.append(self._detect_claim(name, claim, t, shared))
         settings = {
@@ -436,12 +436,6 @@ class Injection(ProbeKind[InjectionSpec]):
         p = detail[worst]["fisher_p"]
         control = ControlResult(name=f"every control, weakest: {worst}", effect=detail[worst]["rate"], p_value=p,
                                 detail=detail)
-        labels = ["injected", "random vector", "word in prompt", "uninjected"]
-        parts = [g["injected"], g["random"], g["word"], g["control"]]
-        bars = Bars(title="test trials: claims a detection vs detects and names", value_label="share of trials",
-                    labels=labels, before=[float(x.affirmative.mean()) for x in parts],
-                    after=[float(x.identified.mean()) for x in parts],
-                    before_label="claims a detection", after_label="detects and names")
         examples = Table(title="example replies (injected test trials)", columns=["concept", "reply", "graded"],
                          rows=[[self.concepts[c]["word"], r[:160], "named" if ok else "-"]
                                for c, r, ok in list(zip(self.test, t["replies"]["injected"], det))[:8]])
@@ -449,7 +443,16 @@ class Injection(ProbeKind[InjectionSpec]):
         return judge(name, claim, Measured(k / n, (lo, hi), n, "share of injected test trials that detect and name "
                                            "the concept, detection first", control=control,
                                            beats_control=beats_control(p), details={"k": k},
-                                           plots=[bars, *shared, examples]))
+                                           plots=[self._bars(g), *shared, examples]))
+
+    @staticmethod
+    def _bars(g: dict) -> Bars:
+        labels = ["injected", "random vector", "word in prompt", "uninjected", "permuted labels"]
+        parts = [g["injected"], g["random"], g["word"], g["control"], g["permuted"]]
+        return Bars(title="test trials: claims a detection vs detects and names", value_label="share of trials",
+                    labels=labels, before=[float(x.affirmative.mean()) for x in parts],
+                    after=[float(x.identified.mean()) for x in parts],
+                    before_label="claims a detection", after_label="detects and names")
 
     def _yes_claim(self, name: str, claim: InjectionClaim, t: dict) -> ClaimResult:
         inj, plain = t["yes"]["noq_injected"].astype(float), t["yes"]["noq_plain"].astype(float)
