@@ -81,7 +81,7 @@ def main() -> None:
 
     subject = load_subject(args.model, progress=False)
     kind = instantiate(load(ROOT / "probes" / "injection_concepts.probe.yaml"), subject)
-    kind.spec.__dict__["batch_size"] = args.trials  # one batch for every path
+    kind.spec = kind.spec.model_copy(update={"batch_size": args.trials})  # one batch for every path
     vecs = kind.concept_vectors()
     layer = kind.layers[len(kind.layers) // 2]
     n = args.trials
