@@ -94,9 +94,11 @@ def main() -> None:
     t = time.perf_counter()
     mine = kind.generate(ids, starts, {layer: adds}, "bench")
     t_mine = time.perf_counter() - t
+    print(f"modelprobe {t_mine:.1f}s", flush=True)
     t = time.perf_counter()
     loop = plain_generate(model, tok, ids, starts, adds, layer, max_new, 1)
     t_loop = time.perf_counter() - t
+    print(f"loop {t_loop:.1f}s", flush=True)
     t = time.perf_counter()
     batched = plain_generate(model, tok, ids, starts, adds, layer, max_new, n)
     t_batched = time.perf_counter() - t
