@@ -163,3 +163,32 @@ SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
     "backpatch": {"data/two_hop.jsonl": [_TWO_HOP]},
     "patchscope": {"data/two_hop.jsonl": [_TWO_HOP]},
 }
+
+SKELETONS["injection"] = _HEADER + """\
+kind: injection
+about: The model reports an injected concept and names it before saying it.
+tags: [injection]
+concepts: data/injection_concepts.jsonl              # {"word": "Oceans", "synonyms": ["sea"]}; split into dev / test
+baseline_words: data/injection_baseline_words.jsonl  # {"word": ...}; the concept vector is minus their mean state
+no_questions: data/injection_no_questions.jsonl      # {"question": ...} whose honest answer is "no"
+vector: {template: "Tell me about {word}", position: last, chat_template: true}
+inject:
+  layer: auto            # chosen on dev concepts with strength, then frozen; or an int / fraction of depth
+  strengths: [1, 2, 4, 8]
+  from: trial_start      # the token before "Trial n", through every generated token
+trial: default           # the published protocol in our words; or a JSONL of {role, content} messages
+grader: rules            # or {judge: <model path or alias>}
+split: {dev: 10, test: 40, seed: 0}
+control_trials: 80       # uninjected trials; 0 of 80 is the fewest that can clear at_most 0.05
+claims:
+  detects_and_names:
+    expect: {rate: {at_least: 0.05}}      # affirmative + correct identification, detection first
+  no_false_alarms:
+    on: control_trials
+    expect: {rate: {at_most: 0.05}}
+  stays_coherent:
+    expect: {coherence: {at_least: 0.8}}
+  not_a_yes_bias:
+    on: no_questions
+    expect: {yes_rate_rise: {at_most: 0.05}}
+"""

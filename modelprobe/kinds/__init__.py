@@ -30,6 +30,7 @@ BUILTIN = {
     "icl_update": "modelprobe.kinds.icl_update:IclUpdate",
     "backpatch": "modelprobe.kinds.backpatch:Backpatch",
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
+    "injection": "modelprobe.kinds.injection:Injection",
 }
 
 
