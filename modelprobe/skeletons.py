@@ -192,3 +192,19 @@ claims:
     on: no_questions
     expect: {yes_rate_rise: {at_most: 0.05}}
 """
+
+_CONCEPTS = ("oceans", "bread", "music", "mountains", "fire", "snow", "gold", "coffee", "dogs", "rockets",
+             "books", "rain", "cities", "gardens", "clocks", "bridges", "forests", "islands", "trains", "stars",
+             "honey", "castles", "volcanoes", "rivers", "mirrors", "candles", "deserts", "robots", "violins",
+             "apples", "storms", "glass", "silver", "ships", "tigers", "salt", "paper", "kites", "lanterns",
+             "pianos", "caves", "feathers", "wheels", "maps", "shells", "clouds", "lemons", "ladders", "bells",
+             "diamonds")
+# 10 dev + 40 test concepts, a mean over baseline words, and "no" questions: a shape to replace.
+SKELETON_DATA["injection"] = {
+    "data/injection_concepts.jsonl": [{"word": w.capitalize()} for w in _CONCEPTS],
+    "data/injection_baseline_words.jsonl": [{"word": w} for w in ("table", "chair", "window", "door", "floor",
+                                                                  "wall", "shoe", "spoon", "cup", "pen")],
+    "data/injection_no_questions.jsonl": [{"question": q} for q in (
+        "Can humans breathe under water without equipment?", "Is the sun cold?",
+        "Do fish have fur?", "Is ice hotter than boiling water?")],
+}
