@@ -38,8 +38,9 @@ def _load(name: str, **kw):
 # files and tokenizer
 # --------------------------------------------------------------------------------------
 def test_fixture_tree_is_small_and_complete():
+    # A few hundred KB per planted model: 4 MiB holds the current eight with room for a few more kinds.
     total = sum(f.stat().st_size for f in FIX.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
-    assert total < 3 * 1024 * 1024, f"fixtures are {total} bytes"
+    assert total < 4 * 1024 * 1024, f"fixtures are {total} bytes"
     for name in ("refusal_planted", "random_llama", "induction"):
         d = MODELS / name
         assert (d / "model.safetensors").is_file()
