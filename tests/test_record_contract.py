@@ -34,4 +34,5 @@ def test_a_plot_of_unknown_type_is_refused():
 def test_the_committed_baseline_still_loads():
     path = ROOT / "reports" / "baselines" / "smollm2-135m-instruct" / "default.json"
     record = RunRecord.model_validate_json(path.read_text())
-    assert record.claims() and all(not c.plots for _, c in record.claims())
+    # It carries the typed plots of the run that made it; reading it back validates each of them.
+    assert record.claims() and any(c.plots for _, c in record.claims())
