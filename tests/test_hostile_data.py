@@ -142,3 +142,15 @@ def test_invalid_json_line_is_found_without_a_model(tmp_path):
     (tmp_path / "data" / "rows.jsonl").write_text(json.dumps(GOOD) + "\n{\"prompt\": \"a\", \n")
     with pytest.raises(DataError, match=r"rows\.jsonl:2:\d+: not valid JSON"):
         check_data_files(load(path))
+
+
+def test_a_blank_line_inside_a_data_file_is_located(tmp_path):
+    from modelprobe.errors import DataError
+    from modelprobe.spec.load import parse_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": 42}\n\n\n')
+    with pytest.raises(DataError, match=r"rows.jsonl:2: blank line"):
+        parse_jsonl(path)
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n\n')
+    assert len(parse_jsonl(path)) == 2

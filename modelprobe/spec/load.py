@@ -102,9 +102,13 @@ def parse_jsonl(path: Path, required: tuple[str, ...] = (), shown: Path | None =
     text = read_text_file(path, MAX_DATA_BYTES, error)
     path = shown
     rows = []
-    for i, line in enumerate(text.splitlines()):
+    lines = text.splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()  # trailing blank lines are harmless
+    for i, line in enumerate(lines):
         if not line.strip():
-            continue
+            # Row k is line k + 1 in every later message: a blank line inside would shift them all.
+            raise DataError(f"{path}:{i + 1}: blank line (one JSON object per line, no gaps)")
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
