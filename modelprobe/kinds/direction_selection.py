@@ -19,8 +19,8 @@ direction.select_tokens):
   measured whether or not the candidates induce, so that the fixed layer can be judged.
 Every number a filter or the choice reads is exact (the batched, resumed scores equal plain forwards,
 tests/test_direction_selection.py). On SmolLM2-135M (24 layers x 6 positions, 32 validation prompts per
-set) the whole selection costs about 1.2x the old 8-point generation grid (benchmarks/bench_direction.py
-W3: 576 s vs 464 s, 1 thread, same process, loaded machine). Sharing the template's 24-token prefix
+set) the whole selection costs 0.95x the old 8-point generation grid (benchmarks/bench_direction.py
+W3: 122 s vs 128 s, 2 threads, same process, idle machine; 1.2x on a loaded one). Sharing the template's 24-token prefix
 halves the induce cost; what is left is compute (wider or unpadded batches were no faster on CPU).
 A grader without a token form (sentiment, custom substrings...) scores on short generated replies, on a
 grid of `candidates` layers, each at its best-separating position: generation per candidate is costly.
