@@ -15,8 +15,8 @@ import pytest
 
 from modelprobe.errors import SpecError
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.patchscope import layers_of
 from modelprobe.subject import load_subject
+from modelprobe.subject.sites import resolve_layer
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "fixtures"))
@@ -67,5 +67,21 @@ def test_claim_layers_outside_the_source_layers(tmp_path_factory):
 
 
 def test_fraction_ranges():
-    assert layers_of("0.25:0.75", 30, ("layers",)) == list(range(8, 22))
-    assert layers_of("all", 4, ("layers",)) == [0, 1, 2, 3]
+    """'a:b' bounds with a '.' are fractions of depth, floored like a single fraction (0.25 -> layer 7 of 30)."""
+    assert resolve_layer("0.25:0.75", 30, ("layers",)) == list(range(7, 22))
+    assert resolve_layer("0.5:", 4, ("layers",)) == [2, 3]
+    assert resolve_layer(":0.5", 4, ("layers",)) == [0, 1]
+    assert resolve_layer("0.5:1.0", 4, ("layers",)) == [2, 3]
+    assert resolve_layer("all", 4, ("layers",)) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("0.25:1.5", r"1.5 is a fraction of depth and must lie in \[0, 1\]"),
+    ("0.9:0.1", "is empty"),
+    ("0.1:0.2", "is empty"),  # floor(0.4) == floor(0.8) on 4 layers
+    ("x:0.5", "is not 'start:stop'"),
+])
+def test_bad_fraction_ranges_are_located(tmp_path_factory, spec, message):
+    text = PROBE.replace('layers: "2:4"', f'layers: "{spec}"')
+    with pytest.raises(SpecError, match=rf"ps.probe.yaml:\d+:\d+: claims.decodable_late.layers: .*{message}"):
+        _run(tmp_path_factory, "late", text)

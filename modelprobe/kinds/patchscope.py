@@ -1,13 +1,15 @@
 """patchscope: what a hidden state holds, read by patching it into a target prompt and letting the model speak.
 
 Ghandeharioun et al., "Patchscopes" (papers.md §6). The residual stream (resid_post) of a source prompt
-at (layer l, position) is written into the last token of a fixed target prompt (e.g. an identity
-few-shot "Syria: Syria; leaf: leaf; x:") at layer l ("same") or a fixed layer, in the prompt pass only;
-the greedy continuation is read. A state "decodes" when the continuation starts with the row's expected
-field (or an alias). Reported per layer as a curve; a claim takes the best layer of its range, held
-against the same patch from another prompt (random source) at that layer.
+at (layer l, position) is written into a fixed target prompt (e.g. an identity few-shot "Syria: Syria;
+leaf: leaf; x:") at a position of the shared vocabulary (`last`, an int, `{token: " x", occurrence: -1}`:
+the placeholder) and layer l ("same") or a fixed layer, in the prompt pass only; the greedy continuation
+is read. A state "decodes" when the continuation starts with the row's expected field (or an alias).
+Reported per layer as a curve; a claim takes the best layer of its range, held against the same patch
+from another prompt (random source) at that layer.
 
-All (prompt, layer) rows run batched over the target's cached prefix (`subject.lastpatch`).
+All (prompt, layer) rows run batched against the target's clean run, resumed at each row's target layer
+from the patched token on, with a per-row Patch (`subject.patchat`).
 """
 
 from __future__ import annotations
@@ -17,43 +19,32 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from ..errors import DataError
+from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
 from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
-from ..spec.fields import LayerSpec, Strict
+from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
-from ..toolkit.prompts import encode_rows, read_rows
+from ..toolkit.prompts import encode_rows, read_rows, text_token_index, token_index
 from .base import Measured, Outcome, ProbeKind, judge
-
-
-def layers_of(spec: LayerSpec, n_layers: int, loc: tuple) -> list[int]:
-    """resolve_layer, plus ranges of depth fractions ('0.25:0.75' = layers floor(0.25 L) .. floor(0.75 L) - 1)."""
-    if isinstance(spec, str) and ":" in spec and "." in spec:
-        parts = []
-        for x in spec.split(":", 1):
-            try:
-                parts.append(str(round(float(x) * n_layers)) if "." in x else x)
-            except ValueError:
-                parts.append(x)
-        spec = ":".join(parts)
-    return resolve_layer(spec, n_layers, loc)
 
 
 class PatchscopeSource(Strict):
     prompts: str = Field(description="JSONL file of source rows")
     field: str = Field("query", description="the row field holding the source prompt")
-    position: Literal["last", "bridge_entity_last"] = Field(
-        "last", description="the last token, or the last token of the row's 'entity' in the prompt")
+    position: Literal["bridge_entity_last"] | TokenSpec = Field(
+        "last", description="'last', an int, {token, occurrence}, or bridge_entity_last: the last token of "
+                            "the row's 'entity' in the prompt")
     layers: LayerSpec = Field("all", description="source layers: int, fraction, list, 'a:b' or 'all'")
     stride: int = Field(1, ge=1, le=64, description="keep every stride-th source layer")
 
 
 class PatchscopeTarget(Strict):
-    prompt: str = Field(min_length=1, description="the target prompt; its last token receives the state")
-    position: Literal["last"] = "last"
+    prompt: str = Field(min_length=1, description="the target prompt; the token at `position` receives the state")
+    position: TokenSpec = Field("last", description="'last', an int (negative from the end) or {token: ' x', "
+                                                    "occurrence: -1}: the placeholder")
     layer: Literal["same"] | int = Field("same", description="'same' as the source layer, or a fixed layer")
 
 
@@ -108,33 +99,34 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         spec, subject = self.spec, self.subject
         self.rows = self.check_data(self.probe)
         self.path = self.probe.path.parent / spec.source.prompts
-        layers = layers_of(spec.source.layers, subject.n_layers, ("source", "layers"))
+        layers = resolve_layer(spec.source.layers, subject.n_layers, ("source", "layers"))
         self.layers = sorted(set(layers))[::spec.source.stride]
         if spec.target.layer != "same":
             self.target_layer = resolve_layer(spec.target.layer, subject.n_layers, ("target", "layer"))[0]
         self.ids = encode_rows(subject, [r[spec.source.field] for r in self.rows], self.path)
         self.target_ids = subject.encode(spec.target.prompt)
-        self.claim_layers = {name: set(layers_of(c.layers, subject.n_layers, ("claims", name, "layers")))
+        self.claim_layers = {name: set(resolve_layer(c.layers, subject.n_layers, ("claims", name, "layers")))
                              & set(self.layers) for name, c in spec.claims.items()}
         for name, chosen in self.claim_layers.items():
             if not chosen:
                 raise self.probe.error("none of these layers is among the source layers measured",
                                        ("claims", name, "layers"))
-        self.pos = [len(x) - 1 for x in self.ids]
-        if spec.source.position == "bridge_entity_last":
-            self.pos = [self._entity_last(i) for i in range(len(self.rows))]
+        self.pos = [self._source_position(i) for i in range(len(self.rows))]
+        try:
+            self.target_pos = token_index(subject, spec.target.prompt, self.target_ids, spec.target.position)
+        except SiteError as e:
+            raise SiteError(e.message, ("target", "position")) from None
 
-    def _entity_last(self, i: int) -> int:
-        row, ids, text = self.rows[i], self.ids[i], self.rows[i][self.spec.source.field]
-        at = text.find(row["entity"])
-        if at < 0:
-            raise DataError(f"{self.path}:{i + 1}: field 'entity': {row['entity']!r} does not occur in "
-                            f"field '{self.spec.source.field}'")
-        head = self.subject.encode(text[:at + len(row["entity"])].rstrip())
-        if ids[:len(head)] != head or len(head) >= len(ids) + 1:
-            raise DataError(f"{self.path}:{i + 1}: field 'entity': the tokenizer does not end a token where "
-                            f"{row['entity']!r} ends")
-        return len(head) - 1
+    def _source_position(self, i: int) -> int:
+        """Token index of the source state in row i; a DataError at the row when it cannot be found."""
+        text, ids, where = self.rows[i][self.spec.source.field], self.ids[i], self.spec.source.position
+        try:
+            if where == "bridge_entity_last":  # the entity's first occurrence: where the query names it
+                return text_token_index(self.subject, text, ids, self.rows[i]["entity"], 0)
+            return token_index(self.subject, text, ids, where)
+        except SiteError as e:
+            field = "entity" if where == "bridge_entity_last" else self.spec.source.field
+            raise DataError(f"{self.path}:{i + 1}: field '{field}': {e.message} (source.position)") from None
 
     def _expected(self, i: int) -> list[str]:
         row, read = self.rows[i], self.spec.read
@@ -144,7 +136,8 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         """decoded[i, k] (own state) and null[i, k] (another prompt's state) per prompt and layer."""
         from .._lazy import torch
         from ..progress import bar
-        from ..subject.lastpatch import clean_pass, patch_last_and_generate
+        from ..subject.lastpatch import clean_pass
+        from ..subject.patchat import patch_at_and_generate
 
         n, k = len(self.rows), len(self.layers)
         states = torch.stack([clean_pass(self.subject, self.ids[i]).resid[self.layers, self.pos[i]]
@@ -163,8 +156,9 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
                 memo[key] = could_give_answer(self.subject.decode([tok]), answers[owner[row]])
             return memo[key]
 
-        clean = clean_pass(self.subject, self.target_ids)
-        gens = patch_last_and_generate(self.subject, clean, targets, values, self.spec.read.max_new_tokens, worth)
+        clean = clean_pass(self.subject, self.target_ids, resid_pre=True)
+        gens = patch_at_and_generate(self.subject, clean, self.target_pos, targets, values,
+                                     self.spec.read.max_new_tokens, worth)
         texts = [self.subject.decode(g) for g in gens]
         hit = np.array([gives_answer(t, answers[owner[r]]) for r, t in enumerate(texts)])
         return hit[:n * k].reshape(n, k), hit[n * k:].reshape(n, k), [texts[i * k:(i + 1) * k] for i in range(n)]
@@ -178,7 +172,9 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         claims = [self._claim(name, claim, decoded, null, texts, plot) for name, claim in self.spec.claims.items()]
         settings = {"source": self.spec.source.prompts, "n_prompts": len(self.rows), "layers": self.layers,
                     "target_prompt": self.spec.target.prompt, "target_layer": self.spec.target.layer,
-                    "patch": "resid_post of the source token into the target's last token, prompt pass only",
+                    "target_position": self.target_pos,
+                    "target_token": self.subject.decode([self.target_ids[self.target_pos]]),
+                    "patch": "resid_post of the source token into the target token, prompt pass only",
                     "match": "continuation starts with the expected field or an alias (case-insensitive)"}
         return Outcome(settings, claims)
 

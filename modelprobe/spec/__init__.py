@@ -15,10 +15,12 @@ from .fields import (
     SiteSpec,
     Strict,
     Threshold,
+    TokenPosition,
+    TokenSpec,
     Tolerance,
 )
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
 __all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
            "ProbeBase", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "Strict", "Threshold",
-           "Tolerance", "load_probe"]
+           "TokenPosition", "TokenSpec", "Tolerance", "load_probe"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -116,7 +116,18 @@ class Tolerance(Strict):
 
 
 LayerSpec = int | float | str | list[int | float]
-PositionSpec = Literal["last", "all", "prompt", "generated"] | int | dict[str, Any]
+
+
+class TokenPosition(Strict):
+    """A prompt token named by its text: `{token: " x", occurrence: -1}` = the last token of the last ' x'."""
+
+    token: str = Field(min_length=1, description="text in the prompt; the position is the token that ends it")
+    occurrence: int = Field(-1, ge=-1000, le=1000, description="which occurrence: 0 the first, -1 the last")
+
+
+# One token of a prompt: the last, an index (negative from the end) or a token named by its text.
+TokenSpec = Literal["last"] | Annotated[int, Field(ge=-100_000, le=100_000)] | TokenPosition
+PositionSpec = Literal["last", "all", "prompt", "generated"] | int | TokenPosition
 
 
 class SiteSpec(Strict):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .interventions import Patch, RunState, hooked
-from .resume import can_resume
+from .resume import can_resume, greedy_from_kv
 from .sites import Site
 from .subject import Subject, cache_kwarg
 
@@ -35,22 +35,26 @@ class CleanPrompt:
     keys: list[torch.Tensor]  # per layer [1, kv_heads, T, d_head]
     values: list[torch.Tensor]
     logits: torch.Tensor  # [vocab] at the last token
+    pre: torch.Tensor | None = None  # [L, T, d] resid_pre per layer and token, when asked for
 
 
-def clean_pass(subject: Subject, ids: Sequence[int]) -> CleanPrompt:
-    """Run one prompt unpatched, keeping its residual stream (all layers and tokens) and KV cache."""
+def clean_pass(subject: Subject, ids: Sequence[int], resid_pre: bool = False) -> CleanPrompt:
+    """Run one prompt unpatched, keeping its residual stream (all layers and tokens) and KV cache;
+    with `resid_pre`, each layer's input too (what a resume from that layer starts from)."""
     from transformers import DynamicCache
 
     sites = [Site("resid_post", layer) for layer in range(subject.n_layers)]
+    pre_sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)] if resid_pre else []
     x = torch.tensor([list(ids)], device=subject.device)
     cache = DynamicCache()
     state = RunState(phase="prompt", pad=torch.zeros(1, dtype=torch.long), prompt_len=x.shape[1])
-    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (), sites) as cap:
+    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (), sites + pre_sites) as cap:
         out = subject.model(input_ids=x, use_cache=True, logits_to_keep=1,
                             **{cache_kwarg(subject.model.forward): cache})
     resid = torch.stack([cap[s][-1][0] for s in sites])
+    pre = torch.stack([cap[s][-1][0] for s in pre_sites]) if resid_pre else None
     return CleanPrompt(list(ids), resid, [layer.keys for layer in cache.layers],
-                       [layer.values for layer in cache.layers], out.logits[0, -1].float())
+                       [layer.values for layer in cache.layers], out.logits[0, -1].float(), pre)
 
 
 class _PrefixCache:
@@ -99,31 +103,12 @@ def _resume_last(subject: Subject, clean: CleanPrompt, targets: torch.Tensor, va
 def _continue(subject: Subject, clean: CleanPrompt, first: torch.Tensor, last_k, last_v, steps: int,
               eos: int | None) -> list[list[int]]:
     """Greedy continuation of rows whose first new token is `first`, from their assembled KV cache."""
-    from transformers import DynamicCache
-
-    n, T = len(first), len(clean.ids)
-    cache = DynamicCache()
-    for layer in range(subject.n_layers):
-        cache.update(torch.cat([clean.keys[layer][:, :, :-1].expand(n, -1, -1, -1), last_k[layer]], dim=2),
-                     torch.cat([clean.values[layer][:, :, :-1].expand(n, -1, -1, -1), last_v[layer]], dim=2),
-                     layer)
-    out = [[int(t)] for t in first]
-    done = torch.tensor([eos is not None and int(t) == eos for t in first])
-    nxt = first.to(subject.device)
-    kw = cache_kwarg(subject.model.forward)
-    for step in range(steps):
-        if bool(done.all()):
-            break
-        pos = torch.full((n, 1), T + step, dtype=torch.long, device=subject.device)
-        res = subject.model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, logits_to_keep=1,
-                            **{kw: cache})
-        nxt = res.logits[:, -1].argmax(-1)
-        for i in range(n):
-            if not done[i]:
-                out[i].append(int(nxt[i]))
-        if eos is not None:
-            done |= (nxt == eos).cpu()
-    return [[t for t in seq if t != eos] for seq in out]
+    n = len(first)
+    keys = [torch.cat([clean.keys[layer][:, :, :-1].expand(n, -1, -1, -1), last_k[layer]], dim=2)
+            for layer in range(subject.n_layers)]
+    values = [torch.cat([clean.values[layer][:, :, :-1].expand(n, -1, -1, -1), last_v[layer]], dim=2)
+              for layer in range(subject.n_layers)]
+    return greedy_from_kv(subject, keys, values, first, steps, eos)
 
 
 def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Sequence[int], values: torch.Tensor,

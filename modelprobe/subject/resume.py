@@ -236,3 +236,37 @@ def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch
             out = _run_layers(subject, tail, start, mask, positions, cache)
             logits = subject.sitemap.unembed(subject.sitemap.final_norm(out[:, -1:]))
     return logits[:, -1].float()
+
+
+# ---- greedy generation from an assembled KV cache --------------------------------------------------
+
+def greedy_from_kv(subject: Subject, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor],
+                   first: torch.Tensor, steps: int, eos: int | None) -> list[list[int]]:
+    """Greedy continuation of n unpadded rows of one length T whose prompt pass is done: keys/values
+    per layer ([n, kv_heads, T, d_head], e.g. clean where a patch could not reach, patched elsewhere),
+    `first` the token each row chose after the prompt. Nothing is patched here: generated tokens see
+    the patch only through the cache. Returns ids per row, `first` included, without eos."""
+    from transformers import DynamicCache
+
+    n, T = len(first), keys[0].shape[2]
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k, v, layer)
+    out = [[int(t)] for t in first]
+    done = torch.tensor([eos is not None and int(t) == eos for t in first])
+    nxt = first.to(subject.device)
+    kw = cache_kwarg(subject.model.forward)
+    with torch.inference_mode():
+        for step in range(steps):
+            if bool(done.all()):
+                break
+            pos = torch.full((n, 1), T + step, dtype=torch.long, device=subject.device)
+            res = subject.model(input_ids=nxt[:, None], position_ids=pos, use_cache=True, logits_to_keep=1,
+                                **{kw: cache})
+            nxt = res.logits[:, -1].argmax(-1)
+            for i in range(n):
+                if not done[i]:
+                    out[i].append(int(nxt[i]))
+            if eos is not None:
+                done |= (nxt == eos).cpu()
+    return [[t for t in seq if t != eos] for seq in out]

@@ -40,7 +40,8 @@ class Site:
 
 
 def resolve_layer(spec: Any, n_layers: int, loc: tuple = ("layer",)) -> list[int]:
-    """int (negative counts from the end), float in [0, 1] (fraction of depth), list, 'a:b' range, 'all'."""
+    """int (negative counts from the end), float in [0, 1] (fraction of depth), list, 'a:b' range (ints or
+    fractions of depth: '0.25:0.75'), 'all'."""
     if spec == "all":
         return list(range(n_layers))
     if isinstance(spec, list | tuple):
@@ -50,15 +51,10 @@ def resolve_layer(spec: Any, n_layers: int, loc: tuple = ("layer",)) -> list[int
         return out
     if isinstance(spec, str) and ":" in spec:
         a, _, b = spec.partition(":")
-        try:
-            start = int(a) if a.strip() else 0
-            stop = int(b) if b.strip() else n_layers
-        except ValueError:
-            raise SiteError(f"layer range '{spec}' is not 'start:stop'", loc) from None
-        # Negative bounds count from the end, as in Python slices ('-2:' = the last two layers).
-        start, stop = (x + n_layers if x < 0 else x for x in (start, stop))
+        start = _range_bound(a, 0, spec, n_layers, loc)
+        stop = _range_bound(b, n_layers, spec, n_layers, loc)
         if start >= stop:
-            raise SiteError(f"layer range '{spec}' is empty", loc)
+            raise SiteError(f"layer range '{spec}' is empty ({n_layers} layers)", loc)
         return [resolve_layer(i, n_layers, loc)[0] for i in range(start, stop)]
     if isinstance(spec, bool):
         raise SiteError(f"layer must be an int, a fraction, a list or a range, not {spec!r}", loc)
@@ -72,6 +68,25 @@ def resolve_layer(spec: Any, n_layers: int, loc: tuple = ("layer",)) -> list[int
             raise SiteError(f"layer {spec} is beyond the model's depth ({n_layers} layers: 0..{n_layers - 1})", loc)
         return [layer]
     raise SiteError(f"layer must be an int, a fraction, a list or a range, not {spec!r}", loc)
+
+
+def _range_bound(text: str, default: int, spec: str, n_layers: int, loc: tuple) -> int:
+    """One bound of 'start:stop': empty (default), an int (negative from the end, as in Python slices:
+    '-2:' = the last two layers) or a fraction of depth ('0.25:0.75' = floor(0.25 L) .. floor(0.75 L) - 1)."""
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        if "." in text or "e" in text.lower():
+            f = float(text)
+            if not 0.0 <= f <= 1.0:  # also rejects nan
+                raise SiteError(f"layer range '{spec}': {text} is a fraction of depth and must lie in [0, 1]", loc)
+            return math.floor(f * n_layers)
+        x = int(text)
+    except ValueError:
+        raise SiteError(f"layer range '{spec}' is not 'start:stop' (ints, or fractions of depth such as "
+                        "'0.25:0.75')", loc) from None
+    return x + n_layers if x < 0 else x
 
 
 def _indices(value: Any, limit: int, what: str, loc: tuple) -> tuple[int, ...] | None:

@@ -114,3 +114,44 @@ def single_token(subject: Subject, text: str) -> int:
 def data_error(path: Path, line: int, field: str, err: SiteError) -> DataError:
     """A token problem of a data row, located at its file and line."""
     return DataError(f"{path}:{line}: {field} {err.message}")
+
+
+# ---- positions ----------------------------------------------------------------------------------
+
+def text_token_index(subject: Subject, text: str, ids: Sequence[int], token: str, occurrence: int = -1) -> int:
+    """Index in `ids` (the encoding of `text`) of the token that ends the `occurrence`-th `token` in the
+    text (0 the first, -1 the last). SiteError when the text does not occur that often, or when the
+    tokenizer does not end a token where it ends (a patch there would land inside a word)."""
+    starts, at = [], text.find(token)
+    while at >= 0:
+        starts.append(at)
+        at = text.find(token, at + 1)
+    if not -len(starts) <= occurrence < len(starts):
+        times = {0: "does not occur", 1: "occurs once"}.get(len(starts), f"occurs {len(starts)} times")
+        raise SiteError(f"{token!r} {times} in {_clip(text)}" +
+                        (f"; occurrence {occurrence} does not exist" if starts else ""))
+    end = starts[occurrence] + len(token)
+    head = subject.encode(text[:end].rstrip()) if text[:end].strip() else []
+    if not head or list(ids[:len(head)]) != head or len(head) > len(ids):
+        raise SiteError(f"the tokenizer of model '{subject.info.id}' does not end a token where {token!r} ends "
+                        f"in {_clip(text)}")
+    return len(head) - 1
+
+
+def token_index(subject: Subject, text: str, ids: Sequence[int], position: Any) -> int:
+    """The shared position vocabulary resolved on one prompt: 'last', an int (negative from the end) or
+    a TokenPosition ({token, occurrence}); a non-negative index into `ids`, or SiteError."""
+    if position == "last":
+        return len(ids) - 1
+    if isinstance(position, int) and not isinstance(position, bool):
+        if not -len(ids) <= position < len(ids):
+            raise SiteError(f"position {position} is outside the prompt ({len(ids)} tokens: {_clip(text)})")
+        return position % len(ids)
+    token = getattr(position, "token", None)
+    if isinstance(token, str):
+        return text_token_index(subject, text, ids, token, getattr(position, "occurrence", -1))
+    raise SiteError(f"position must be 'last', an int or {{token, occurrence}}, not {position!r}")
+
+
+def _clip(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[:n - 3] + "...")
