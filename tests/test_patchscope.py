@@ -85,3 +85,71 @@ def test_bad_fraction_ranges_are_located(tmp_path_factory, spec, message):
     text = PROBE.replace('layers: "2:4"', f'layers: "{spec}"')
     with pytest.raises(SpecError, match=rf"ps.probe.yaml:\d+:\d+: claims.decodable_late.layers: .*{message}"):
         _run(tmp_path_factory, "late", text)
+
+
+# ---- the target position: a placeholder that is not the last token (variant relay) ------------------
+# In `relay` a layer-1 head copies the bridge from the earlier token that holds a first entity into the
+# reading token, where hop 2 needs r2: the state written into "x" of "x r2" at layer 0 decodes (from
+# layer 0 on for early entities, from layer 2 on for late ones), the same state written into "r2" (the
+# last token, all the kind could patch before) erases the r2 and decodes nothing.
+RELAY = PROBE.replace('target: {prompt: "b0 r2", position: last, layer: 0}',
+                      'target: {prompt: "x r2", position: {token: "x", occurrence: -1}, layer: 0}')
+
+
+def test_placeholder_position_decodes(tmp_path_factory):
+    claims, _, _ = _run(tmp_path_factory, "relay", RELAY)
+    late = claims["decodable_late"]
+    assert late.verdict == "pass", late.reason
+    assert late.curves["decode_rate"] == pytest.approx([40 / 64, 40 / 64, 1.0, 1.0])
+    assert late.control.effect < 0.2
+
+
+@pytest.mark.parametrize("position", ["last", "-1", "0"])
+def test_wrong_target_position_does_not_decode(tmp_path_factory, position):
+    """The last token (all the kind could patch before) erases the r2 hop 2 needs: nothing decodes. BOS
+    does decode: the relay head reads whichever earlier token holds the written entity features."""
+    text = RELAY.replace('position: {token: "x", occurrence: -1}', f"position: {position}")
+    claims, _, _ = _run(tmp_path_factory, "relay", text)
+    late = claims["decodable_late"]
+    if position == "0":  # BOS: the relay head reads whichever earlier token holds ENT, so BOS works too
+        assert late.verdict == "pass"
+    else:
+        assert late.verdict == "fail" and late.curves["decode_rate"] == [0.0] * 4
+
+
+def test_int_position_is_the_same_token(tmp_path_factory):
+    text = RELAY.replace('position: {token: "x", occurrence: -1}', "position: 1")
+    claims, _, _ = _run(tmp_path_factory, "relay", text)
+    assert claims["decodable_late"].curves["decode_rate"] == pytest.approx([40 / 64, 40 / 64, 1.0, 1.0])
+
+
+def test_identity_patch_changes_nothing(tmp_path_factory):
+    """Source = target prompt, same layer, same token: every layer reads the unpatched answer (b3 is
+    hop 1 of a0, an early entity)."""
+    d = planted.save(tmp_path_factory.mktemp("identity"), variant="relay")
+    (d / "data" / "same.jsonl").write_text('{"query": "a0 r1", "answer": "b3"}\n' * 2)
+    subject = load_subject(str(d / "model"), progress=False)
+    assert subject.decode(subject.generate([subject.encode("a0 r1")], 1)[0]) == "b3"
+    text = """\
+kind: patchscope
+source: {prompts: data/same.jsonl, field: query, position: {token: "a0"}, layers: all}
+target: {prompt: "a0 r1", position: {token: "a0"}, layer: same}
+read: {max_new_tokens: 1, expect_field: answer}
+claims:
+  reads_itself:
+    expect: {decode_rate: {at_least: 0.9}}
+"""
+    (d / "id.probe.yaml").write_text(text)
+    out = instantiate(load(d / "id.probe.yaml"), subject).run()
+    assert out.claims[0].curves["decode_rate"] == [1.0] * 4
+
+
+@pytest.mark.parametrize(("position", "message"), [
+    ('{token: "y"}', "'y' does not occur in 'x r2'"),
+    ('{token: "x", occurrence: 1}', "'x' occurs once in 'x r2'; occurrence 1 does not exist"),
+    ("7", r"position 7 is outside the prompt \(3 tokens"),
+])
+def test_bad_target_position_is_located(tmp_path_factory, position, message):
+    text = RELAY.replace('position: {token: "x", occurrence: -1}', f"position: {position}")
+    with pytest.raises(SpecError, match=rf"ps.probe.yaml:\d+:\d+: target.position: {message}"):
+        _run(tmp_path_factory, "relay", text)

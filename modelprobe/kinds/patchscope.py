@@ -39,6 +39,8 @@ class PatchscopeSource(Strict):
                             "the row's 'entity' in the prompt")
     layers: LayerSpec = Field("all", description="source layers: int, fraction, list, 'a:b' or 'all'")
     stride: int = Field(1, ge=1, le=64, description="keep every stride-th source layer")
+    sample: int | None = Field(None, ge=2, le=1_000_000, description="a seeded sample of this many rows (kept in "
+                                                                     "file order); all rows when absent")
 
 
 class PatchscopeTarget(Strict):
@@ -97,13 +99,17 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
 
     def setup(self) -> None:
         spec, subject = self.spec, self.subject
-        self.rows = self.check_data(self.probe)
+        rows = self.check_data(self.probe)
+        keep = list(range(len(rows)))
+        if spec.source.sample is not None and spec.source.sample < len(rows):
+            keep = sorted(np.random.default_rng(spec.seed).choice(len(rows), spec.source.sample, replace=False))
+        self.rows, self.lines = [rows[i] for i in keep], [int(i) + 1 for i in keep]
         self.path = self.probe.path.parent / spec.source.prompts
         layers = resolve_layer(spec.source.layers, subject.n_layers, ("source", "layers"))
         self.layers = sorted(set(layers))[::spec.source.stride]
         if spec.target.layer != "same":
             self.target_layer = resolve_layer(spec.target.layer, subject.n_layers, ("target", "layer"))[0]
-        self.ids = encode_rows(subject, [r[spec.source.field] for r in self.rows], self.path)
+        self.ids = encode_rows(subject, [r[spec.source.field] for r in self.rows], self.path, self.lines)
         self.target_ids = subject.encode(spec.target.prompt)
         self.claim_layers = {name: set(resolve_layer(c.layers, subject.n_layers, ("claims", name, "layers")))
                              & set(self.layers) for name, c in spec.claims.items()}
@@ -126,7 +132,11 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
             return token_index(self.subject, text, ids, where)
         except SiteError as e:
             field = "entity" if where == "bridge_entity_last" else self.spec.source.field
-            raise DataError(f"{self.path}:{i + 1}: field '{field}': {e.message} (source.position)") from None
+            raise DataError(f"{self.path}:{self.lines[i]}: field '{field}': {e.message} (source.position)") from None
+
+    @staticmethod
+    def _shown(position) -> str | int:
+        return position if isinstance(position, str | int) else position.model_dump()
 
     def _expected(self, i: int) -> list[str]:
         row, read = self.rows[i], self.spec.read
@@ -170,9 +180,10 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
                         x=[float(x) for x in self.layers],
                         series=[Series(label="own state", y=curve), Series(label="another prompt's state", y=null_curve)])
         claims = [self._claim(name, claim, decoded, null, texts, plot) for name, claim in self.spec.claims.items()]
-        settings = {"source": self.spec.source.prompts, "n_prompts": len(self.rows), "layers": self.layers,
+        settings = {"source": self.spec.source.prompts, "n_prompts": len(self.rows),
+                    "source_position": self._shown(self.spec.source.position), "layers": self.layers,
                     "target_prompt": self.spec.target.prompt, "target_layer": self.spec.target.layer,
-                    "target_position": self.target_pos,
+                    "target_position": self._shown(self.spec.target.position), "target_index": self.target_pos,
                     "target_token": self.subject.decode([self.target_ids[self.target_pos]]),
                     "patch": "resid_post of the source token into the target token, prompt pass only",
                     "match": "continuation starts with the expected field or an alias (case-insensitive)"}
