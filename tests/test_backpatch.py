@@ -136,7 +136,7 @@ def test_bridge_entity_not_in_the_query(late, tmp_path):
     (tmp_path / "data" / "two_hop.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     path = tmp_path / "bp.probe.yaml"
     path.write_text(PROBE.replace("source_position: last", "source_position: bridge_entity_last"))
-    with pytest.raises(DataError, match=r"two_hop.jsonl:4: field 'entity': 'a99' does not occur in the query"):
+    with pytest.raises(DataError, match=r"two_hop.jsonl:4: field 'entity': 'a99' does not occur in 'a3 r12'"):
         instantiate(load(path), late[1])
 
 

@@ -31,7 +31,7 @@ from ..stats import paired_difference, wilson_interval
 from ..subject.sites import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
-from ..toolkit.prompts import encode_rows, read_rows, split_indices
+from ..toolkit.prompts import encode_rows, read_rows, split_indices, text_token_index
 from .base import Measured, Outcome, ProbeKind, judge
 
 
@@ -142,15 +142,10 @@ class Backpatch(ProbeKind[BackpatchSpec]):
 
     def _entity_last(self, i: int) -> int:
         """Token index of the last token of the row's entity in its query (DataError when absent)."""
-        row, ids = self.rows[i], self.ids[i]
-        at = row["query"].find(row["entity"])
-        if at < 0:
-            raise DataError(f"{self.path}:{i + 1}: field 'entity': {row['entity']!r} does not occur in the query")
-        head = self.subject.encode(row["query"][:at + len(row["entity"])].rstrip())
-        if ids[:len(head)] != head or len(head) >= len(ids):
-            raise DataError(f"{self.path}:{i + 1}: field 'entity': the tokenizer of model '{self.subject.info.id}' "
-                            f"does not end a token where {row['entity']!r} ends in the query")
-        return len(head) - 1
+        try:  # the entity's first occurrence: where the query names it
+            return text_token_index(self.subject, self.rows[i]["query"], self.ids[i], self.rows[i]["entity"], 0)
+        except SiteError as e:
+            raise DataError(f"{self.path}:{i + 1}: field 'entity': {e.message} (source_position)") from None
 
     # ---- filtering ------------------------------------------------------------------------------
     def _answers(self, i: int) -> list[str]:
