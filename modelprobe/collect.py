@@ -86,7 +86,8 @@ class ProbeFile(pytest.File):
         from . import kinds
         session = self.config.stash[SESSION_KEY]
         record = ProbeRecord(name=self.probe.name, kind=self.probe.spec.kind, file=self.identity,
-                             file_hash=self.probe.file_hash, about=self.probe.spec.about)
+                             file_hash=self.probe.file_hash, about=self.probe.spec.about,
+                             tags=list(self.probe.spec.tags))
         start = time.perf_counter()
         session.current_probe = self.identity
         cut_off = False

@@ -141,6 +141,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if ps is None:
         return
     interrupted = exitstatus == pytest.ExitCode.INTERRUPTED
+    if not _is_worker(config) and ps.gate is not None and ps.gate.before is not None:
+        from .selection import deleted_but_asked_for
+        # Baseline probes deleted from a folder this run collected were asked for: missing, not skipped.
+        files, deselected = deleted_but_asked_for(config, ps.gate.before, set(ps.record.collected_files or []))
+        if files:
+            ps.in_scope(files, deselected)
     ps.finish(interrupted=interrupted)
     if _is_worker(config):
         config.workeroutput["modelprobe_record"] = ps.record.model_dump_json()

@@ -298,9 +298,38 @@ def test_same_file_name_in_two_folders_are_two_probes(pytester, probe_dir, tmp_p
     result = run(pytester, clean)
     result.stdout.fnmatch_lines(["probes/a/lens.probe.yaml *emerges_early*", "probes/b/lens.probe.yaml *emerges_early*"])
     (probe_dir / "a" / "lens.probe.yaml").unlink()  # b alone is compared with b's baseline, not a's
-    result = run(pytester, damaged, "--probe-compare=base", "probes/b")
+    result = pytester.runpytest("probes/b", f"--model={damaged}", "--probe-report-dir=out", "-p", "no:cacheprovider",
+                                "-p", "no:randomly", "--probe-compare=base")
     result.stdout.fnmatch_lines(["*regression against baseline: *pass → fail*"])
     assert "probes/a/lens.probe.yaml" not in result.stdout.str()  # not asked for: not missing
+
+
+def test_a_deleted_probe_under_a_collected_folder_is_missing(pytester, probe_dir, copy_model):
+    """Deleting a failing probe must not pass the gate: `pytest probes` asked for every probe under probes/,
+    so the baseline claims of a deleted file there are missing, except those -k or -m would have left out."""
+    (probe_dir / "a").mkdir()
+    gone = LENS_PROBE.replace("data/copy.jsonl", "../data/copy.jsonl").replace("tags: [lens, toy]", "tags: [extra]")
+    (probe_dir / "a" / "gone.probe.yaml").write_text(gone.replace(
+        "  emerges_late:\n    expect: {median_first_layer: {at_least: 0.9}}\n", ""))
+    late = ("-k", "not emerges_late")  # lens.probe.yaml's one failing claim, left out of every run
+    run(pytester, copy_model, "--probe-save=base", *late).assert_outcomes(passed=4, deselected=1)
+    (probe_dir / "a" / "gone.probe.yaml").unlink()
+    result = run(pytester, copy_model, "--probe-compare=base", *late)
+    result.assert_outcomes(passed=2, deselected=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.stdout.fnmatch_lines(["*baseline: probes/a/gone.probe.yaml::emerges_early MISSING: probe not measured*"])
+    # -k / -m judged on what the baseline knows of the deleted claims (names, folders, file, tags)
+    accuracy = run(pytester, copy_model, "--probe-compare=base", "-k", "final_accuracy")
+    assert accuracy.ret == pytest.ExitCode.TESTS_FAILED
+    assert "gone.probe.yaml::final_accuracy MISSING" in accuracy.stdout.str()
+    assert "gone.probe.yaml::emerges_early" not in accuracy.stdout.str()
+    assert run(pytester, copy_model, "--probe-compare=base", "-k", "not gone and not late").ret == pytest.ExitCode.OK
+    assert run(pytester, copy_model, "--probe-compare=base", "-m", "lens", *late).ret == pytest.ExitCode.OK
+    assert run(pytester, copy_model, "--probe-compare=base", "-m", "extra or lens", *late).ret != pytest.ExitCode.OK
+    assert run(pytester, copy_model, "--probe-compare=base", "--ignore=probes/a", *late).ret == pytest.ExitCode.OK
+    # the whole folder deleted: still under probes/, still missing
+    (probe_dir / "a").rmdir()
+    assert run(pytester, copy_model, "--probe-compare=base", *late).ret == pytest.ExitCode.TESTS_FAILED
 
 
 def test_collection_never_loads_the_model_and_k_loads_it_once(pytester, probe_dir, copy_model, monkeypatch):

@@ -123,6 +123,7 @@ class ProbeRecord(_Record):
     file: str  # the probe's identity: its path relative to the rootdir (posix), e.g. "probes/x.probe.yaml"
     file_hash: str = ""
     about: str = ""
+    tags: list[str] = Field(default_factory=list)  # the probe's tags (pytest markers): a gate judges -m on them
     settings: dict[str, Any] = Field(default_factory=dict)  # resolved layer, position, template ...
     claims: list[ClaimResult] = Field(default_factory=list)
     error: str | None = None  # a probe that could not be measured (one located line)
@@ -143,7 +144,8 @@ class RunRecord(_Record):
     interrupted_probe: str | None = None  # identity of the probe being measured when the run was stopped
     # The run's selection: the probe files it collected (or failed to collect; None: not recorded) and the
     # claims of those that -k, -m, --lf ... deselected ("file::claim"). A baseline claim of a collected file
-    # that was not deselected must be measured now.
+    # that was not deselected must be measured now. Baseline probes deleted from a folder the run collected
+    # count as collected (modelprobe/selection.py): a deleted probe is missing, never out of scope.
     collected_files: list[str] | None = None
     deselected: list[str] = Field(default_factory=list)
     preflight: list[PreflightResult] = Field(default_factory=list)
