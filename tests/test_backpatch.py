@@ -74,6 +74,10 @@ def test_planted_late_hop_passes(late):
     heat = next(p for p in claims["oracle_fixes"].plots if isinstance(p, HeatMap))
     fixing = {(s, t) for s, row in zip(heat.y_ticks, heat.values) for t, v in zip(heat.x_ticks, row) if v}
     assert fixing == {("2", "0"), ("3", "0")}
+    # own state and random source on one colour scale (0 .. the larger map's top), so they compare by eye
+    own, null = [p for p in claims["oracle_fixes"].plots if isinstance(p, HeatMap)]
+    assert own.value_range == null.value_range == (0.0, 1.0)
+    assert max(v for row in null.values for v in row if v is not None) < 1.0
     assert out.settings["identity_first_token_changed"] == 0 and out.settings["identity_fixed"] == 0
     assert out.settings["identity_rows"] == 24 * 4
 

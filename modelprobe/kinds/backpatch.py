@@ -333,6 +333,9 @@ class Backpatch(ProbeKind[BackpatchSpec]):
         srcs, tgts = self.sources[::-1], self.targets
         index = {p: k for k, p in enumerate(grid.pairs)}
         n = max(1, len(grid.fixed))
+        # One colour scale for the own-state and random-source maps, so they compare by eye.
+        top = max([float(v[:, index[p]].sum() / n) for v in (grid.fixed, grid.null) for p in grid.pairs] + [0.0])
+        scale = (0.0, top if top > 0 else 1.0)
 
         def heat(values: np.ndarray, title: str) -> HeatMap:
             cells = [[float(values[:, index[(s, t)]].sum() / n) if (s, t) in index else None for t in tgts]
@@ -340,7 +343,8 @@ class Backpatch(ProbeKind[BackpatchSpec]):
             mark = (srcs.index(grid.pairs[best][0]), tgts.index(grid.pairs[best][1])) if best is not None else None
             return HeatMap(title=title, x_label="target layer t", y_label="source layer s",
                            value_label="share of wrong queries fixed", values=cells,
-                           x_ticks=[str(t) for t in tgts], y_ticks=[str(s) for s in srcs], mark=mark)
+                           x_ticks=[str(t) for t in tgts], y_ticks=[str(s) for s in srcs], mark=mark,
+                           value_range=scale)
 
         plots: list[Plot] = [heat(grid.fixed, f"fix rate per (s, t), own state ({len(grid.fixed)} wrong queries)"),
                              heat(grid.null, "fix rate per (s, t), random source (another query's state)")]

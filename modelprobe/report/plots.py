@@ -86,7 +86,8 @@ def heat_map(p: HeatMap) -> str | None:
         return None
     fig, ax = figure(max(FIGSIZE[1], 0.25 * len(rows) + 1.2))
     ax.grid(False)
-    im = ax.imshow(rows, aspect="auto", origin="lower", cmap="viridis")
+    low, high = p.value_range if p.value_range is not None else (None, None)
+    im = ax.imshow(rows, aspect="auto", origin="lower", cmap="viridis", vmin=low, vmax=high)
     bar = fig.colorbar(im, ax=ax)
     bar.set_label(p.value_label, fontsize=8)
     bar.ax.tick_params(labelsize=7)

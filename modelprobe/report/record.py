@@ -62,6 +62,9 @@ class HeatMap(_Record):
     x_ticks: list[str] | None = None
     y_ticks: list[str] | None = None
     mark: tuple[int, int] | None = None  # (row, col) of the chosen cell
+    # The colour scale's (low, high); heat maps meant to be compared by eye (a claim and its control) share
+    # one. None: the data's own range.
+    value_range: tuple[float, float] | None = None
 
 
 class NullHistogram(_Record):
