@@ -16,7 +16,8 @@ from modelprobe.errors import DataError, SpecError
 from modelprobe.kinds import check_data_files, instantiate, load
 from modelprobe.report.record import HeatMap
 from modelprobe.subject import load_subject
-from modelprobe.subject.lastpatch import _generate_with_patches, clean_pass, patch_last_and_generate
+from modelprobe.subject.lastpatch import clean_pass, patch_last_and_generate
+from modelprobe.subject.resume import generate_with_patches
 from modelprobe.toolkit.answers import could_give_answer, gives_answer
 
 HERE = Path(__file__).parent
@@ -109,7 +110,7 @@ def test_identity_patch_changes_nothing_and_batched_equals_full_forwards(late):
     pairs = [(s, t) for s in range(4) for t in range(4) if s >= t]
     values = torch.stack([clean.resid[s, -1] for s, _ in pairs])
     fast = patch_last_and_generate(subject, clean, [t for _, t in pairs], values, 3)
-    slow = _generate_with_patches(subject, clean, [t for _, t in pairs], values, 3)
+    slow = generate_with_patches(subject, clean.ids, "last", [t for _, t in pairs], values, 3)
     assert fast == slow
     plain = subject.generate([clean.ids], 3)[0]
     assert all(g == plain for g, (s, t) in zip(fast, pairs) if s == t)

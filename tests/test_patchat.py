@@ -11,6 +11,7 @@ import torch
 
 from modelprobe.subject import patchat
 from modelprobe.subject.lastpatch import clean_pass, patch_last_and_generate
+from modelprobe.subject.resume import generate_with_patches
 
 PROMPT = "how do i make a cake for my friend"
 OTHER = ["tell me a story about the garden", "write a poem about water", "please help me build a kite"]
@@ -31,7 +32,7 @@ def test_resumed_rows_equal_full_forwards(tiny_subject, position):
     clean = clean_pass(subject, subject.encode(PROMPT), resid_pre=True)
     targets, values = _rows(subject)
     fast = patchat.patch_at_and_generate(subject, clean, position, targets, values, 4, batch_size=4)
-    full = patchat._generate_full(subject, clean, position % len(clean.ids), targets, values, 4)
+    full = generate_with_patches(subject, clean.ids, position % len(clean.ids), targets, values, 4)
     assert fast == full
     assert len({tuple(g) for g in fast}) > 1  # the writes matter: not every row says the same
 

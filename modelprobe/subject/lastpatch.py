@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .interventions import Patch, RunState, hooked
-from .resume import can_resume, greedy_from_kv
+from .interventions import RunState, hooked
+from .resume import can_resume, generate_with_patches, greedy_from_kv
 from .sites import Site
 from .subject import Subject, cache_kwarg
 
@@ -121,7 +121,7 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
     already decides the outcome (their result is then that token alone).
     """
     if not can_resume(subject):
-        return _generate_with_patches(subject, clean, targets, values, max_new_tokens)
+        return generate_with_patches(subject, clean.ids, "last", targets, values, max_new_tokens)
     eos = subject.tokenizer.eos_token_id
     out: list[list[int]] = []
     with torch.inference_mode():
@@ -139,19 +139,4 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
                 for i, seq in zip(go, cont):
                     seqs[i] = seq
             out.extend([[x for x in s if x != eos] for s in seqs])
-    return out
-
-
-def _generate_with_patches(subject: Subject, clean: CleanPrompt, targets: Sequence[int], values: torch.Tensor,
-                           max_new_tokens: int) -> list[list[int]]:
-    """The slow, general path: a full forward per row with a Patch on the last prompt token."""
-    out: list[list[int]] = [[] for _ in targets]
-    for layer in sorted(set(targets)):
-        rows = [i for i, t in enumerate(targets) if t == layer]
-        vals = values[rows]
-        site = Site("resid_post", layer)
-        gens = subject.generate([clean.ids] * len(rows), max_new_tokens,
-                                lambda r, vals=vals, site=site: [Patch(site, "last", values=vals[r])])
-        for i, g in zip(rows, gens):
-            out[i] = g
     return out

@@ -21,7 +21,7 @@ import torch
 
 from .interventions import Patch, RunState, hooked
 from .lastpatch import CleanPrompt
-from .resume import _run_layers, can_share_prefix, greedy_from_kv
+from .resume import _run_layers, can_share_prefix, generate_with_patches, greedy_from_kv
 from .sites import Site
 from .subject import Subject
 
@@ -86,7 +86,7 @@ def patch_at_and_generate(subject: Subject, clean: CleanPrompt, position: int, t
         raise ValueError(f"position {position} is outside the prompt ({T} tokens)")
     p = position % T
     if clean.pre is None or not can_share_prefix(subject):
-        return _generate_full(subject, clean, p, targets, values, max_new_tokens)
+        return generate_with_patches(subject, clean.ids, p, targets, values, max_new_tokens)
     eos = subject.tokenizer.eos_token_id
     order = sorted(range(len(targets)), key=lambda r: targets[r])
     out: list[list[int]] = [[] for _ in targets]
@@ -111,20 +111,4 @@ def patch_at_and_generate(subject: Subject, clean: CleanPrompt, position: int, t
             v_go = [torch.cat([v[i] for v in vals])[idx] for i in range(subject.n_layers)]
             for i, seq in zip(go, greedy_from_kv(subject, k_go, v_go, first[idx], max_new_tokens - 1, eos)):
                 out[rows[i]] = seq
-    return out
-
-
-def _generate_full(subject: Subject, clean: CleanPrompt, p: int, targets: Sequence[int], values: torch.Tensor,
-                   max_new_tokens: int) -> list[list[int]]:
-    """The general path: full forwards and generation with a Patch on token p (prompt pass only: an
-    int position touches no generated token)."""
-    out: list[list[int]] = [[] for _ in targets]
-    for layer in sorted(set(targets)):
-        rows = [i for i, t in enumerate(targets) if t == layer]
-        vals = values[rows]
-        site = Site("resid_post", layer)
-        gens = subject.generate([clean.ids] * len(rows), max_new_tokens,
-                                lambda r, vals=vals, site=site: [Patch(site, p, values=vals[r])])
-        for i, g in zip(rows, gens):
-            out[i] = g
     return out

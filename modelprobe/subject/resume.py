@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .interventions import Intervention, RunState, WeightDelta, hooked
+from .interventions import Intervention, Patch, Positions, RunState, WeightDelta, hooked
 from .sites import Site
 from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
 
@@ -270,3 +270,20 @@ def greedy_from_kv(subject: Subject, keys: Sequence[torch.Tensor], values: Seque
             if eos is not None:
                 done |= (nxt == eos).cpu()
     return [[t for t in seq if t != eos] for seq in out]
+
+
+def generate_with_patches(subject: Subject, ids: Sequence[int], position: Positions, targets: Sequence[int],
+                          values: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """The general path for one prompt written many ways: row r writes values[r] into resid_post of layer
+    targets[r] at `position`, full forwards and generation through Subject.generate (an int or "last"
+    position touches no generated token: the prompt pass only). Any family; the fast paths must equal it."""
+    out: list[list[int]] = [[] for _ in targets]
+    for layer in sorted(set(targets)):
+        rows = [i for i, t in enumerate(targets) if t == layer]
+        vals = values[rows]
+        site = Site("resid_post", layer)
+        gens = subject.generate([list(ids)] * len(rows), max_new_tokens,
+                                lambda r, vals=vals, site=site: [Patch(site, position, values=vals[r])])
+        for i, g in zip(rows, gens):
+            out[i] = g
+    return out
