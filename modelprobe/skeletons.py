@@ -117,11 +117,12 @@ kind: patchscope
 about: The bridge entity is decodable from the first entity's last token at middle layers.
 tags: [patchscope]
 source: {prompts: data/two_hop.jsonl, field: query, position: bridge_entity_last, layers: all, stride: 1}
-target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: last, layer: same}   # or a fixed layer
+# The state goes into the placeholder " x" (last, an int, or {token, occurrence} name a token); layer: same or an int
+target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: {token: " x", occurrence: -1}, layer: same}
 read: {max_new_tokens: 6, expect_field: hop1_answer, aliases_field: hop1_aliases}
 claims:
   bridge_decodable_mid_depth:
-    layers: 0.25:0.75            # the best layer of this range is tested (how many were searched is reported)
+    layers: "0.25:0.75"          # fractions of depth; the best layer of this range is tested (the count searched is reported)
     expect: {decode_rate: {at_least: 0.3}}
 """,
 }

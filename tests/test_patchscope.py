@@ -153,3 +153,18 @@ def test_bad_target_position_is_located(tmp_path_factory, position, message):
     text = RELAY.replace('position: {token: "x", occurrence: -1}', f"position: {position}")
     with pytest.raises(SpecError, match=rf"ps.probe.yaml:\d+:\d+: target.position: {message}"):
         _run(tmp_path_factory, "relay", text)
+
+
+@pytest.mark.parametrize(("old", "new", "where"), [
+    ('position: {token: "x", occurrence: -1}', 'position: {token: ""}', "target.position"),
+    ('position: {token: "x", occurrence: -1}', 'position: {token: "x", occurrence: 5000}', "target.position"),
+    ('position: {token: "x", occurrence: -1}', 'position: {tokn: "x"}', "target.position"),
+    ('position: {token: "x", occurrence: -1}', "position: 1.5", "target.position"),
+    ("position: last, layers: all}", "position: first, layers: all}", "source.position"),
+    ("layers: all}", "layers: all, sample: 1}", "source.sample"),
+])
+def test_bad_position_and_sample_fields_are_located(tmp_path, old, new, where):
+    """Spec-level mistakes in the new fields: one located line each, before any model is loaded."""
+    (tmp_path / "ps.probe.yaml").write_text(RELAY.replace(old, new))
+    with pytest.raises(SpecError, match=rf"ps.probe.yaml:\d+:\d+: {where}"):
+        load(tmp_path / "ps.probe.yaml")

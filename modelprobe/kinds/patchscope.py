@@ -34,7 +34,7 @@ from .base import Measured, Outcome, ProbeKind, judge
 class PatchscopeSource(Strict):
     prompts: str = Field(description="JSONL file of source rows")
     field: str = Field("query", description="the row field holding the source prompt")
-    position: Literal["bridge_entity_last"] | TokenSpec = Field(
+    position: Literal["bridge_entity_last"] | TokenSpec = Field(  # type: ignore[valid-type]
         "last", description="'last', an int, {token, occurrence}, or bridge_entity_last: the last token of "
                             "the row's 'entity' in the prompt")
     layers: LayerSpec = Field("all", description="source layers: int, fraction, list, 'a:b' or 'all'")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, model_validator
+from pydantic import Tag as UnionTag
 
 from ..names import COMPONENTS
 
@@ -125,8 +126,23 @@ class TokenPosition(Strict):
     occurrence: int = Field(-1, ge=-1000, le=1000, description="which occurrence: 0 the first, -1 the last")
 
 
-# One token of a prompt: the last, an index (negative from the end) or a token named by its text.
-TokenSpec = Literal["last"] | Annotated[int, Field(ge=-100_000, le=100_000)] | TokenPosition
+def _token_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "last" if value == "last" else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "index"
+    return "text" if isinstance(value, dict | TokenPosition) else None
+
+
+# One token of a prompt: the last, an index (negative from the end) or a token named by its text. Tagged,
+# so a mistake is one line about the form it took, not one line per form it did not take.
+TokenSpec = Annotated[
+    Annotated[Literal["last"], UnionTag("last")]
+    | Annotated[int, Field(ge=-100_000, le=100_000), UnionTag("index")]
+    | Annotated[TokenPosition, UnionTag("text")],
+    Discriminator(_token_kind, custom_error_type="position",
+                  custom_error_message="a position is 'last', an int (negative from the end) or "
+                                       "{token: TEXT, occurrence: N}")]
 PositionSpec = Literal["last", "all", "prompt", "generated"] | int | TokenPosition
 
 
