@@ -198,7 +198,8 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         p = paired_control(mine.astype(float), theirs.astype(float), claim.expect.threshold.comparison, self.spec.seed)
         control = ControlResult(name="random source: another prompt's state, same layer", effect=float(theirs.mean()),
                                 p_value=p, detail={"layers_searched": len(cols)})
-        examples = Table(title=f"examples at layer {self.layers[best]}", columns=["prompt", "expected", "read"],
+        examples = Table(title=f"examples at layer {self.layers[best]}",
+                         columns=["prompt", "expected", "read (cut once the answer is ruled out)"],
                          rows=[[self.rows[i][self.spec.source.field], self._expected(i)[0], texts[i][best]]
                                for i in range(min(8, n))])
         m = Measured(float(mine.mean()), wilson_interval(int(mine.sum()), n), n,
