@@ -113,8 +113,11 @@ def test_batched_unit_rows_equal_one_hooked_forward_per_unit(planted_dir):
     units = coordinate_units(Site("mlp.post", 1), subject.sitemap, [planted.CAUSAL, 5, 60])
     acts = unit_activations(subject, ids, [units], keep_from=1, batch_size=4)
     targets = torch.tensor([0.0, 1.5, -2.0])
+    from modelprobe.subject.resume import common_prefix
+
+    assert common_prefix(ids) >= 1  # BOS: the shared-prefix path runs
     got = metric_with_units_set(subject, acts.clean, units, targets,
-                                lambda lg: token_set_metric(lg, torch.tensor([sure])), len(ids))
+                                lambda lg: token_set_metric(lg, torch.tensor([sure])), len(ids), common_prefix(ids))
     down = subject.model.model.layers[1].mlp.down_proj
     for r, (j, t) in enumerate(zip([planted.CAUSAL, 5, 60], targets.tolist())):
         def edit(x, j=j, t=t):
@@ -124,6 +127,40 @@ def test_batched_unit_rows_equal_one_hooked_forward_per_unit(planted_dir):
         want = _plain_metric(subject, ids, down, edit, sure)
         np.testing.assert_allclose(got[r], want, atol=1e-4)
     assert got[0].mean() < want.mean() - 1  # the causal neuron's row differs from the others
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2", "qwen3"])
+def test_set_unit_equals_the_engine_ablations_on_every_family(tiny_subject, family):
+    """SetUnit on a neuron = ZeroAblate of that neuron; on a direction = AblateDirection; resumed rows
+    (or the full-forward fallback) = one forward per unit."""
+    from modelprobe.subject.interventions import AblateDirection, ZeroAblate
+    from modelprobe.subject.sites import Site
+    from modelprobe.subject.units import coordinate_units, direction_units
+    from modelprobe.toolkit.features import metric_with_units_set, unit_activations
+
+    subject = tiny_subject(family)
+    ids = [subject.encode(t) for t in ("cake good day", "t3 t4 t5 home", "water . music")]
+    metric = lambda lg: lg.float().log_softmax(-1)[:, 9]  # noqa: E731 - any fixed token
+    neurons = coordinate_units(Site("mlp.post", 1), subject.sitemap, [0, 5, 17])
+    acts = unit_activations(subject, ids, [neurons], keep_from=1)
+    got = metric_with_units_set(subject, acts.clean, neurons, torch.zeros(3), metric, len(ids), 1)
+    for r, j in enumerate([0, 5, 17]):
+        want = metric(subject.last_logits(ids, [ZeroAblate(Site("mlp.post", 1, neurons=(j,)), "all")]))
+        np.testing.assert_allclose(got[r], want.numpy(), atol=1e-4)
+    u = torch.randn(2, subject.sitemap.d_model, generator=torch.Generator().manual_seed(0))
+    dirs = direction_units(Site("resid_post", 0), u, ["a", "b"])
+    acts = unit_activations(subject, ids, [dirs], keep_from=0)
+    got = metric_with_units_set(subject, acts.clean, dirs, torch.zeros(2), metric, len(ids))
+    for r in range(2):
+        want = metric(subject.last_logits(ids, [AblateDirection(Site("resid_post", 0), "all", direction=u[r])]))
+        np.testing.assert_allclose(got[r], want.numpy(), atol=1e-4)
+
+
+def test_residual_dimension_unit(planted_dir):
+    """Dimension 1 of layer 1's resid_post is what the causal neuron writes: both claims pass."""
+    text = probe(1).replace("component: mlp.post", "component: resid_post")
+    claims = run(*planted_dir, text)
+    assert claims["correlates"].verdict == "pass" and claims["causes"].verdict == "pass"
 
 
 # ---- an SAE trained here, saved as SAELens does, loaded back ---------------------------------------
@@ -204,6 +241,20 @@ def test_find_picks_a_planted_neuron_and_writes_a_probe_that_runs(planted_dir, c
     claims = run(d, subject, text.replace("../data/", "data/"))  # run from the data's folder
     assert claims["correlates"].verdict == "pass"
     assert claims["causes"].verdict == ("pass" if f"neuron: {planted.CAUSAL}" in text else "fail")
+
+
+def test_find_ranks_sae_latents(planted_dir, sae_dir):
+    from modelprobe.cli import main
+
+    d, subject = planted_dir
+    out = d / "found_sae.probe.yaml"
+    code = main(["find", "--model", str(d / "model"), "--with", str(d / "data" / "with.jsonl"), "--without",
+                 str(d / "data" / "without.jsonl"), "--sae", str(sae_dir), "-o", str(out), "--quiet"])
+    assert code == 0
+    text = out.read_text()
+    assert 'unit: {sae: "sae", latent: ' in text and "SAME lines" in text  # no --rows: says it is optimistic
+    claims = run(d, subject, text)
+    assert claims["correlates"].verdict == "pass"
 
 
 def test_find_usage_errors(planted_dir, capsys):
