@@ -352,6 +352,22 @@ def test_sae_latent_out_of_range_and_missing_files(planted_dir, sae_dir):
     assert "unit.sae" in msg and "not found" in msg
 
 
+def test_a_pool_too_small_for_the_null_is_inconclusive(planted_dir, sae_dir, tmp_path):
+    """An SAE of 12 latents leaves 11 random ones: p >= 1/12, so the claim cannot beat its control either way."""
+    from safetensors.torch import load_file, save_file
+
+    d, subject = planted_dir
+    small = _copy_sae(sae_dir, d, "small_sae")
+    w = load_file(str(small / "sae_weights.safetensors"))
+    save_file({"W_enc": w["W_enc"][:, :12].contiguous(), "W_dec": w["W_dec"][:12].contiguous(),
+               "b_enc": w["b_enc"][:12].contiguous(), "b_dec": w["b_dec"]}, str(small / "sae_weights.safetensors"))
+    cfg = json.loads((small / "cfg.json").read_text())
+    cfg["d_sae"] = 12
+    (small / "cfg.json").write_text(json.dumps(cfg))
+    claims = run(d, subject, _sae_probe("small_sae", 0))
+    assert claims["causes"].verdict == "inconclusive" and "only 11 other units" in claims["causes"].reason
+
+
 def test_unit_shape_errors(planted_dir):
     d, subject = planted_dir
     msg = _err(d, subject, probe(3).replace("neuron: 3}", "neuron: 3, latent: 2}"))
@@ -360,6 +376,8 @@ def test_unit_shape_errors(planted_dir):
     assert "needs 'layer'" in msg
     msg = _err(d, subject, probe(3).replace('tokens: [" sure"]', 'tokens: [" sure cake"]'))
     assert "claims.causes.metric.tokens.0" in msg and "2 tokens" in msg
+    msg = _err(d, subject, probe(3).replace('tokens: [" sure"]', 'tokens: [" sure", " sure"]'))
+    assert "claims.causes.metric.tokens.1" in msg and "count twice" in msg
     msg = _err(d, subject, probe(3).replace("inputs: {", 'inputs: {rows: "0:1", '), DataError)
     assert "at least 2" in msg
     msg = _err(d, subject, PROBE.replace("NEURON", "3").replace("    intervention: INTERVENTION\n", ""))

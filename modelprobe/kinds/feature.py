@@ -27,6 +27,7 @@ from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
 Component = Literal["mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
+MIN_NULL = 19  # random units needed before an empirical p-value can reach 0.05
 SelectedMax = 1 << 30  # an index larger than any model's width, so a huge number is a range error, not a crash
 
 
@@ -109,7 +110,7 @@ class FeatureClaim(ClaimSpec):
     metric: MetricSpec | None = Field(None, description="causes: the behaviour read at the last position")
     control: Literal["random_units", "none"] | None = Field(None, description="causes: random_units (default): the "
                                                             "same intervention on random units must be beaten")
-    random_units: int = Field(50, ge=19, le=2000, description="random units drawn (19 at least: with fewer the "
+    random_units: int = Field(50, ge=MIN_NULL, le=2000, description="random units drawn (19 at least: with fewer the "
                               "empirical p-value cannot reach 0.05)")
 
     @model_validator(mode="after")
@@ -218,6 +219,8 @@ class Feature(ProbeKind[FeatureSpec]):
                 if len(t) != 1:
                     raise self.probe.error(f"{text!r} is {len(t)} tokens for model '{subject.info.id}'; each metric "
                                            "token must be one (try with or without a leading space)", loc)
+                if t[0] in ids:
+                    raise self.probe.error(f"{text!r} is the same token as an earlier one: it would count twice", loc)
                 ids.append(t[0])
             self.tokens[name] = ids
 
@@ -326,7 +329,7 @@ class Feature(ProbeKind[FeatureSpec]):
                                                "(a token's probability underflowed); try as: prob"))
         est, lo, hi = paired_difference(clean, after[0], seed=self.spec.seed)
         drops = (clean[None, :] - after[1:]).mean(1)
-        control, beats = None, None
+        control, beats, untestable = None, None, None
         plots: list = []
         if claim.control != "none":
             p = empirical_control(est, drops, claim.expect.threshold.comparison)
@@ -335,6 +338,9 @@ class Feature(ProbeKind[FeatureSpec]):
                                     detail={"null_mean": float(drops.mean()), "null_max": float(drops.max()),
                                             "null_95th": float(np.quantile(drops, 0.95)), "k": len(drops)})
             beats = beats_control(p)
+            if len(drops) < MIN_NULL:
+                untestable = (f"untestable: the pool holds only {len(drops)} other units; with fewer than {MIN_NULL} "
+                              "the random-unit p-value cannot reach 0.05")
             plots.append(NullHistogram(title=f"metric drop of random units ({iv.name})", x_label="metric drop",
                                        values=drops.tolist(), effect=est, effect_label=chosen.labels[0],
                                        threshold=claim.expect.threshold.value))
@@ -347,4 +353,4 @@ class Feature(ProbeKind[FeatureSpec]):
         details = {"clean_mean": float(clean.mean()), "intervened_mean": float(after[0].mean()),
                    "intervention": iv.name, "target_value": float(targets[0]), "metric_as": what}
         return judge(name, claim, Measured(est, (lo, hi), n, metric, control=control, beats_control=beats,
-                                           details=details, plots=plots))
+                                           details=details, plots=plots, untestable=untestable))
