@@ -382,3 +382,13 @@ def test_unit_shape_errors(planted_dir):
     assert "at least 2" in msg
     msg = _err(d, subject, PROBE.replace("NEURON", "3").replace("    intervention: INTERVENTION\n", ""))
     assert "needs 'intervention'" in msg
+
+
+def test_canonical_names_parse_back():
+    from modelprobe.names import COMPONENTS, PER_LAYER, canonical_name, parse_canonical
+
+    for c in COMPONENTS:
+        layer = 7 if c in PER_LAYER else None
+        assert parse_canonical(canonical_name(c, layer)) == (c, layer)
+    for bad in ("blocks.x.hook_resid_post", "blocks.3.hook_nothing", "resid_post", ""):
+        assert parse_canonical(bad) is None
