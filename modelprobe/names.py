@@ -25,3 +25,21 @@ def canonical_name(component: str, layer: int | None) -> str:
     if component == "mlp.post":
         return f"blocks.{layer}.mlp.hook_post"
     return f"blocks.{layer}.hook_{component}"
+
+
+def parse_canonical(name: str) -> tuple[str, int | None] | None:
+    """(component, layer) of a TransformerLens hook name such as `blocks.9.hook_resid_post` (the inverse of
+    `canonical_name`), or None when the name is not one of our sites (SAELens configs name their site so)."""
+    import re
+
+    for component in COMPONENTS:
+        if canonical_name(component, 0) == name and component not in PER_LAYER:
+            return component, None
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+    if not m:
+        return None
+    layer = int(m.group(1))
+    for component in PER_LAYER:
+        if canonical_name(component, layer) == name:
+            return component, layer
+    return None

@@ -22,6 +22,8 @@ __all__ = [
     "DEFAULT_RESAMPLES",
     "DEFAULT_SEED",
     "Verdict",
+    "auroc",
+    "auroc_interval",
     "bootstrap_ci",
     "decide",
     "empirical_pvalue",
@@ -313,7 +315,56 @@ def empirical_pvalue(observed: float, null_samples: ArrayLike, alternative: Alte
     hits = (
         np.count_nonzero(null >= observed) if alternative == "greater" else np.count_nonzero(null <= observed)
     )
-    return (1.0 + hits) / (1.0 + null.size)
+    return float((1.0 + hits) / (1.0 + null.size))
+
+
+def auroc(positive: ArrayLike, negative: ArrayLike, axis: int = 0) -> np.ndarray:
+    """Area under the ROC curve of scores separating `positive` from `negative` along `axis` (samples),
+    vectorised over the other axes (one AUROC per unit): P(a positive scores above a negative), ties
+    counting one half (Mann-Whitney U / n1 n2). 1: every positive above every negative; 0.5: chance."""
+    x = np.moveaxis(_as_finite_array(positive, "positive"), axis, -1)
+    y = np.moveaxis(_as_finite_array(negative, "negative"), axis, -1)
+    n1, n2 = x.shape[-1], y.shape[-1]
+    if n1 == 0 or n2 == 0:
+        raise ValueError("auroc needs at least one positive and one negative sample")
+    ranks = sps.rankdata(np.concatenate([x, y], axis=-1), axis=-1)  # average ranks: ties count 1/2
+    u = ranks[..., :n1].sum(-1) - n1 * (n1 + 1) / 2.0
+    return np.asarray(u / (n1 * n2), dtype=float)
+
+
+def auroc_interval(
+    positive: ArrayLike,
+    negative: ArrayLike,
+    confidence: float = 0.95,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: Seed = DEFAULT_SEED,
+) -> tuple[float, float, float]:
+    """AUROC of two 1-D samples with a stratified percentile bootstrap: (estimate, lo, hi).
+
+    Each class is resampled on its own (its size kept), since the two sets are independent prompts.
+    A sample of one value per class gives the degenerate interval (v, v, v).
+    """
+    x = _as_finite_array(positive, "positive", ndim=1)
+    y = _as_finite_array(negative, "negative", ndim=1)
+    confidence = _check_confidence(confidence)
+    n_resamples = _check_resamples(n_resamples)
+    estimate = float(auroc(x, y))
+    if x.size < 2 and y.size < 2:
+        return (estimate, estimate, estimate)
+    rng = np.random.default_rng(seed)
+    batch = max(1, min(n_resamples, _MAX_BATCH_ELEMENTS // (x.size + y.size)))
+    boot = np.empty(n_resamples)
+    done = 0
+    while done < n_resamples:
+        size = min(batch, n_resamples - done)
+        xs = x[rng.integers(0, x.size, size=(size, x.size))]
+        ys = y[rng.integers(0, y.size, size=(size, y.size))]
+        boot[done:done + size] = auroc(xs, ys, axis=-1)
+        done += size
+    alpha = 1.0 - confidence
+    lo = float(np.quantile(boot, alpha / 2.0, method="lower"))
+    hi = float(np.quantile(boot, 1.0 - alpha / 2.0, method="higher"))
+    return (estimate, lo, hi)
 
 
 def _fmt(x: float) -> str:
@@ -335,6 +386,8 @@ def decide(
     if comparison not in ("at_least", "at_most"):
         raise ValueError(f"comparison must be 'at_least' or 'at_most', got {comparison!r}")
     threshold = float(threshold)
+    if beats_control is not None:
+        beats_control = bool(beats_control)  # numpy's False is not `False`: it must not read as "no control"
     if math.isnan(threshold):
         raise ValueError("threshold is NaN")
     if ci is None:

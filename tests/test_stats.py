@@ -471,3 +471,14 @@ def test_decide_monotone_and_mirror(a: float, b: float, t: float, shift: float, 
     if control is not False:
         assert (v == "pass") == (lo >= t)
     assert (v == "fail") == (hi < t or (control is False and lo >= t))
+
+
+def test_a_control_missed_as_a_numpy_bool_still_fails():
+    """Regression: empirical p-values once came back as numpy floats, so `p <= ALPHA` was numpy's False,
+    which `decide` did not recognise as a missed control (`is False`) and passed the claim."""
+    from modelprobe.toolkit.controls import beats_control, empirical_control
+
+    p = empirical_control(5.0, np.zeros(15), "at_least")  # 1/16 > 0.05: the control is not beaten
+    assert type(p) is float and beats_control(p) is False
+    assert decide((5.0, 6.0), 0.1, "at_least", np.bool_(False))[0] == "fail"
+    assert decide((5.0, 6.0), 0.1, "at_least", np.bool_(True))[0] == "pass"

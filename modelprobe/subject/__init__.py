@@ -11,7 +11,7 @@ from typing import Any
 _WHERE = {
     "AblateDirection": "interventions", "Add": "interventions", "From": "interventions", "Intervention": "interventions",
     "MeanAblate": "interventions", "Patch": "interventions", "RunState": "interventions",
-    "WeightDelta": "interventions", "ZeroAblate": "interventions", "hooked": "interventions",
+    "SetUnit": "interventions", "WeightDelta": "interventions", "ZeroAblate": "interventions", "hooked": "interventions",
     "leaked_hooks": "interventions", "SiteMap": "sitemap", "canonical_name": "sitemap", "Site": "sites",
     "resolve_layer": "sites", "resolve_sites": "sites", "Batch": "subject", "Forward": "subject",
     "Subject": "subject", "load_subject": "subject",

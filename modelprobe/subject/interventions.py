@@ -200,6 +200,42 @@ class Patch(Intervention):
 
 
 @dataclass
+class SetUnit(Intervention):
+    """Set one unit's activation to `target` by writing along the unit's output vector.
+
+    A unit reads a = f(x . read + bias) from the site (f: identity; ReLU; or JumpReLU with `threshold`)
+    and writes along `write`: x <- x + (target - a) * write. A neuron or a residual dimension j is
+    read = write = e_j (its coordinate set to target); a direction u is read = write = u (its projection
+    set to target); an SAE latent i is read = W_enc[:, i], write = W_dec[i], so target 0 removes the
+    latent's decoded contribution a_i W_dec[i]. `read`, `write` are [d] or [rows, d]; `bias`, `target`
+    and `threshold` scalars or [rows]: one unit per batch row rides in one forward.
+    """
+
+    read: torch.Tensor = None
+    write: torch.Tensor = None
+    bias: Any = 0.0
+    target: Any = 0.0
+    activation: Literal["identity", "relu", "jumprelu"] = "identity"
+    threshold: Any = None
+
+    def edit(self, x, mask, state):
+        def rows(v: Any) -> torch.Tensor:
+            t = torch.as_tensor(v, dtype=x.dtype, device=x.device)
+            return t[:, None] if t.dim() == 1 else t  # [rows] -> [rows, 1] broadcasts over positions
+
+        r = self.read.to(x.dtype).to(x.device)
+        w = self.write.to(x.dtype).to(x.device)
+        if r.dim() == 2:
+            r, w = r[:, None, :], w[:, None, :]
+        a = (x * r).sum(-1) + rows(self.bias)  # [b, s]
+        if self.activation == "relu":
+            a = a.clamp(min=0)
+        elif self.activation == "jumprelu":
+            a = torch.where(a > rows(self.threshold), a, torch.zeros_like(a))
+        return _where(mask, x + (rows(self.target) - a)[..., None] * w, x)
+
+
+@dataclass
 class WeightDelta:
     """Add `delta` to a parameter for the duration of the context; restored exactly afterwards."""
 

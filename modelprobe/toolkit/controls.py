@@ -25,7 +25,7 @@ ALPHA = 0.05
 
 def beats_control(p: float) -> bool:
     """The one comparison of a control's p-value with ALPHA, for every kind."""
-    return p <= ALPHA
+    return bool(p <= ALPHA)  # a numpy bool is never `is False`: decide() would read a miss as no control
 
 
 def alternative_for(comparison: str) -> str:

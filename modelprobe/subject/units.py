@@ -1,0 +1,290 @@
+"""Units read from one site: single neurons, residual dimensions, SAE latents and direction files.
+
+A unit reads a scalar activation a = f(x . read + bias) at a site and writes along one vector
+(`SetUnit` sets a to a target value). Neurons and residual dimensions are coordinates (read = write =
+e_j); an SAE latent reads W_enc[:, i] (b_dec folded into the bias) and writes W_dec[i]; a direction u
+reads and writes u.
+
+SAEs come from the SAELens on-disk format: a folder with `cfg.json` and `sae_weights.safetensors`
+(W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in], `threshold` [d_sae] for
+JumpReLU). Only local folders and safetensors are read: no network, no pickles. `read_sae` and
+`read_direction` check the files without torch (the safetensors header is JSON), so a probe file's
+mistakes show at collection; `load_*` build the tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SiteError
+from ..names import canonical_name, parse_canonical
+from .sites import Site
+
+if TYPE_CHECKING:
+    import torch
+
+    from .interventions import SetUnit
+    from .sitemap import SiteMap
+
+SAE_CFG = "cfg.json"
+SAE_WEIGHTS = "sae_weights.safetensors"
+DIRECTION_KEY = "direction"
+# components where one coordinate is a meaningful unit, and how wide they are
+COORDINATE_COMPONENTS = ("mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+SAE_ARCHITECTURES = ("standard", "jumprelu")
+
+
+class UnitFileError(ValueError):
+    """A problem with an SAE folder or a direction file; the message names the file and the field."""
+
+
+def site_width(site: Site, sitemap: SiteMap) -> int:
+    """How many coordinates the activation at `site` has."""
+    return sitemap.d_mlp if site.component == "mlp.post" else sitemap.d_model
+
+
+# ---- files, checked without torch ------------------------------------------------------------------
+
+def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """{tensor name: (dtype, shape)} from a safetensors file's JSON header, without loading the tensors."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise UnitFileError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (size,) = struct.unpack("<Q", raw)
+            if size > 100 << 20:
+                raise UnitFileError(f"{path}: not a safetensors file (header length {size})")
+            head = json.loads(f.read(size))
+    except OSError as e:
+        raise UnitFileError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UnitFileError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(head, dict):
+        raise UnitFileError(f"{path}: not a safetensors file (its header is not a mapping)")
+    out = {}
+    for name, info in head.items():
+        if name != "__metadata__" and isinstance(info, dict):
+            out[name] = (str(info.get("dtype")), [int(s) for s in info.get("shape", [])])
+    return out
+
+
+@dataclass(frozen=True)
+class SaeFiles:
+    folder: Path
+    cfg: dict[str, Any]
+    d_in: int
+    d_sae: int
+    hook_name: str
+    component: str
+    layer: int | None
+    architecture: str
+    apply_b_dec_to_input: bool
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / SAE_WEIGHTS
+
+
+def _cfg_int(cfg: dict, name: str, where: Path) -> int:
+    value = cfg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnitFileError(f"{where}: field '{name}' must be a positive integer, got {value!r}")
+    return value
+
+
+def read_sae(folder: Path) -> SaeFiles:
+    """Check an SAELens folder: cfg.json fields, the weights file and its tensor shapes."""
+    cfg_path, weights = folder / SAE_CFG, folder / SAE_WEIGHTS
+    if not folder.is_dir():
+        raise UnitFileError(f"{folder}: not a folder (an SAE is a folder with {SAE_CFG} and {SAE_WEIGHTS})")
+    if not cfg_path.is_file():
+        raise UnitFileError(f"{cfg_path}: not found (an SAELens SAE folder holds {SAE_CFG} and {SAE_WEIGHTS})")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnitFileError(f"{cfg_path}: not readable JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UnitFileError(f"{cfg_path}: must hold a JSON object")
+    d_in, d_sae = _cfg_int(cfg, "d_in", cfg_path), _cfg_int(cfg, "d_sae", cfg_path)
+    meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    hook_name = cfg.get("hook_name", meta.get("hook_name"))  # SAELens 6 keeps it under metadata
+    if not isinstance(hook_name, str):
+        raise UnitFileError(f"{cfg_path}: field 'hook_name' is missing (e.g. 'blocks.9.hook_resid_post')")
+    parsed = parse_canonical(hook_name)
+    if parsed is None or parsed[0] not in COORDINATE_COMPONENTS:
+        known = ", ".join(canonical_name(c, 9) for c in COORDINATE_COMPONENTS)
+        raise UnitFileError(f"{cfg_path}: field 'hook_name' {hook_name!r} is not a site modelprobe can encode at "
+                            f"(known: {known}, any layer)")
+    head = cfg.get("hook_head_index", meta.get("hook_head_index"))
+    if head is not None:
+        raise UnitFileError(f"{cfg_path}: field 'hook_head_index' is {head!r}: per-head SAEs are not supported")
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAE_ARCHITECTURES:
+        raise UnitFileError(f"{cfg_path}: field 'architecture' {arch!r} is not supported (supported: "
+                            f"{', '.join(SAE_ARCHITECTURES)}; a top-k latent's activation depends on the others)")
+    act = cfg.get("activation_fn_str", cfg.get("activation_fn", "relu"))
+    if arch == "standard" and act not in ("relu", None):
+        raise UnitFileError(f"{cfg_path}: field 'activation_fn_str' {act!r} is not supported (relu only)")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in ("none", None):
+        raise UnitFileError(f"{cfg_path}: field 'normalize_activations' {norm!r} is not supported (none only: "
+                            "the SAE must read the site's raw activations)")
+    apply = cfg.get("apply_b_dec_to_input", True)
+    if not isinstance(apply, bool):
+        raise UnitFileError(f"{cfg_path}: field 'apply_b_dec_to_input' must be true or false, got {apply!r}")
+    if not weights.is_file():
+        pickled = [p.name for p in folder.glob("*.pt")] + [p.name for p in folder.glob("*.pth")]
+        extra = f" ({', '.join(pickled)} not loaded: modelprobe reads no pickles)" if pickled else ""
+        raise UnitFileError(f"{weights}: not found{extra}")
+    shapes = safetensors_header(weights)
+    want = {"W_enc": [d_in, d_sae], "b_enc": [d_sae], "W_dec": [d_sae, d_in], "b_dec": [d_in]}
+    if arch == "jumprelu":
+        want["threshold"] = [d_sae]
+    for name, shape in want.items():
+        if name not in shapes:
+            raise UnitFileError(f"{weights}: tensor '{name}' is missing (has: {', '.join(sorted(shapes)) or 'none'})")
+        if shapes[name][1] != shape:
+            raise UnitFileError(f"{weights}: tensor '{name}' has shape {shapes[name][1]}, but {SAE_CFG} "
+                                f"(d_in {d_in}, d_sae {d_sae}) implies {shape}")
+    return SaeFiles(folder, cfg, d_in, d_sae, hook_name, parsed[0], parsed[1], arch, apply)
+
+
+def read_direction(path: Path) -> int:
+    """Check a direction file (safetensors holding one 1-D tensor 'direction'); its length."""
+    if not path.is_file():
+        raise UnitFileError(f"{path}: not found")
+    shapes = safetensors_header(path)
+    if DIRECTION_KEY not in shapes:
+        raise UnitFileError(f"{path}: tensor '{DIRECTION_KEY}' is missing (has: {', '.join(sorted(shapes)) or 'none'})")
+    shape = shapes[DIRECTION_KEY][1]
+    if len(shape) != 1 or shape[0] < 1:
+        raise UnitFileError(f"{path}: tensor '{DIRECTION_KEY}' must be 1-D, got shape {shape}")
+    return shape[0]
+
+
+def save_direction(path: Path, direction: torch.Tensor, hook_name: str | None = None) -> None:
+    """Write a direction file (what `read_direction` reads); the site goes into the metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"hook_name": hook_name} if hook_name else None
+    save_file({DIRECTION_KEY: direction.detach().float().contiguous().cpu()}, str(path), metadata=meta)
+
+
+# ---- unit sets --------------------------------------------------------------------------------------
+
+@dataclass
+class UnitSet:
+    """n units at one site. `coords` (coordinate units) avoids an identity matrix: a = x[..., coords]."""
+
+    site: Site
+    labels: list[str]
+    read: torch.Tensor | None = None  # [n, d]
+    write: torch.Tensor | None = None  # [n, d]
+    bias: torch.Tensor | None = None  # [n]
+    activation: str = "identity"
+    threshold: torch.Tensor | None = None  # [n]
+    coords: torch.Tensor | None = None  # [n] long
+    width: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., d] activations at the site -> [..., n] unit activations."""
+        if self.coords is not None:
+            return x[..., self.coords.to(x.device)].float()
+        a = x.float() @ self.read.T.to(x.device) + self.bias.to(x.device)
+        if self.activation == "relu":
+            return a.clamp(min=0)
+        if self.activation == "jumprelu":
+            return a.where(a > self.threshold.to(x.device), a.new_zeros(()))
+        return a
+
+    def subset(self, idx: list[int]) -> UnitSet:
+        """The units at positions `idx` of this set, in that order."""
+        import torch
+
+        i = torch.tensor(idx, dtype=torch.long)
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[i]
+        return UnitSet(self.site, [self.labels[j] for j in idx], pick(self.read), pick(self.write), pick(self.bias),
+                       self.activation, pick(self.threshold), pick(self.coords), self.width)
+
+    def vectors(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """(read [k, d], write [k, d], bias [k], threshold [k] or None) of units `idx`."""
+        import torch
+
+        if self.coords is not None:
+            eye = torch.zeros(len(idx), self.width)
+            eye[torch.arange(len(idx)), self.coords[idx]] = 1.0
+            return eye, eye, torch.zeros(len(idx)), None
+        th = self.threshold[idx] if self.threshold is not None else None
+        return self.read[idx], self.write[idx], self.bias[idx], th
+
+    def set_to(self, idx: torch.Tensor, target: torch.Tensor, repeat: int = 1) -> SetUnit:
+        """One SetUnit on all positions: row r sets unit idx[r // repeat] to target[r // repeat]."""
+        from .interventions import SetUnit
+
+        read, write, bias, th = (None if t is None else t.repeat_interleave(repeat, 0) for t in self.vectors(idx))
+        return SetUnit(self.site, "all", read=read, write=write, bias=bias,
+                       target=target.float().repeat_interleave(repeat, 0), activation=self.activation, threshold=th)
+
+
+def coordinate_units(site: Site, sitemap: SiteMap, coords: list[int] | None = None) -> UnitSet:
+    """Neurons of mlp.post, or dimensions of a residual-width site (all of them when coords is None)."""
+    import torch
+
+    width = site_width(site, sitemap)
+    idx = list(range(width)) if coords is None else list(coords)
+    name = canonical_name(site.component, site.layer)
+    return UnitSet(site, [f"{name}[{j}]" for j in idx], coords=torch.tensor(idx, dtype=torch.long), width=width)
+
+
+def sae_site(files: SaeFiles, sitemap: SiteMap) -> Site:
+    """The model site an SAE reads, checked against the model (layer in range, width = d_in)."""
+    site = Site(files.component, files.layer)
+    try:
+        site.hook_point(sitemap)
+    except SiteError as e:
+        raise UnitFileError(f"{files.folder / SAE_CFG}: field 'hook_name' {files.hook_name!r}: {e.message}") from None
+    width = site_width(site, sitemap)
+    if files.d_in != width:
+        raise UnitFileError(f"{files.folder / SAE_CFG}: field 'd_in' is {files.d_in}, but {files.hook_name} of model "
+                            f"type '{sitemap.model_type}' is {width} wide: this SAE was trained on another model "
+                            "or site")
+    return site
+
+
+def sae_units(files: SaeFiles, site: Site, latents: list[int] | None = None) -> UnitSet:
+    """Latents of an SAE (all when None) as units: b_dec folded into the encoder bias."""
+    import torch
+    from safetensors.torch import load_file
+
+    w = {k: v.float() for k, v in load_file(str(files.weights)).items()}
+    idx = torch.arange(files.d_sae) if latents is None else torch.tensor(latents, dtype=torch.long)
+    enc = w["W_enc"][:, idx]  # [d_in, k]
+    bias = w["b_enc"][idx] - (w["b_dec"] @ enc if files.apply_b_dec_to_input else 0.0)
+    th = w["threshold"][idx] if files.architecture == "jumprelu" else None
+    act = "jumprelu" if files.architecture == "jumprelu" else "relu"
+    return UnitSet(site, [f"{files.folder.name}[{int(i)}]" for i in idx], read=enc.T.contiguous(),
+                   write=w["W_dec"][idx].contiguous(), bias=bias, activation=act, threshold=th, width=files.d_in)
+
+
+def direction_units(site: Site, directions: torch.Tensor, labels: list[str]) -> UnitSet:
+    """Directions [n, d] (normalised here) as units: the projection on each."""
+    import torch
+
+    u = directions.float() / directions.float().norm(dim=-1, keepdim=True)
+    return UnitSet(site, labels, read=u, write=u, bias=torch.zeros(len(u)), width=u.shape[-1])
+
+
+def load_direction(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))[DIRECTION_KEY].float()
