@@ -31,6 +31,7 @@ BUILTIN = {
     "backpatch": "modelprobe.kinds.backpatch:Backpatch",
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
     "injection": "modelprobe.kinds.injection:Injection",
+    "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 }
 
 
