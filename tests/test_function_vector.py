@@ -216,3 +216,53 @@ def test_shipped_probe_validates_and_sets_up_on_the_default_model():
     check_data_files(probe)
     kind = instantiate(probe, load_subject("smollm2-135m-instruct", progress=False))
     assert kind.layer is None and len(kind.rows) == 6
+
+
+
+BAD_FIELDS = [  # (line of the probe replaced, by what, the field, a fragment of the message)
+    ("shots: 4", "shots: 0", 4, "shots", "greater than or equal to 1"),
+    ("prompts: 16", "prompts: 1", 5, "prompts", "greater than or equal to 2"),
+    ("dev: 4", "dev: 1", 6, "dev", "greater than or equal to 2"),
+    ("test: 20", "test: 2", 7, "test", "greater than or equal to 5"),
+    ("heads: {top: 4, select_on: zero_shot}", "heads: {top: 0}", 8, "heads.top", "greater than or equal to 1"),
+    ("heads: {top: 4, select_on: zero_shot}", "heads: {top: 4, select_on: clean}", 8, "heads.select_on", ""),
+    ("claims:", "layer: middle\nclaims:", 9, "layer", ""),
+    ("claims:", "min_fewshot_accuracy: 1.5\nclaims:", 9, "min_fewshot_accuracy", "less than or equal to 1"),
+    ("claims:", "tasks: {'bad name': data/icl_t1.jsonl}\nclaims:", 9, "tasks", "may hold only"),
+]
+
+
+@pytest.mark.parametrize("old, new, line, field, fragment", BAD_FIELDS, ids=[f"{b[3]}-{b[1][:12]}" for b in BAD_FIELDS])
+def test_bad_field_is_located(tmp_path, old, new, line, field, fragment):
+    path = _probe(tmp_path, GAIN)
+    path.write_text(path.read_text().replace(old, new, 1))
+    with pytest.raises(SpecError) as e:
+        load(path)
+    msg = str(e.value)
+    assert f"fv.probe.yaml:{line}:" in msg and field in msg and fragment in msg, msg
+
+
+@pytest.mark.parametrize("claim, where, fragment", [
+    ("g:\n  expect: {accuracy_gain: {at_least: 1.5}}\n", "claims.g.expect.accuracy_gain", "outside"),
+    ("g:\n  expect: {accuracy_gain: {at_least: 0.1}, accuracy_gain_over_control: {at_least: 0.1}}\n",
+     "claims.g.expect", "exactly one"),
+    ("g:\n  algebra: {plus: []}\n  task: data/icl_t1.jsonl\n  expect: {accuracy_gain: {at_least: 0.1}}\n",
+     "claims.g.algebra.plus", "at least 1"),
+    ("g:\n  algebra: {plus: [t1]}\n  task: data/icl_t1.jsonl\n"
+     "  expect: {accuracy_gain_over_control: {at_least: 0.1}}\n", "claims.g", "accuracy_gain"),
+])
+def test_bad_claim_is_located(tmp_path, claim, where, fragment):
+    with pytest.raises(SpecError) as e:
+        load(_probe(tmp_path, claim))
+    msg = str(e.value)
+    assert "fv.probe.yaml:1" in msg and where in msg and fragment in msg, msg
+
+
+def test_heads_top_beyond_the_model_is_located(tmp_path, tiny_subject):
+    rows = [{"input": w, "output": " " + w} for w in fixture._tokens()[0]]
+    _write(tmp_path, "icl_t0.jsonl", rows)
+    path = _probe(tmp_path, GAIN)
+    path.write_text(path.read_text().replace("top: 4", "top: 999"))
+    with pytest.raises(SpecError) as e:
+        _run(path, tiny_subject("llama"))
+    assert "fv.probe.yaml:8:" in str(e.value) and "heads.top" in str(e.value)
