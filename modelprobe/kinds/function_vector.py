@@ -306,7 +306,8 @@ class _Run:
         why = self.untestable(main["fewshot_acc"], int(main["solved"].sum()), self.spec.task)
         plots = [_heat_map(main, self.spec.heads.select_on)] + ([_sweep_plot(sweep, layer)] if sweep else [])
         if why:
-            return Measured(None, None, 0, metric, untestable=why, plots=plots)
+            return Measured(None, None, 0, metric, untestable=why, plots=plots,
+                            details={"fewshot_accuracy": main["fewshot_acc"]})
         none, with_fv, _ = self.scored(main["p"], main["solved"], layer, main["fv"])
         est, ci = _gain(with_fv, none, self.spec.seed)
         return Measured(est, ci, len(none), metric,
@@ -354,7 +355,7 @@ class _Run:
         solved = self.fewshot_correct(p, "test")
         why = self.untestable(float(solved.mean()), int(solved.sum()), claim.task)
         if why:
-            return Measured(None, None, 0, metric, untestable=why)
+            return Measured(None, None, 0, metric, untestable=why, details={"fewshot_accuracy": float(solved.mean())})
         total = sum(self.vector_of(task_file(spec, n), main["heads"]) for n in alg.plus)
         total = total - sum((self.vector_of(task_file(spec, n), main["heads"]) for n in alg.minus), 0 * total)
         none, with_fv, (ids, ans) = self.scored(p, solved, layer, total)
