@@ -32,6 +32,7 @@ BUILTIN = {
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
     "injection": "modelprobe.kinds.injection:Injection",
     "feature": "modelprobe.kinds.feature:Feature",
+    "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 }
 
 

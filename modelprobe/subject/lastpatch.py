@@ -20,10 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .interventions import RunState, hooked
+from .interventions import Intervention, Patch, RunState, hooked
 from .resume import can_resume, generate_with_patches, greedy_from_kv
 from .sites import Site
 from .subject import Subject, cache_kwarg
+
+# (layer, rows running it now [k]) -> interventions for a batch of those k rows
+LayerEdits = Callable[[int, torch.Tensor], Sequence[Intervention]]
 
 
 @dataclass
@@ -36,6 +39,7 @@ class CleanPrompt:
     values: list[torch.Tensor]
     logits: torch.Tensor  # [vocab] at the last token
     pre: torch.Tensor | None = None  # [L, T, d] resid_pre per layer and token, when asked for
+    embed: torch.Tensor | None = None  # [T, d] resid_pre of layer 0 (the embeddings)
 
 
 def clean_pass(subject: Subject, ids: Sequence[int], resid_pre: bool = False) -> CleanPrompt:
@@ -45,16 +49,24 @@ def clean_pass(subject: Subject, ids: Sequence[int], resid_pre: bool = False) ->
 
     sites = [Site("resid_post", layer) for layer in range(subject.n_layers)]
     pre_sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)] if resid_pre else []
+    embed = Site("resid_pre", 0)
+    captured = list(dict.fromkeys([*sites, embed, *pre_sites]))
     x = torch.tensor([list(ids)], device=subject.device)
     cache = DynamicCache()
     state = RunState(phase="prompt", pad=torch.zeros(1, dtype=torch.long), prompt_len=x.shape[1])
-    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (), sites + pre_sites) as cap:
+    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (), captured) as cap:
         out = subject.model(input_ids=x, use_cache=True, logits_to_keep=1,
                             **{cache_kwarg(subject.model.forward): cache})
     resid = torch.stack([cap[s][-1][0] for s in sites])
     pre = torch.stack([cap[s][-1][0] for s in pre_sites]) if resid_pre else None
     return CleanPrompt(list(ids), resid, [layer.keys for layer in cache.layers],
-                       [layer.values for layer in cache.layers], out.logits[0, -1].float(), pre)
+                       [layer.values for layer in cache.layers], out.logits[0, -1].float(), pre,
+                       cap[embed][-1][0])
+
+
+def last_resid_pre(clean: CleanPrompt) -> torch.Tensor:
+    """[L, d] the clean residual stream entering each layer at the last token."""
+    return torch.cat([clean.embed[-1:], clean.resid[:-1, -1]])
 
 
 class _PrefixCache:
@@ -72,9 +84,12 @@ class _PrefixCache:
                 torch.cat([self.values.expand(n, -1, -1, -1), value], dim=2))
 
 
-def _resume_last(subject: Subject, clean: CleanPrompt, targets: torch.Tensor, values: torch.Tensor):
-    """Logits [rows, vocab] of the last token after writing values[r] at resid_post of layer targets[r],
-    and the last token's keys/values per layer for every row (clean at layers <= target)."""
+def _resume_last(subject: Subject, clean: CleanPrompt, targets: torch.Tensor, values: torch.Tensor,
+                 edits: LayerEdits | None = None):
+    """Logits [rows, vocab] of the last token after writing values[r] at resid_post of layer targets[r]
+    (-1: the embeddings), and the last token's keys/values per layer for every row (clean at layers
+    <= target). `edits(layer, active)` may give interventions for the rows `active` (indices into
+    the rows) while they run `layer`, one batch row per active row."""
     base, layers = subject.model.model, subject.sitemap.layers
     n, n_layers, T = len(targets), subject.n_layers, len(clean.ids)
     dtype = next(subject.model.parameters()).dtype
@@ -92,8 +107,11 @@ def _resume_last(subject: Subject, clean: CleanPrompt, targets: torch.Tensor, va
         h = hidden[active]
         pos = torch.full((len(active), 1), T - 1, dtype=torch.long, device=subject.device)
         cache = _PrefixCache(clean.keys[layer][:, :, :-1], clean.values[layer][:, :, :-1])
-        out = layers[layer](h, attention_mask=None, position_ids=pos, use_cache=True,
-                            position_embeddings=base.rotary_emb(h, pos), **{kw: cache})
+        chosen = edits(layer, active) if edits is not None else ()
+        state = RunState(phase="prompt", pad=torch.zeros(len(active), dtype=torch.long), prompt_len=1)
+        with hooked(subject.model, subject.sitemap, state, chosen):
+            out = layers[layer](h, attention_mask=None, position_ids=pos, use_cache=True,
+                                position_embeddings=base.rotary_emb(h, pos), **{kw: cache})
         hidden[active] = out[0] if isinstance(out, tuple) else out
         last_k[layer][active], last_v[layer][active] = cache.new
     logits = subject.sitemap.unembed(subject.sitemap.final_norm(hidden))[:, -1].float()
@@ -140,3 +158,61 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
                     seqs[i] = seq
             out.extend([[x for x in s if x != eos] for s in seqs])
     return out
+
+
+# ---- one head's output at the last token, many heads of one prompt batched --------------------------
+
+def patch_heads_last(subject: Subject, clean: CleanPrompt, layers: Sequence[int], heads: Sequence[int],
+                     values: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Last-token logits [rows, vocab] of one prompt, row r writing values[r] ([d_head]) as the output of
+    head heads[r] of layer layers[r] (attn.z, before the output projection) at the last token.
+
+    Each row recomputes only the last token from its head's layer on, from the clean residual stream
+    there, attending to the clean keys and values of the other tokens (a head's output at the last
+    token changes nothing before it). Families `resume` cannot drive run one full forward per layer.
+    """
+    n_heads = subject.sitemap.n_heads
+    layers_t = torch.as_tensor(list(layers), dtype=torch.long)
+    heads_t = torch.as_tensor(list(heads), dtype=torch.long)
+    if not can_resume(subject):
+        return _patch_heads_full(subject, clean, layers_t, heads_t, values)
+    start = last_resid_pre(clean)
+    out = []
+    with torch.inference_mode():
+        for b in range(0, len(layers_t), batch_size):
+            lay, hd, val = layers_t[b:b + batch_size], heads_t[b:b + batch_size], values[b:b + batch_size]
+
+            def edits(layer: int, active: torch.Tensor, lay=lay, hd=hd, val=val) -> list[Patch]:
+                act = active.cpu()
+                mine = lay[act] == layer
+                if not bool(mine.any()):
+                    return []
+                mask = torch.zeros(len(act), n_heads, dtype=torch.bool)
+                mask[mine, hd[act][mine]] = True
+                full = torch.zeros(len(act), n_heads, val.shape[-1], dtype=val.dtype)
+                full[mine, hd[act][mine]] = val[act][mine]
+                return [Patch(Site("attn.z", layer), "last", values=full, unit_mask=mask)]
+
+            logits, _, _ = _resume_last(subject, clean, lay - 1, start[lay], edits)
+            out.append(logits)
+    return torch.cat(out)
+
+
+def _patch_heads_full(subject: Subject, clean: CleanPrompt, layers: torch.Tensor, heads: torch.Tensor,
+                      values: torch.Tensor) -> torch.Tensor:
+    """The general path: full forwards, the rows of one layer in one batch."""
+    n_heads = subject.sitemap.n_heads
+    out = torch.empty(len(layers), clean.logits.shape[-1])
+    for layer in sorted(set(layers.tolist())):
+        rows = torch.nonzero(layers == layer).flatten()
+        mask = torch.zeros(len(rows), n_heads, dtype=torch.bool)
+        mask[torch.arange(len(rows)), heads[rows]] = True
+        full = torch.zeros(len(rows), n_heads, values.shape[-1], dtype=values.dtype)
+        full[torch.arange(len(rows)), heads[rows]] = values[rows]
+        edit = Patch(Site("attn.z", layer), "last", values=full, unit_mask=mask)
+        out[rows] = subject.last_logits([clean.ids] * len(rows), lambda r, e=edit: [_rows_of(e, r)]).cpu()
+    return out
+
+
+def _rows_of(edit: Patch, rows: list[int]) -> Patch:
+    return Patch(edit.site, edit.positions, values=edit.values[rows], unit_mask=edit.unit_mask[rows])
