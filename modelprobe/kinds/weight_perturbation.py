@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,10 +35,19 @@ from pydantic import Field
 from .._lazy import LazyModule, torch
 from ..errors import SiteError
 from ..report.record import Bars, ControlResult, NullHistogram, Table
-from ..spec import ClaimName, ClaimSpec, FiniteFloat, OneExpectation, ProbeBase, RateChangeThreshold, Seed, Strict
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    FiniteFloat,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    Seed,
+    Strict,
+)
 from ..spec.fields import Count, LayerSpec, Tolerance
 from ..stats import paired_difference
-from ..subject.sites import resolve_layer
+from ..subject.sites import Site, resolve_layer
 from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
 from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
@@ -48,6 +58,7 @@ if TYPE_CHECKING:
     from ..subject.weights import WeightGroup
 
 weights: Any = LazyModule("modelprobe.subject.weights")  # torch: loaded when first used
+resume: Any = LazyModule("modelprobe.subject.resume")
 
 Method = Literal["gradient", "random", "activation"]
 METHODS: tuple[str, ...] = ("gradient", "random", "activation")
@@ -185,8 +196,40 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
     def _score(self, logits: torch.Tensor) -> torch.Tensor:
         return log_odds(logits, self.score_ids)
 
-    def _clean_scores(self) -> np.ndarray:
-        return self._score(self.subject.last_logits(self.ids["rank"], (), self.spec.batch_size)).numpy()
+    def _clean(self) -> tuple[Any, dict[int, torch.Tensor], np.ndarray]:
+        """The ranking prompts as one batch, their clean residual stream at every layer (the cache every
+        perturbed variant resumes from) and their clean scores."""
+        subject = self.subject
+        ids = self.ids["rank"]
+        batch = subject.make_batch(ids, list(range(len(ids))))
+        sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)]
+        fw = subject.forward(batch, sites, (), "last")
+        return batch, {s.layer: fw.acts[s] for s in sites}, self._score(fw.logits.cpu()).numpy()
+
+    def _sweep(self, variants: list[Any], layer_of: Any, apply: Any, desc: str) -> np.ndarray:
+        """[variants, n] scores of the ranking prompts under each variant, batched: variants of one layer share
+        a batch (prompts repeated, variant-major) that resumes from the clean residual stream at that layer.
+        `apply(chunk)` gives (context manager, interventions) for the rows of a chunk of variants."""
+        from ..subject import Batch
+        subject = self.subject
+        batch, resid, _ = self._clean_pass
+        n = len(batch.rows)
+        k = max(1, (self.spec.batch_size or subject.batch_size) // n)
+        out = np.zeros((len(variants), n))
+        by_layer: dict[int, list[int]] = {}
+        for v, item in enumerate(variants):
+            by_layer.setdefault(layer_of(item), []).append(v)
+        chunks = [(layer, vs[i:i + k]) for layer, vs in sorted(by_layer.items()) for i in range(0, len(vs), k)]
+        from ..progress import bar
+        for layer, vs in bar(chunks, desc, total=len(chunks), enabled=subject.progress):
+            r = len(vs)
+            rep = Batch(list(range(r * n)), batch.input_ids.repeat(r, 1), batch.attention_mask.repeat(r, 1),
+                        batch.position_ids.repeat(r, 1), batch.pad.repeat(r), batch.lengths * r)
+            context, interventions = apply([variants[v] for v in vs])
+            with context:
+                fw = resume.resume(subject, rep, layer, resid[layer].repeat(r, 1, 1), interventions)
+            out[vs] = self._score(fw.logits.cpu()).numpy().reshape(r, n)
+        return out
 
     def _rank_gradient(self) -> tuple[np.ndarray, dict]:
         signed, absolute = weights.gradient_attribution(self.subject, self.groups, self.ids["rank"], self._score,
@@ -194,41 +237,34 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         return np.array(signed), {"sum_abs_w_grad": absolute}
 
     def _rank_activation(self, clean: np.ndarray) -> tuple[np.ndarray, dict]:
-        ids, n, groups = self.ids["rank"], len(self.ids["rank"]), self.groups
-        rows = [x for _ in groups for x in ids]
-        sm = self.subject.sitemap
-        out = np.zeros(len(rows))
-        for fw in self.subject.run(rows, (), lambda rs: weights.output_zeroing(sm, [groups[r // n] for r in rs]),
-                                   "last", self.spec.batch_size, desc="weight_perturbation: activation"):
-            out[fw.batch.rows] = self._score(fw.logits.cpu()).numpy()
-        delta = np.abs(out.reshape(len(groups), n) - clean[None, :])
-        return delta.mean(axis=1), {"rule": "mean |Δ score| with the group's output zeroed at every position"}
+        n, sm = len(clean), self.subject.sitemap
+
+        def apply(chunk: list[WeightGroup]) -> tuple[Any, list]:
+            return contextlib.nullcontext(), weights.output_zeroing(sm, [g for g in chunk for _ in range(n)])
+
+        scores = self._sweep(self.groups, lambda g: g.layer, apply, "weight_perturbation: activation")
+        return np.abs(scores - clean[None, :]).mean(axis=1), {
+            "rule": "mean |Δ score| with the group's output (its heads' z / its neurons' activations) zeroed at "
+                    "every position"}
 
     def _rank_random(self, clean: np.ndarray) -> tuple[np.ndarray, dict]:
-        """Rows laid out (group, seed) x prompts; each batch holds whole (group, seed) combinations and every
-        row carries its combination's weight delta, so one noise draw serves all its prompts."""
-        subject, sm = self.subject, self.subject.sitemap
-        ids, n, seeds = self.ids["rank"], len(self.ids["rank"]), self.spec.noise.seeds
-        combos = [(g, s) for g in range(len(self.groups)) for s in range(seeds)]
-        per_batch = max(1, (self.spec.batch_size or subject.batch_size) // n)
-        delta = np.zeros((len(combos), n))
-        from ..progress import bar
-        starts = range(0, len(combos), per_batch)
-        for start in bar(starts, "weight_perturbation: random", total=len(starts), enabled=subject.progress):
-            chunk = combos[start:start + per_batch]
-            noises = [weights.noise(sm, self.groups[g], self.spec.noise.relative, s + self.spec.seed) for g, s in chunk]
-            batch = subject.make_batch([x for _ in chunk for x in ids], list(range(len(chunk) * n)))
-            with weights.row_deltas(sm, [d for d in noises for _ in range(n)]):
-                fw = subject.forward(batch, (), (), "last")
-            delta[start:start + len(chunk)] = np.abs(
-                self._score(fw.logits.cpu()).numpy().reshape(len(chunk), n) - clean[None, :])
-        per_group = delta.reshape(len(self.groups), seeds, n).mean(axis=(1, 2))
-        return per_group, {"rule": f"mean |Δ score| over {seeds} noise draws of relative norm "
-                                   f"{self.spec.noise.relative:g} and the ranking prompts"}
+        """Each batch row carries its own (group, seed) weight delta; one noise draw serves all its prompts."""
+        sm, n, seeds = self.subject.sitemap, len(clean), self.spec.noise.seeds
+        combos = [(g, s) for g in self.groups for s in range(seeds)]
+
+        def apply(chunk: list[tuple[WeightGroup, int]]) -> tuple[Any, list]:
+            noises = [weights.noise(sm, g, self.spec.noise.relative, s + self.spec.seed) for g, s in chunk]
+            return weights.row_deltas(sm, [d for d in noises for _ in range(n)]), []
+
+        scores = self._sweep(combos, lambda c: c[0].layer, apply, "weight_perturbation: random")
+        delta = np.abs(scores - clean[None, :]).reshape(len(self.groups), seeds, n)
+        return delta.mean(axis=(1, 2)), {"rule": f"mean |Δ score| over {seeds} noise draws of relative norm "
+                                                 f"{self.spec.noise.relative:g} and the ranking prompts"}
 
     def _rankings(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         values, info = {}, {}
-        clean = self._clean_scores()
+        self._clean_pass = self._clean()
+        clean = self._clean_pass[2]
         for m in self.methods:
             start = time.perf_counter()
             v, extra = (self._rank_gradient() if m == "gradient" else

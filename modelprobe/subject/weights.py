@@ -222,7 +222,8 @@ def row_deltas(sitemap: SiteMap, per_row: Sequence[dict[Slice, torch.Tensor]]) -
 
     try:
         for path in by_module:
-            fn = (lambda m, a, o, path=path: hook(m, a, o, path))
+            def fn(m: nn.Module, a: tuple, o: torch.Tensor, path: str = path) -> torch.Tensor:
+                return hook(m, a, o, path)
             fn._modelprobe = True  # type: ignore[attr-defined]  # leaked_hooks() finds it
             handles.append(_module(sitemap.model, path).register_forward_hook(fn))
         yield
