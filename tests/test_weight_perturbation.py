@@ -345,3 +345,26 @@ def test_example_of_the_issue_validates(tmp_path):
     shutil.copy(DATA / "toy_harmful.jsonl", tmp_path / "harmful.jsonl")
     (tmp_path / "x.probe.yaml").write_text(text)
     check_data_files(load(tmp_path / "x.probe.yaml"))
+
+
+def test_kind_sweeps_equal_a_plain_loop(subjects, tmp_path):
+    """The kind's batched, resumed random and activation sweeps give the numbers of perturbing the weights
+    (or zeroing the outputs) one variant at a time over full forwards."""
+    from modelprobe.kinds.graders import log_odds
+
+    subject = subjects["one"]
+    kind = instantiate(load(probe_file(tmp_path, seeds=2)), subject)
+    kind._clean_pass = kind._clean()
+    clean = kind._clean_pass[2]
+    ids, sm = kind.ids["rank"], subject.sitemap
+    random_values, _ = kind._rank_random(clean)
+    activation_values, _ = kind._rank_activation(clean)
+    for gi, g in enumerate(kind.groups):
+        deltas = []
+        for seed in range(2):
+            d = W.noise(sm, g, 0.05, seed)
+            with W.perturbed(sm, list(g.slices), lambda v, sl, d=d: v + d[sl]):
+                deltas.append((log_odds(subject.last_logits(ids), kind.score_ids).numpy() - clean))
+        assert abs(sum(abs(x).mean() for x in deltas) / 2 - random_values[gi]) < 1e-3
+        zeroed = subject.last_logits(ids, W.output_zeroing(sm, [g] * len(ids)))
+        assert abs(abs(log_odds(zeroed, kind.score_ids).numpy() - clean).mean() - activation_values[gi]) < 1e-3
