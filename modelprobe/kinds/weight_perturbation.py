@@ -183,8 +183,8 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
                 raise probe.error(f"top {claim.top} is not smaller than the {len(self.groups)} groups of "
                                   f"'{spec.groups.by}' on this model (random groups must remain for the control)",
                                   ("claims", name, "top"))
-        self.methods = [spec.method] + [m for m in (spec.checks if spec.checks is not None else METHODS)
-                                        if m != spec.method]
+        checks = spec.checks if spec.checks is not None else METHODS
+        self.methods = list(dict.fromkeys([spec.method, *checks]))
 
     def _token(self, text: str, loc: tuple) -> int:
         try:
