@@ -364,7 +364,19 @@ def test_kind_sweeps_equal_a_plain_loop(subjects, tmp_path):
         for seed in range(2):
             d = W.noise(sm, g, 0.05, seed)
             with W.perturbed(sm, list(g.slices), lambda v, sl, d=d: v + d[sl]):
-                deltas.append((log_odds(subject.last_logits(ids), kind.score_ids).numpy() - clean))
+                deltas.append(log_odds(subject.last_logits(ids), kind.score_ids).numpy() - clean)
         assert abs(sum(abs(x).mean() for x in deltas) / 2 - random_values[gi]) < 1e-3
         zeroed = subject.last_logits(ids, W.output_zeroing(sm, [g] * len(ids)))
         assert abs(abs(log_odds(zeroed, kind.score_ids).numpy() - clean).mean() - activation_values[gi]) < 1e-3
+
+
+def test_noise_perturbation_of_the_planted_group_is_too_small_to_flip_replies(subjects, tmp_path):
+    """perturbation: noise (5% of the group's norm) leaves greedy replies alone here: an honest fail, and the
+    weights come back exactly."""
+    subject = subjects["one"]
+    before = digest(subject.model)
+    path = probe_file(tmp_path)
+    path.write_text(path.read_text().replace("    top: 1\n", "    top: 1\n    perturbation: noise\n"))
+    claim = run(path, subject).claims[0]
+    assert digest(subject.model) == before
+    assert claim.details["perturbation"] == "noise" and claim.verdict == "fail", claim.reason
