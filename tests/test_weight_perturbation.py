@@ -167,9 +167,8 @@ def test_absent_behaviour_is_untestable(subjects, tmp_path):
     assert claim.details["base_rate"]["rate"] == 0.0
 
 
-def test_random_groups_do_not_localise(subjects, tmp_path):
-    """A claim about the wrong group (the top group is a random-looking one) must not pass: rank by noise on
-    a model whose behaviour sits nowhere in particular."""
+def test_top_two_of_a_spread_behaviour_do_not_localise(subjects, tmp_path):
+    """Ranked by noise, on a model whose behaviour sits in four blocks at once: the top two do not carry it."""
     out = run(probe_file(tmp_path, method="random", top=2), subjects["spread"])
     assert out.claims[0].verdict != "pass"
 
