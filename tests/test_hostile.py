@@ -41,6 +41,20 @@ claims:
     expect: {{rate_rise: {{at_least: 0.5}}}}
 """
 
+WEIGHTS = """\
+kind: weight_perturbation
+behaviour: {{prompts: data/copy.jsonl, grader: {{substrings: [sorry]}}, score_tokens: [sorry], split: {{rank: 4, test: 4}}}}
+groups: {{by: {by}}}
+noise: {{relative: {rel}, seeds: {seeds}}}
+claims:
+  c: {{top: {top}, expect: {{rate_change: {{at_least: 0.3}}}}}}
+"""
+
+
+def weights(by: str = "block_sublayer", rel: float = 0.05, seeds: int = 2, top: int = 1) -> dict[str, str]:
+    return {"bad.probe.yaml": WEIGHTS.format(by=by, rel=rel, seeds=seeds, top=top)}
+
+
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 
@@ -114,6 +128,16 @@ PYTEST_CASES = [
     ("data_is_a_fifo", {"data/fifo.jsonl": "FIFO", "bad.probe.yaml": GOOD.replace("copy.jsonl", "fifo.jsonl")},
      [], FAILED, "data/fifo.jsonl: not a regular file (a FIFO): refused"),
     ("probe_is_a_fifo", {"fifo.probe.yaml": "FIFO"}, [], FAILED, "fifo.probe.yaml: not a regular file (a FIFO)"),
+    ("weights_noise_zero", weights(rel=0), [], FAILED,
+     "bad.probe.yaml:4:19: noise.relative: Input should be greater than 0"),
+    ("weights_noise_negative", weights(rel=-0.5), [], FAILED,
+     "bad.probe.yaml:4:19: noise.relative: Input should be greater than 0"),
+    ("weights_seeds_zero", weights(seeds=0), [], FAILED,
+     "bad.probe.yaml:4:32: noise.seeds: Input should be greater than or equal to 1"),
+    ("weights_unknown_scheme", weights(by="columns"), [], FAILED,
+     "bad.probe.yaml:3:14: groups.by: Input should be 'block_sublayer', 'attention_head'"),
+    ("weights_top_too_large", weights(top=9), [], FAILED,
+     "bad.probe.yaml:6:12: claims.c.top: top 9 is not smaller than the 8 groups of 'block_sublayer'"),
     ("probe_is_a_symlink_loop", {"loop.probe.yaml": "LOOP"}, [], FAILED,
      "loop.probe.yaml: cannot read file: Too many levels of symbolic links"),
 ]

@@ -33,6 +33,8 @@ BUILTIN = {
     "injection": "modelprobe.kinds.injection:Injection",
     "feature": "modelprobe.kinds.feature:Feature",
     "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
+
+    "weight_perturbation": "modelprobe.kinds.weight_perturbation:WeightPerturbation",
 }
 
 

@@ -1,0 +1,422 @@
+"""weight_perturbation: a behaviour (refusal, revealing a secret...) localises in a few named weight groups.
+
+1. The behaviour prompts are split (seeded) into ranking prompts and test prompts, so that the groups
+   are chosen on other prompts than the ones the claim is measured on.
+2. Groups (subject/weights.py): each layer's attention and MLP block, single heads, blocks of MLP
+   neurons, or whole layers. Each method ranks them on the ranking prompts by a differentiable
+   behaviour score s = log-odds of the score tokens at the first reply position (refusal: I / Sorry /
+   As), which, unlike their log-probability, does not saturate when the model already refuses:
+   - gradient: |Σ_{w in group} w·∂s/∂w|, the first-order change of s when the group is zeroed, from one
+     backward pass;
+   - random: Gaussian noise of norm `noise.relative` x the group's weight norm, `noise.seeds` draws; the
+     mean |Δs| over draws and prompts (batched: every row of a batch carries its own weight delta);
+   - activation: the group's output zeroed (its heads' z, its neurons' activations, at every position)
+     and |Δs| measured: an exact ablation of what the group writes, rather than an |activation x
+     weight| estimate, so that it checks the gradient's first-order guess.
+   The report shows each method's ranking and their Spearman agreement.
+3. localises: the chosen method's `top` groups are perturbed in the weights (restored exactly
+   afterwards) and the behaviour is graded on generated replies to the test prompts, paired against
+   the clean model. Zeroing is the default perturbation: deterministic, and it removes the group
+   wholesale, which is what "the behaviour lives there" means; noise at a few percent of the norm
+   rarely flips a greedy reply. Control: the same perturbation of as many random groups of the same
+   kinds (attention / MLP), several draws; the claim must beat their mean (paired permutation over
+   prompts) and exceed every draw.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from .._lazy import LazyModule, torch
+from ..errors import SiteError
+from ..report.record import Bars, ControlResult, NullHistogram, Table
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    FiniteFloat,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    Seed,
+    Strict,
+)
+from ..spec.fields import Count, LayerSpec, Tolerance
+from ..stats import paired_difference
+from ..subject.sites import Site, resolve_layer
+from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
+from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control
+from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
+from .base import Measured, Outcome, ProbeKind, judge
+from .graders import GraderSpec, build_grader, log_odds
+
+if TYPE_CHECKING:
+    from ..subject.weights import WeightGroup
+
+weights: Any = LazyModule("modelprobe.subject.weights")  # torch: loaded when first used
+resume: Any = LazyModule("modelprobe.subject.resume")
+
+Method = Literal["gradient", "random", "activation"]
+METHODS: tuple[str, ...] = ("gradient", "random", "activation")
+SHOWN = 15  # ranking rows in the report
+
+
+# ---- probe-file spec ----------------------------------------------------------------------------
+
+class Split(Strict):
+    rank: Count = Field(16, description="prompts the methods rank the groups on")
+    test: Count = Field(32, description="other prompts the claims are measured on (generated replies)")
+    seed: Seed = Field(0, description="seed of the split")
+
+
+class WeightBehaviour(Strict):
+    prompts: str = Field(description='JSONL, one {"prompt": ...} per line: prompts that show the behaviour')
+    chat_template: bool = False
+    system: str | None = Field(None, description="system prompt, with chat_template")
+    grader: GraderSpec = Field(description="refusal | sentiment | {substrings: [...]} | {regex: ...} | "
+                                           "{tokens: [...]} | {lexicon: ...} | {fact: ...}")
+    score_tokens: list[str] | None = Field(
+        None, min_length=1, description="single tokens whose log-odds at the first reply position is the "
+                                        "differentiable score the methods rank by (default: the grader's "
+                                        "token form; refusal: I, Sorry, As)")
+    max_new_tokens: int = Field(32, ge=1, le=4096, description="greedy reply length the grader reads")
+    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a drop needs a base rate of at least this, a "
+                                                                "rise at most 1 - this; otherwise untestable")
+    split: Split = Field(default_factory=Split)
+
+
+class Groups(Strict):
+    by: Literal["block_sublayer", "attention_head", "mlp_neuron_block", "layer"] = Field(
+        description="block_sublayer: each layer's attention block and MLP block; attention_head: per-head "
+                    "slices of q/k/v/o; mlp_neuron_block: contiguous blocks of MLP neurons; layer")
+    block: int = Field(256, ge=1, le=1_000_000, description="mlp_neuron_block: neurons per block")
+    layers: LayerSpec = Field("all", description="layers whose groups compete (int, fraction, list, 'a:b', all)")
+
+
+class Noise(Strict):
+    relative: FiniteFloat = Field(0.05, gt=0, le=10, description="noise norm / the group's weight norm")
+    seeds: int = Field(5, ge=1, le=1000, description="noise draws per group (method random)")
+
+
+class LocalisesExpect(OneExpectation):
+    rate_change: RateChangeThreshold | None = Field(
+        None, description="base rate - rate with the top groups perturbed (the behaviour removed), same prompts")
+    rate_rise: RateChangeThreshold | None = Field(
+        None, description="rate with the top groups perturbed - base rate (the behaviour induced)")
+
+
+class LocalisesClaim(ClaimSpec):
+    top: int = Field(ge=1, le=1_000_000, description="how many of the best-ranked groups are perturbed")
+    perturbation: Literal["zero", "noise"] = Field(
+        "zero", description="zero: the groups' weights set to 0; noise: one draw of noise.relative x norm")
+    control: Literal["matched_random_groups"] = Field(
+        "matched_random_groups", description="as many random groups of the same kinds, perturbed alike")
+    draws: int = Field(5, ge=1, le=1000, description="random group sets in the control")
+    expect: LocalisesExpect
+    tolerance: Tolerance | None = None
+
+
+class WeightPerturbationSpec(ProbeBase):
+    kind: Literal["weight_perturbation"]
+    behaviour: WeightBehaviour
+    groups: Groups
+    method: Method = Field("gradient", description="ranks the groups for the claims")
+    checks: list[Method] | None = Field(None, description="methods also run and compared (default: the other two)")
+    noise: Noise = Field(default_factory=Noise)
+    claims: dict[ClaimName, LocalisesClaim] = Field(min_length=1)
+
+
+# ---- the kind -----------------------------------------------------------------------------------
+
+class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
+    name = "weight_perturbation"
+    Spec = WeightPerturbationSpec
+
+    @classmethod
+    def data_files(cls, spec: WeightPerturbationSpec) -> list[tuple[str, tuple]]:
+        return [(spec.behaviour.prompts, ("behaviour", "prompts"))]
+
+    @classmethod
+    def check_data(cls, probe: Any) -> list[dict]:
+        b = probe.spec.behaviour
+        rows = read_rows(probe, b.prompts, ("behaviour", "prompts"))
+        need = b.split.rank + b.split.test
+        if len(rows) < need:
+            raise probe.error(f"'{b.prompts}' holds {len(rows)} prompts, but the split asks for {b.split.rank} "
+                              f"rank + {b.split.test} test = {need}", ("behaviour", "split"))
+        return rows
+
+    def setup(self) -> None:
+        spec, subject, probe = self.spec, self.subject, self.probe
+        b = spec.behaviour
+        rows = self.check_data(probe)
+        if b.chat_template and not subject.has_chat_template():
+            raise probe.error(f"model '{subject.info.id}' has no chat template in its tokenizer; set "
+                              "chat_template: false", ("behaviour", "chat_template"))
+        self.grader = build_grader(b.grader)
+        if self.grader.kind == "tokens":
+            self.grader.token_ids = tuple(self._token(t, ("behaviour", "grader", "tokens", i))
+                                          for i, t in enumerate(self.grader.token_texts))
+        texts = b.score_tokens or self.grader.token_form
+        if not texts:
+            raise probe.error(f"the methods rank groups by the log-odds of score tokens, and the grader "
+                              f"'{self.grader.name}' names none: give behaviour.score_tokens (the first reply "
+                              "tokens of the behaviour)", ("behaviour", "grader"))
+        loc = ("behaviour", "score_tokens") if b.score_tokens else ("behaviour", "grader")
+        self.score_texts = list(texts)
+        self.score_ids = [self._token(t, (*loc, i) if b.score_tokens else loc) for i, t in enumerate(texts)]
+        path = probe.path.parent / b.prompts
+        new = b.max_new_tokens if self.grader.needs_generation else 0
+        self.prompts, self.ids = {}, {}
+        for part, idx in split_indices(len(rows), {"rank": b.split.rank, "test": b.split.test}, b.split.seed).items():
+            self.prompts[part] = [rows[i]["prompt"] for i in idx]
+            self.ids[part] = encode_rows(subject, self.prompts[part], path, [int(i) + 1 for i in idx],
+                                         b.chat_template, b.system, new)
+        layers = sorted(set(resolve_layer(spec.groups.layers, subject.n_layers, ("groups", "layers"))))
+        self.groups: list[WeightGroup] = weights.weight_groups(subject.sitemap, spec.groups.by, spec.groups.block, layers)
+        for name, claim in spec.claims.items():
+            if claim.top >= len(self.groups):
+                raise probe.error(f"top {claim.top} is not smaller than the {len(self.groups)} groups of "
+                                  f"'{spec.groups.by}' on this model (random groups must remain for the control)",
+                                  ("claims", name, "top"))
+        checks = spec.checks if spec.checks is not None else METHODS
+        self.methods = list(dict.fromkeys([spec.method, *checks]))
+
+    def _token(self, text: str, loc: tuple) -> int:
+        try:
+            return single_token(self.subject, text)
+        except SiteError as e:
+            raise self.probe.error(f"score token {e.message}", loc) from None
+
+    # ---- scores and rankings ---------------------------------------------------------------------
+    def _score(self, logits: torch.Tensor) -> torch.Tensor:
+        return log_odds(logits, self.score_ids)
+
+    def _clean(self) -> tuple[Any, dict[int, torch.Tensor], np.ndarray]:
+        """The ranking prompts as one batch, their clean residual stream at every layer (the cache every
+        perturbed variant resumes from) and their clean scores."""
+        subject = self.subject
+        ids = self.ids["rank"]
+        batch = subject.make_batch(ids, list(range(len(ids))))
+        sites = [Site("resid_pre", layer) for layer in range(subject.n_layers)]
+        fw = subject.forward(batch, sites, (), "last")
+        return batch, {s.layer: fw.acts[s] for s in sites}, self._score(fw.logits.cpu()).numpy()
+
+    def _sweep(self, variants: list[Any], layer_of: Any, apply: Any, desc: str) -> np.ndarray:
+        """[variants, n] scores of the ranking prompts under each variant, batched: variants of one layer share
+        a batch (prompts repeated, variant-major) that resumes from the clean residual stream at that layer.
+        `apply(chunk)` gives (context manager, interventions) for the rows of a chunk of variants."""
+        from ..subject import Batch
+        subject = self.subject
+        batch, resid, _ = self._clean_pass
+        n = len(batch.rows)
+        k = max(1, (self.spec.batch_size or subject.batch_size) // n)
+        out = np.zeros((len(variants), n))
+        by_layer: dict[int, list[int]] = {}
+        for v, item in enumerate(variants):
+            by_layer.setdefault(layer_of(item), []).append(v)
+        chunks = [(layer, vs[i:i + k]) for layer, vs in sorted(by_layer.items()) for i in range(0, len(vs), k)]
+        from ..progress import bar
+        for layer, vs in bar(chunks, desc, total=len(chunks), enabled=subject.progress):
+            r = len(vs)
+            rep = Batch(list(range(r * n)), batch.input_ids.repeat(r, 1), batch.attention_mask.repeat(r, 1),
+                        batch.position_ids.repeat(r, 1), batch.pad.repeat(r), batch.lengths * r)
+            context, interventions = apply([variants[v] for v in vs])
+            with context:
+                fw = resume.resume(subject, rep, layer, resid[layer].repeat(r, 1, 1), interventions)
+            out[vs] = self._score(fw.logits.cpu()).numpy().reshape(r, n)
+        return out
+
+    def _rank_gradient(self) -> tuple[np.ndarray, dict]:
+        signed, absolute = weights.gradient_attribution(self.subject, self.groups, self.ids["rank"], self._score,
+                                                        self.spec.batch_size)
+        return np.array(signed), {"sum_abs_w_grad": absolute}
+
+    def _rank_activation(self, clean: np.ndarray) -> tuple[np.ndarray, dict]:
+        n, sm = len(clean), self.subject.sitemap
+
+        def apply(chunk: list[WeightGroup]) -> tuple[Any, list]:
+            return contextlib.nullcontext(), weights.output_zeroing(sm, [g for g in chunk for _ in range(n)])
+
+        scores = self._sweep(self.groups, lambda g: g.layer, apply, "weight_perturbation: activation")
+        return np.abs(scores - clean[None, :]).mean(axis=1), {
+            "rule": "mean |Δ score| with the group's output (its heads' z / its neurons' activations) zeroed at "
+                    "every position"}
+
+    def _rank_random(self, clean: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Each batch row carries its own (group, seed) weight delta; one noise draw serves all its prompts."""
+        sm, n, seeds = self.subject.sitemap, len(clean), self.spec.noise.seeds
+        combos = [(g, s) for g in self.groups for s in range(seeds)]
+
+        def apply(chunk: list[tuple[WeightGroup, int]]) -> tuple[Any, list]:
+            noises = [weights.noise(sm, g, self.spec.noise.relative, s + self.spec.seed) for g, s in chunk]
+            return weights.row_deltas(sm, [d for d in noises for _ in range(n)]), []
+
+        scores = self._sweep(combos, lambda c: c[0].layer, apply, "weight_perturbation: random")
+        delta = np.abs(scores - clean[None, :]).reshape(len(self.groups), seeds, n)
+        return delta.mean(axis=(1, 2)), {"rule": f"mean |Δ score| over {seeds} noise draws of relative norm "
+                                                 f"{self.spec.noise.relative:g} and the ranking prompts"}
+
+    def _rankings(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        values, info = {}, {}
+        self._clean_pass = self._clean()
+        clean = self._clean_pass[2]
+        for m in self.methods:
+            start = time.perf_counter()
+            v, extra = (self._rank_gradient() if m == "gradient" else
+                        self._rank_activation(clean) if m == "activation" else self._rank_random(clean))
+            values[m] = v
+            info[m] = {**extra, "seconds": round(time.perf_counter() - start, 3)}
+        info["clean_score_mean"] = float(clean.mean())
+        return values, info
+
+    # ---- the claim ------------------------------------------------------------------------------
+    def _behave(self, groups: list[WeightGroup], perturbation: str, desc: str) -> Behaviour:
+        sm, b = self.subject.sitemap, self.spec.behaviour
+        slices = [sl for g in groups for sl in g.slices]
+        noises = {sl: d for g in groups for sl, d in
+                  weights.noise(sm, g, self.spec.noise.relative, self.spec.seed).items()} if perturbation == "noise" else {}
+
+        def edit(values: torch.Tensor, sl: Any) -> torch.Tensor:
+            return values + noises[sl] if perturbation == "noise" else torch.zeros_like(values)
+
+        with weights.perturbed(sm, slices, edit):
+            return behave(self.subject, self.grader, self.ids["test"], (), b.max_new_tokens,
+                          self.spec.batch_size, desc)
+
+    def _control_sets(self, top: list[int], draws: int) -> tuple[list[list[int]], bool]:
+        """`draws` random group sets of the top set's size and kinds, none of the top groups; matched is
+        False when some kind has too few other groups and any kind is used for it."""
+        rng = np.random.default_rng(self.spec.seed + 7919)
+        rest = [i for i in range(len(self.groups)) if i not in set(top)]
+        kinds = [self.groups[i].kind for i in top]
+        pools = {k: [i for i in rest if self.groups[i].kind == k] for k in set(kinds)}
+        matched = all(len(pools[k]) >= kinds.count(k) for k in pools)
+        sets = []
+        for _ in range(draws):
+            if matched:
+                pick = [int(x) for k in sorted(pools) for x in rng.choice(pools[k], kinds.count(k), replace=False)]
+            else:
+                pick = [int(x) for x in rng.choice(rest, len(top), replace=False)]
+            sets.append(sorted(pick))
+        return sets, matched
+
+    def _claim(self, name: str, claim: LocalisesClaim, order: np.ndarray, base: Behaviour) -> Any:
+        spec = self.spec
+        stat = claim.expect.statistic
+        top = [int(i) for i in order[:claim.top]]
+        chosen = [self.groups[i] for i in top]
+        after = self._behave(chosen, claim.perturbation, f"weight_perturbation: {name}")
+        b, a = base.flags.astype(float), after.flags.astype(float)
+
+        def per_prompt(x: np.ndarray) -> np.ndarray:
+            return b - x if stat == "rate_change" else x - b
+
+        effect, lo, hi = paired_difference(b, a, seed=spec.seed) if stat == "rate_change" else \
+            paired_difference(a, b, seed=spec.seed)
+        untestable = untestable_reason("rate_drop" if stat == "rate_change" else "rate_rise", base.flags,
+                                       spec.behaviour.min_base_rate, "the test prompts")
+        what = "zeroed" if claim.perturbation == "zero" else f"noised ({spec.noise.relative:g} x norm)"
+        label = self.grader.name if self.grader.name != "custom" else "behaviour"
+        metric = (f"{label} rate {'drop' if stat == 'rate_change' else 'rise'} on the test prompts with the top "
+                  f"{claim.top} groups by {spec.method} {what}")
+        details: dict[str, Any] = {
+            "top_groups": [g.name for g in chosen], "perturbation": claim.perturbation, "method": spec.method,
+            "base_rate": rate_summary(base.flags), "perturbed_rate": rate_summary(after.flags),
+            "grader": self.grader.name, "examples": _examples(self.prompts["test"], base, after)}
+        bars = Bars(title=f"{label} rate on the test prompts", value_label=f"{label} rate", labels=["top groups"],
+                    before=[float(b.mean())], after=[float(a.mean())], before_label="clean",
+                    after_label=f"top {claim.top} {what}")
+        m = Measured(effect, (lo, hi), len(b), metric, details=details, plots=[bars], untestable=untestable)
+        if untestable:
+            details["control"] = "skipped: the claim cannot be tested on this model"
+        else:
+            self._control(m, claim, top, per_prompt, a)
+        return judge(name, claim, m)
+
+    def _control(self, m: Measured, claim: LocalisesClaim, top: list[int], per_prompt: Any, a: np.ndarray) -> None:
+        sets, matched = self._control_sets(top, claim.draws)
+        flags = np.stack([self._behave([self.groups[i] for i in s], claim.perturbation,
+                                       f"weight_perturbation: control {k}").flags.astype(float)
+                          for k, s in enumerate(sets)])
+        mine, theirs = per_prompt(a), per_prompt(flags.mean(axis=0))
+        comparison = claim.expect.threshold.comparison
+        p = paired_control(mine, theirs, comparison, self.spec.seed)
+        effects = [float(per_prompt(f).mean()) for f in flags]
+        exceeds = all(m.effect > e for e in effects) if comparison == "at_least" else all(m.effect < e for e in effects)
+        name = f"matched random groups ({len(sets)} draws of {claim.top})"
+        m.control = ControlResult(name=name, effect=float(theirs.mean()), p_value=p, detail={
+            "effects": effects, "groups": [[self.groups[i].name for i in s] for s in sets],
+            "kinds_matched": matched, "effect_exceeds_every_draw": exceeds,
+            "test": f"paired permutation over prompts against the draws' mean, one-sided "
+                    f"({alternative_for(comparison)}), alpha {ALPHA}; and the effect must exceed every draw"})
+        m.beats_control = beats_control(p) and exceeds
+        m.plots.append(NullHistogram(title=name, x_label=claim.expect.statistic, values=effects, effect=m.effect,
+                                     threshold=claim.expect.threshold.value))
+
+    def measure(self) -> Outcome:
+        spec = self.spec
+        values, info = self._rankings()
+        orders = {m: np.argsort(-v, kind="stable") for m, v in values.items()}
+        agreement = spearman_table(values)
+        base = behave(self.subject, self.grader, self.ids["test"], (), spec.behaviour.max_new_tokens,
+                      spec.batch_size, "weight_perturbation: base")
+        plots = [self._ranking_table(values, orders)]
+        if agreement:
+            plots.append(Table(title="rank agreement between methods (Spearman)", columns=["methods", "rho"],
+                               rows=[[k, None if v is None else round(v, 3)] for k, v in agreement.items()]))
+        claims = []
+        for name, claim in spec.claims.items():
+            result = self._claim(name, claim, orders[spec.method], base)
+            result.plots = plots + result.plots
+            result.details["rank_agreement"] = agreement
+            claims.append(result)
+        settings = {
+            "groups": {"by": spec.groups.by, "count": len(self.groups), "block": spec.groups.block,
+                       "notes": weights.group_notes(self.subject.sitemap, spec.groups.by)},
+            "method": spec.method, "methods": info, "rank_agreement": agreement,
+            "score": {"tokens": self.score_texts, "token_ids": self.score_ids,
+                      "rule": "log-odds of the score tokens at the first reply position, mean over ranking prompts"},
+            "ranking": {m: [self.groups[i].name for i in o[:SHOWN]] for m, o in orders.items()},
+            "grader": self.grader.describe(), "split": spec.behaviour.split.model_dump(),
+            "base_rate": rate_summary(base.flags), "noise": spec.noise.model_dump(),
+        }
+        return Outcome(settings, claims)
+
+    def _ranking_table(self, values: dict[str, np.ndarray], orders: dict[str, np.ndarray]) -> Table:
+        ranks = {m: np.empty(len(o), dtype=int) for m, o in orders.items()}
+        for m, o in orders.items():
+            ranks[m][o] = np.arange(1, len(o) + 1)
+        main = self.spec.method
+        rows = [[int(ranks[main][i]), self.groups[i].name, *[float(f"{values[m][i]:.4g}") for m in self.methods],
+                 *[int(ranks[m][i]) for m in self.methods[1:]]] for i in orders[main][:SHOWN]]
+        return Table(title=f"groups ranked by {main} (top {min(SHOWN, len(rows))} of {len(self.groups)})",
+                     columns=["rank", "group", *[f"{m} value" for m in self.methods],
+                              *[f"{m} rank" for m in self.methods[1:]]], rows=rows)
+
+
+def spearman_table(values: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Spearman rho of every pair of methods' group values (None where one is constant)."""
+    from scipy.stats import spearmanr
+    out: dict[str, float | None] = {}
+    names = list(values)
+    for i, a in enumerate(names):
+        for c in names[i + 1:]:
+            x, y = values[a], values[c]
+            constant = np.ptp(x) == 0 or np.ptp(y) == 0
+            out[f"{a} vs {c}"] = None if constant else float(spearmanr(x, y).statistic)
+    return out
+
+
+def _examples(prompts: list[str], base: Behaviour, after: Behaviour, k: int = 3) -> list[dict[str, str]]:
+    if base.texts is None or after.texts is None:
+        return []
+    return [{"prompt": prompts[i][:160], "clean": base.texts[i][:160], "perturbed": after.texts[i][:160]}
+            for i in range(min(k, len(prompts)))]
+
+
+__all__ = ["WeightPerturbation", "WeightPerturbationSpec", "spearman_table"]
