@@ -31,6 +31,7 @@ BUILTIN = {
     "backpatch": "modelprobe.kinds.backpatch:Backpatch",
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
     "injection": "modelprobe.kinds.injection:Injection",
+    "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
 }
 
 
