@@ -214,7 +214,7 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
         hits = {k: (v == answer).astype(float) for k, v in preds.items()}
         mine = hits.pop("LRE")
         ps = {k: paired_control(mine, v, "at_least", self.spec.seed) for k, v in hits.items()}
-        worst = max(ps, key=ps.get)
+        worst = max(ps, key=lambda k: (ps[k], hits[k].mean()))
         n = len(mine)
         distinct = len(set(answer.tolist()))
         untestable = (f"untestable: the model gives the same first token on all {n} held-out subjects, so a map "
