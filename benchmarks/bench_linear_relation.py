@@ -40,7 +40,7 @@ def naive(model, ids: list[list[int]], layer: int, positions: list[int]) -> torc
 
         seen = []
         h1 = model.model.layers[layer].register_forward_hook(patch)
-        h2 = model.model.norm.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+        h2 = model.model.norm.register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[0]))
         try:
             model(input_ids=inp, logits_to_keep=1)
         finally:

@@ -32,6 +32,7 @@ BUILTIN = {
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
     "injection": "modelprobe.kinds.injection:Injection",
     "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
+    "icv": "modelprobe.kinds.icv:Icv",
 }
 
 
