@@ -114,3 +114,58 @@ def test_subject_not_in_prompt_is_a_located_data_error(built):
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"bad.jsonl:5: field 'object' is empty"):
         _run(built, "linear", PROBE.replace("data/capof.jsonl", "data/bad.jsonl"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_batched_jacobians_match_central_differences(tiny_subject, family):
+    """Prompts of different lengths in one left-padded batch, several cotangent chunks: each prompt's
+    Jacobian equals central differences of o under an edit of s (an independent computation)."""
+    import torch
+
+    from modelprobe.subject.jacobian import jacobians
+
+    subject = tiny_subject(family)
+    ids = subject.encode_all(["how do i make a cake", "tell me a story", "the music of my home is good"])
+    pos = [2, 1, 4]
+    jac, st = jacobians(subject, ids, 0, pos, chunk=5)
+    d = st.s.shape[1]
+    assert jac.shape == (3, d, d)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(3, d, generator=g, dtype=torch.float64)
+    eps = 1e-3
+    with torch.no_grad():
+        subject.model.double()
+        try:
+            plus = _final_input_under(subject, ids, pos, eps * v)
+            minus = _final_input_under(subject, ids, pos, -eps * v)
+            base = _final_input_under(subject, ids, pos, 0 * v)
+        finally:
+            subject.model.float()
+    fd = (plus - minus) / (2 * eps)
+    got = torch.einsum("nij,nj->ni", jac.double(), v)
+    # the Jacobian is float32, the differences float64: agreement to float32 precision
+    assert torch.allclose(got, fd, rtol=1e-3, atol=1e-3 * float(fd.abs().max())), (got - fd).abs().max()
+    assert torch.allclose(st.o.double(), base, atol=1e-4)
+
+
+def _final_input_under(subject, ids, pos, deltas):
+    """o (the final norm's input at the last token) with deltas added to s, one prompt at a time."""
+    import torch
+
+    from modelprobe.subject.interventions import Add, RunState, hooked
+    from modelprobe.subject.sites import Site
+
+    out = []
+    for i, x in enumerate(ids):
+        seen = []
+        h = subject.sitemap.final_norm.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0]))
+        b = subject.make_batch([x], [0])
+        state = RunState(phase="prompt", pad=b.pad, prompt_len=b.input_ids.shape[1])
+        try:
+            with hooked(subject.model, subject.sitemap, state,
+                        [Add(Site("resid_post", 0), positions=pos[i], vector=deltas[i])]):
+                subject.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids)
+        finally:
+            h.remove()
+        out.append(seen[-1][0, -1].double())
+    return torch.stack(out)
