@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from ..errors import DataError, SiteError
-from ..report.record import Bars, ClaimResult, ControlResult, Table
+from ..report.record import ClaimResult, ControlResult, Table
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
 from ..spec.fields import Count, FiniteFloat, LayerSpec, Strict
 from ..stats import wilson_interval
@@ -222,10 +222,10 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
         control = ControlResult(name=f"{worst} (the hardest of {len(ps)} controls)", effect=float(hits[worst].mean()),
                                 p_value=ps[worst], detail={k: {"faithfulness": float(v.mean()), "p_value": ps[k]}
                                                           for k, v in hits.items()})
-        bars = Bars(title=f"faithfulness on held-out subjects ({claim.relation}, layer {self.layer})",
-                    value_label="share decoding to the model's answer", labels=["LRE", *hits],
-                    before=[None] * (1 + len(hits)), after=[float(mine.mean())] + [float(v.mean()) for v in hits.values()],
-                    before_label="", after_label="faithfulness")
+        bars = Table(title=f"faithfulness on {n} held-out subjects ({claim.relation}, layer {self.layer})",
+                     columns=["map", "faithfulness", "p (LRE beats it)"],
+                     rows=[["LRE (beta W s + b)", round(float(mine.mean()), 4), "—"]]
+                     + [[k, round(float(v.mean()), 4), round(ps[k], 4)] for k, v in hits.items()])
         rows = self._examples(claim.relation, answer, preds["LRE"])
         objects = self._object_hits(claim.relation, answer)
         m = Measured(float(mine.mean()), wilson_interval(int(mine.sum()), n), n,
