@@ -94,12 +94,22 @@ def test_random_model_does_not_pass(built):
     ("against: capof", r"lre.probe.yaml:\d+:\d+: claims.langof_faithful.against: no relation named 'nope'"),
     ("rank: 64", r"lre.probe.yaml:\d+:\d+: claims.capof_causal.rank: rank 5000 exceeds the model width"),
     ("train: 8", r"lre.probe.yaml:\d+:\d+: train: .*less than or equal to 256"),
+    ("beta", r"lre.probe.yaml:\d+:\d+: beta: .*greater than 0"),
+    ("  langof: {data", r"lre.probe.yaml:\d+:\d+: relations: .*at least 2"),
+    ("expect: {edit_success", r"lre.probe.yaml:\d+:\d+: claims.capof_causal.expect: name exactly one statistic"),
+    ("relation: capof\n    rank", r"lre.probe.yaml:\d+:\d+: claims.capof_causal.relation: no relation named 'x'"),
 ])
 def test_bad_input_is_located(built, edit, match):
     new = {'template: "{subject} capof"}': 'template: "capof"}', "layer: 0": "layer: 2", "layer: 0\n": "layer: 7\n",
-           "against: capof": "against: nope", "rank: 64": "rank: 5000", "train: 8": "train: 1000"}[edit]
+           "against: capof": "against: nope", "rank: 64": "rank: 5000", "train: 8": "train: 1000",
+           "beta": "layer: 0\nbeta: 0", "  langof: {data": "  # langof: {data",
+           "expect: {edit_success": "expect: {faithfulness: {at_least: 0.5}, edit_success",
+           "relation: capof\n    rank": "relation: x\n    rank"}[edit]
+    text = PROBE.replace("layer: 0", new, 1) if edit == "beta" else PROBE.replace(edit, new, 1)
+    if edit == "  langof: {data":
+        text = text.replace("    against: capof\n", "")
     with pytest.raises(SpecError, match=match):
-        _run(built, "linear", PROBE.replace(edit, new, 1))
+        _run(built, "linear", text)
 
 
 def test_subject_not_in_prompt_is_a_located_data_error(built):

@@ -135,7 +135,10 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
         path = self.probe.path.parent / rel.data
         texts = [r.get("prompt") or rel.template.replace(SUBJECT, r["subject"]) for r in rows]
         ids = encode_rows(self.subject, texts, path)
-        pos = [self._subject_last(path, i, texts[i], rows[i]["subject"], ids[i]) for i in range(len(rows))]
+        # Where the subject ends: after the template's {subject}, or its first occurrence in a row's own prompt.
+        ends = [(texts[i].find(r["subject"]) if "prompt" in r else rel.template.index(SUBJECT)) + len(r["subject"])
+                for i, r in enumerate(rows)]
+        pos = [self._subject_last(path, i, texts[i], rows[i]["subject"], ends[i], ids[i]) for i in range(len(rows))]
         for i, row in enumerate(rows):
             try:
                 answer_tokens(self.subject, row["object"])
@@ -146,9 +149,8 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
         return {"ids": ids, "pos": pos, "texts": texts, "train": split["train"].tolist(),
                 "test": split["test"].tolist()}
 
-    def _subject_last(self, path, i: int, text: str, subj: str, ids: list[int]) -> int:
-        at = text.find(subj)
-        head = self.subject.encode(text[:at + len(subj)])
+    def _subject_last(self, path, i: int, text: str, subj: str, end: int, ids: list[int]) -> int:
+        head = self.subject.encode(text[:end])
         if ids[:len(head)] != head:
             raise DataError(f"{path}:{i + 1}: field 'subject': the tokenizer does not end a token where "
                             f"{subj!r} ends in {text!r}")
