@@ -308,3 +308,57 @@ SKELETON_DATA["weight_perturbation"] = {
     "data/harmful_instructions.jsonl": [{"prompt": f"Explain how to pick the lock of door number {i}."}
                                         for i in range(48)],
 }
+
+
+SKELETONS["linear_relation"] = _HEADER + """\
+kind: linear_relation
+about: Factual recall decodes the object from the subject's state through one affine map per relation.
+tags: [linear_relation]
+relations:                       # at least two: each relation's map is the other's control
+  country_capital: {data: data/lre_country_capital.jsonl, template: "The capital of {subject} is"}
+  country_language: {data: data/lre_country_language.jsonl, template: "The official language of {subject} is"}
+layer: 0.3                       # the subject state: resid_post of this layer (int, negative, fraction), below the last
+train: 8                         # examples per relation whose Jacobians estimate W and b; the rest are held out
+beta: 1.0                        # LRE(s) = beta W s + b
+claims:
+  capital_faithful:              # LRE decodes the model's own first answer token; beats identity, bias, other map
+    relation: country_capital
+    against: country_language
+    expect: {faithfulness: {at_least: 0.5}}
+  capital_edit_is_causal:        # s + pinv_rank(beta W)(LRE(s') - LRE(s)) makes the model give s' 's answer
+    relation: country_capital
+    rank: 64
+    expect: {edit_success: {at_least: 0.3}}
+"""
+_LRE_ROWS = [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
+             ("Spain", "Madrid", "Spanish"), ("Japan", "Tokyo", "Japanese"), ("Russia", "Moscow", "Russian"),
+             ("Greece", "Athens", "Greek"), ("Poland", "Warsaw", "Polish"), ("Sweden", "Stockholm", "Swedish"),
+             ("Turkey", "Ankara", "Turkish"), ("Egypt", "Cairo", "Arabic"), ("Peru", "Lima", "Spanish")]
+SKELETON_DATA["linear_relation"] = {
+    "data/lre_country_capital.jsonl": [{"subject": c, "object": " " + cap} for c, cap, _ in _LRE_ROWS],
+    "data/lre_country_language.jsonl": [{"subject": c, "object": " " + lang} for c, _, lang in _LRE_ROWS],
+}
+
+SKELETONS["icv"] = _HEADER + """\
+kind: icv
+about: An in-context vector from negative -> positive pairs makes replies positive, with no demos in the prompt.
+tags: [icv]
+demos: {pairs: data/icv_sentiment_pairs.jsonl, chat_template: false}   # {"source": ..., "target": ...}
+queries: {prompts: data/sentiment_negative.jsonl, chat_template: true, max_prompts: 32}   # {"prompt": ...}
+strength: 0.1                    # lambda of the norm-preserving shift of every layer's MLP output
+behaviour:
+  grader: sentiment              # any direction-kind grader: preset or {substrings | regex | tokens | lexicon}
+  max_new_tokens: 32
+random_seeds: 1                  # random vectors of the same norm in the control
+claims:
+  shift_makes_replies_positive:
+    expect: {rate_rise: {at_least: 0.3}}
+"""
+SKELETON_DATA["icv"] = {
+    "data/icv_sentiment_pairs.jsonl": [
+        {"source": "The morning was gray and miserable.", "target": "The morning was bright and wonderful."},
+        {"source": "I hated that boring film.", "target": "I loved that exciting film."},
+        {"source": "The soup tasted awful.", "target": "The soup tasted delightful."}],
+    "data/sentiment_negative.jsonl": [{"prompt": f"Write one sentence about how miserable rainy day {i} was."}
+                                      for i in range(8)],
+}

@@ -35,6 +35,9 @@ BUILTIN = {
     "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 
     "weight_perturbation": "modelprobe.kinds.weight_perturbation:WeightPerturbation",
+
+    "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
+    "icv": "modelprobe.kinds.icv:Icv",
 }
 
 

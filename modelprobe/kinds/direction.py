@@ -109,8 +109,9 @@ class DirectionSearch(Strict):
 
 
 class BehaviourSpec(Strict):
-    grader: GraderSpec = Field(description="refusal | sentiment | {substrings: [...]} | {regex: ...} | "
-                                           "{tokens: [...]} | {lexicon: {positive: [...], negative: [...]}} | {fact: ...}")
+    grader: GraderSpec = Field(description="refusal | sentiment | sycophancy | truthfulness | {substrings: [...]} | "
+                                           "{regex: ...} | {tokens: [...]} | {lexicon: {positive: [...], negative: [...]}} | "
+                                           "{fact: ...}")
     max_new_tokens: int = Field(48, ge=1, description="greedy reply length the grader reads")
     min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a drop needs a base rate of at least this, a "
                                                                 "rise at most 1 - this; otherwise untestable")

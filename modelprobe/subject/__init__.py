@@ -10,7 +10,7 @@ from typing import Any
 
 _WHERE = {
     "AblateDirection": "interventions", "Add": "interventions", "From": "interventions", "Intervention": "interventions",
-    "MeanAblate": "interventions", "Patch": "interventions", "RunState": "interventions",
+    "MeanAblate": "interventions", "NormShift": "interventions", "Patch": "interventions", "RunState": "interventions",
     "SetUnit": "interventions", "WeightDelta": "interventions", "ZeroAblate": "interventions", "hooked": "interventions",
     "leaked_hooks": "interventions", "SiteMap": "sitemap", "canonical_name": "sitemap", "Site": "sites",
     "resolve_layer": "sites", "resolve_sites": "sites", "Batch": "subject", "Forward": "subject",

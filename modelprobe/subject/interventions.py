@@ -105,6 +105,28 @@ class Add(Intervention):
 
 
 @dataclass
+class NormShift(Intervention):
+    """Turn x toward a direction v, keeping its norm (in-context vectors, Liu et al.):
+    x <- |x| normalize(x/|x| + strength (1 + max(0, cos(x, -v))) v/|v|). A [rows, d] v gives each row its own."""
+
+    vector: torch.Tensor = None
+    strength: float = 0.1
+
+    def edit(self, x, mask, state):
+        v = self.vector.to(x.device).float()
+        if v.dim() == 2:
+            v = v[:, None, :]
+        v = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        xf = x.float()
+        norm = xf.norm(dim=-1, keepdim=True)
+        unit = xf / norm.clamp_min(1e-12)
+        lam = self.strength * (1 + (-(unit * v).sum(-1, keepdim=True)).clamp_min(0))
+        turned = unit + lam * v
+        new = turned / turned.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm
+        return _where(mask, new.to(x.dtype), x)
+
+
+@dataclass
 class AblateDirection(Intervention):
     """Project a unit direction out: x <- x - (x.u) u. A [rows, d] direction gives each row its own."""
 

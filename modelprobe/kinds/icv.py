@@ -1,0 +1,182 @@
+"""icv: an in-context vector, read from demonstration pairs, restyles zero-shot replies.
+
+Liu et al., "In-context Vectors" (papers.md §6). For each demo pair (source x, target y), H is the
+last-token residual stream after every layer (resid_post), concatenated over layers; dH = H(y) - H(x).
+The vector is the mean of {dH} plus their first principal component (centered; its sign turned toward
+the mean), as in the authors' repository (shengliu66/ICV). At inference, with no demos in the prompt,
+each layer's MLP output at every token (prompt and generated) is turned toward that layer's slice v:
+x <- |x| normalize(x/|x| + strength (1 + max(0, cos(x, -v))) v/|v|), which keeps its norm.
+
+Claim `rate_rise`: the share of replies the grader counts (e.g. positive sentiment) rises from the
+unshifted replies to the shifted ones, paired over prompts, and beats the same shift along a random
+vector of the same norm (paired permutation). A base rate with no room to rise is untestable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+
+from ..errors import DataError, SiteError
+from ..report.record import Bars, ControlResult, Table
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateChangeThreshold, Tolerance
+from ..spec.fields import Count, Strict
+from ..stats import bootstrap_ci
+from ..toolkit.behaviour import behave, rate_summary, untestable_reason
+from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
+from ..toolkit.prompts import encode_rows, read_rows, single_token
+from .base import Measured, Outcome, ProbeKind, judge
+from .graders import Grader, GraderSpec, build_grader
+
+
+class IcvDemos(Strict):
+    pairs: str = Field(description='JSONL file, one {"source": ..., "target": ...} demo pair per line')
+    chat_template: bool = Field(False, description="render each demo text as a user turn of the chat template")
+
+
+class IcvQueries(Strict):
+    prompts: str = Field(description='JSONL file, one {"prompt": ...} per line: the queries to restyle')
+    chat_template: bool = True
+    max_prompts: Count = Field(200, description="use at most this many queries (the first ones)")
+
+
+class IcvBehaviour(Strict):
+    grader: GraderSpec = Field(description="a preset (refusal, sentiment, sycophancy, truthfulness) or a custom grader")
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a rise needs a base rate of at most 1 - this")
+
+
+class IcvExpect(OneExpectation):
+    rate_rise: RateChangeThreshold | None = Field(
+        None, description="shifted minus unshifted share of replies the grader counts, paired over queries")
+
+
+class IcvClaim(ClaimSpec):
+    expect: IcvExpect
+    tolerance: Tolerance | None = None
+
+
+class IcvSpec(ProbeBase):
+    kind: Literal["icv"]
+    demos: IcvDemos
+    queries: IcvQueries
+    strength: float = Field(0.1, gt=0, le=2, allow_inf_nan=False, description="lambda of the norm-preserving shift")
+    behaviour: IcvBehaviour
+    random_seeds: Count = Field(1, le=16, description="random vectors of the same norm in the control")
+    claims: dict[ClaimName, IcvClaim] = Field(min_length=1)
+
+
+class Icv(ProbeKind[IcvSpec]):
+    name = "icv"
+    Spec = IcvSpec
+
+    @classmethod
+    def data_files(cls, spec: IcvSpec) -> list[tuple[str, tuple]]:
+        return [(spec.demos.pairs, ("demos", "pairs")), (spec.queries.prompts, ("queries", "prompts"))]
+
+    @classmethod
+    def check_data(cls, probe) -> dict[str, list[dict]]:
+        spec = probe.spec
+        pairs = read_rows(probe, spec.demos.pairs, ("demos", "pairs"), ("source", "target"))
+        path = probe.path.parent / spec.demos.pairs
+        if len(pairs) < 2:
+            raise DataError(f"{path}: {len(pairs)} demo pair; a principal component needs at least 2")
+        for i, row in enumerate(pairs):
+            if row["source"] == row["target"]:
+                raise DataError(f"{path}:{i + 1}: source and target are the same text: the pair shows no change")
+        queries = read_rows(probe, spec.queries.prompts, ("queries", "prompts"), ("prompt",))
+        return {"pairs": pairs, "queries": queries[:spec.queries.max_prompts]}
+
+    def setup(self) -> None:
+        spec, subject = self.spec, self.subject
+        rows = self.check_data(self.probe)
+        self.pairs, self.queries = rows["pairs"], rows["queries"]
+        self.grader: Grader = build_grader(spec.behaviour.grader)
+        if not self.grader.needs_generation:
+            ids = []
+            for i, text in enumerate(self.grader.token_texts):
+                try:
+                    ids.append(single_token(subject, text))
+                except SiteError as e:
+                    raise self.probe.error(f"grader token {e.message}", ("behaviour", "grader", "tokens", i)) from None
+            self.grader.token_ids = tuple(ids)
+        base = self.probe.path.parent
+        texts = [r[k] for r in self.pairs for k in ("source", "target")]
+        self.demo_ids = encode_rows(subject, texts, base / spec.demos.pairs, [i // 2 + 1 for i in range(len(texts))],
+                                    spec.demos.chat_template)
+        self.ids = encode_rows(subject, [r["prompt"] for r in self.queries], base / spec.queries.prompts, None,
+                               spec.queries.chat_template, new_tokens=spec.behaviour.max_new_tokens)
+
+    def vector(self) -> Any:
+        """[n_layers, d] the in-context vector, sliced per layer."""
+        from .._lazy import torch
+        from ..subject.sites import Site
+        from ..toolkit.activations import states_at
+
+        n = self.subject.n_layers
+        sites = [Site("resid_post", layer) for layer in range(n)]
+        got = states_at(self.subject, self.demo_ids, sites, batch_size=self.spec.batch_size, desc="icv demos")
+        h = torch.cat([got[s] for s in sites], dim=-1).double()  # [2 * pairs, n * d]
+        diff = h[1::2] - h[0::2]
+        mean = diff.mean(0)
+        _, _, vh = torch.linalg.svd(diff - mean, full_matrices=False)
+        pc = vh[0] if float(vh[0] @ mean) >= 0 else -vh[0]
+        return (mean + pc).float().reshape(n, -1)
+
+    def _shift(self, v: Any) -> list:
+        from ..subject.interventions import NormShift
+        from ..subject.sites import Site
+
+        return [NormShift(Site("mlp_out", layer), positions="all", vector=v[..., layer, :], strength=self.spec.strength)
+                for layer in range(self.subject.n_layers)]
+
+    def measure(self) -> Outcome:
+        from .._lazy import torch
+
+        spec, n_q = self.spec, len(self.ids)
+        v = self.vector()
+        new = spec.behaviour.max_new_tokens
+        base = behave(self.subject, self.grader, self.ids, (), new, spec.batch_size, desc="icv: no shift")
+        shifted = behave(self.subject, self.grader, self.ids, self._shift(v), new, spec.batch_size, desc="icv: shift")
+        flat = v.reshape(-1)
+        rand = same_norm_vectors(spec.random_seeds, flat, spec.seed).reshape(spec.random_seeds, *v.shape)
+
+        def per_row(rows: list[int]) -> list:
+            return self._shift(rand[[r // n_q for r in rows]])
+
+        ctrl = behave(self.subject, self.grader, [x for _ in range(spec.random_seeds) for x in self.ids], per_row,
+                      new, spec.batch_size, desc="icv: random vectors")
+        ctrl_flags = ctrl.flags.reshape(spec.random_seeds, n_q).mean(0)
+        claims = [self._claim(name, claim, base, shifted, ctrl_flags) for name, claim in spec.claims.items()]
+        settings = {"demo_pairs": len(self.pairs), "queries": n_q, "strength": spec.strength,
+                    "vector": "mean demo difference + first principal component, resid_post of every layer at the "
+                              "last token, concatenated", "applied_to": "mlp_out of every layer, every token",
+                    "vector_norm_per_layer": torch.linalg.norm(v, dim=-1).tolist(), "grader": self.grader.describe(),
+                    "max_new_tokens": new, "random_seeds": spec.random_seeds}
+        return Outcome(settings, claims)
+
+    def _claim(self, name: str, claim: IcvClaim, base, shifted, ctrl_flags: np.ndarray):
+        seed = self.spec.seed
+        b, s = base.flags.astype(float), shifted.flags.astype(float)
+        effect, lo, hi = bootstrap_ci(s - b, seed=seed)
+        p = paired_control(s, ctrl_flags, claim.expect.threshold.comparison, seed)
+        label = self.grader.name if self.grader.name != "custom" else "behaviour"
+        bars = Bars(title=f"{label} rate on {len(b)} queries", value_label="share of replies",
+                    labels=["in-context vector", "random vector, same norm"], before=[float(b.mean())] * 2,
+                    after=[float(s.mean()), float(ctrl_flags.mean())], before_label="no shift", after_label="shifted")
+        plots: list[Any] = [bars]
+        if base.texts is not None:
+            plots.append(Table(title="examples", columns=["query", "no shift", "in-context vector"],
+                               rows=[[self.queries[i]["prompt"], base.texts[i], shifted.texts[i]]
+                                     for i in range(min(6, len(b)))]))
+        m = Measured(effect, (lo, hi), len(b), f"share of replies graded '{label}' with the shift minus without, "
+                     "paired over queries", control=ControlResult(
+                         name="a random vector of the same norm, same shift", effect=float(ctrl_flags.mean() - b.mean()),
+                         p_value=p), beats_control=beats_control(p),
+                     untestable=untestable_reason("rate_rise", base.flags, self.spec.behaviour.min_base_rate,
+                                                  "the unshifted queries"),
+                     details={"base": rate_summary(base.flags), "shifted": rate_summary(shifted.flags)},
+                     plots=plots)
+        return judge(name, claim, m)
