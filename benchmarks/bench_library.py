@@ -81,8 +81,9 @@ def _instrument(counter: _Counter) -> None:
             counter.bump("layer_tokens", int(x.shape[0]) * int(x.shape[1]))
             if last:
                 counter.bump("forwards", 1)
+        final = len(layers) - 1
         for i, layer in enumerate(layers):
-            layer.register_forward_pre_hook(lambda m, a, k, last=(i == len(layers) - 1): pre(m, a, k, last),
+            layer.register_forward_pre_hook(lambda m, a, k, last=(i == final): pre(m, a, k, last),
                                             with_kwargs=True)
         counter.cuda = subj.device.type == "cuda"
         return subj

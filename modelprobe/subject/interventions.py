@@ -208,6 +208,23 @@ class WeightDelta:
     site: Site | None = field(default=None)
 
 
+def per_row(iv: Intervention | WeightDelta) -> bool:
+    """Whether an intervention holds per-row tensors (one value per batch row), so that dropping rows from a
+    batch would misalign it. Conservative: an intervention type not known here counts as per-row."""
+    if isinstance(iv, WeightDelta):
+        return False
+    pos = iv.positions
+    if isinstance(pos, torch.Tensor) or (isinstance(pos, From) and not isinstance(pos.index, int)):
+        return True
+    if type(iv) is Add:
+        return iv.vector.dim() == 2
+    if type(iv) is AblateDirection:
+        return iv.direction.dim() == 2
+    if type(iv) in (ZeroAblate, MeanAblate):
+        return iv.unit_mask is not None and iv.unit_mask.shape[0] > 1
+    return True
+
+
 # ---- hooks ------------------------------------------------------------------------------
 
 def _view(x: torch.Tensor, site: Site, sitemap: SiteMap) -> torch.Tensor:
