@@ -89,6 +89,8 @@ class ProbeFile(pytest.File):
                              file_hash=self.probe.file_hash, about=self.probe.spec.about)
         start = time.perf_counter()
         session.current_probe = self.identity
+        from . import progress
+        progress.set_probe(self.probe.name)
         cut_off = False
         try:
             subject = session.subject()
