@@ -321,6 +321,9 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
                 p = params.get(iv.parameter)
                 if p is None:
                     raise SiteError(f"model type '{sitemap.model_type}' has no parameter '{iv.parameter}'")
+                if p.device.type == "meta":  # offloaded by accelerate: an edit here would silently do nothing
+                    raise SiteError(f"parameter '{iv.parameter}' is offloaded (device_map with max_memory), so a "
+                                    "weight edit cannot reach it; load the whole model on one device")
                 weights.append((p, p.detach().clone()))
                 with torch.no_grad():
                     p.add_(iv.delta.to(p.dtype).to(p.device))

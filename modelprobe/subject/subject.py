@@ -324,8 +324,13 @@ def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:
 
 
 def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                 batch_size: int = 16, progress: bool = True) -> Subject:
-    """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake."""
+                 batch_size: int = 16, progress: bool = True, max_memory: dict[Any, Any] | None = None,
+                 offload_folder: str | None = None) -> Subject:
+    """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake.
+
+    device "auto" places the model with accelerate's device_map="auto": across the GPUs, or, given
+    `max_memory` (e.g. {"cpu": "2GiB"}), part of it on the CPU and the rest offloaded to `offload_folder`
+    on disk (the code path of a model split across devices; tests/test_offload.py)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -337,9 +342,12 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"--probe-dtype '{dtype}' is not one of float32, bfloat16, float16")
+    placement: dict[str, Any] = {}
     if device == "auto":
-        device_map: Any = "auto" if torch.cuda.is_available() else None
+        device_map: Any = "auto" if torch.cuda.is_available() or max_memory else None
         target = "cuda" if torch.cuda.is_available() else "cpu"
+        if max_memory:
+            placement = {"max_memory": max_memory, "offload_folder": offload_folder}
     else:
         device_map, target = None, device
     if target.startswith("cuda") and not torch.cuda.is_available():
@@ -347,7 +355,7 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
-                                                   trust_remote_code=trust_remote_code)
+                                                   trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"model '{model}' could not be loaded from {path}: {first}") from None
