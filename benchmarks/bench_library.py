@@ -18,7 +18,8 @@ version's tree; a ref is checked out with `git worktree add` to a temporary fold
 
 Usage:
     python benchmarks/bench_library.py [PROBE ...] [--model smollm2-135m-instruct] [--against REF]
-        [--threads 1] [--json out.json] [--before saved.json | --only REF] [-- extra pytest args]
+        [--threads 1] [--json out.json] [--before saved.json [--after saved.json] | --only REF]
+        [-- extra pytest args]
 Default probes: the wave-1 library (ioi_circuit, logit_lens_capitals, refusal_direction,
 sentiment_direction). `--before saved.json` reuses a saved run as the "before" column.
 """
@@ -233,6 +234,7 @@ def main() -> None:
     ap.add_argument("--against", default=None, help="git ref to run first (the 'before' column)")
     ap.add_argument("--only", default=None, help="run only this git ref (save it with --json for --before)")
     ap.add_argument("--before", default=None, help="a saved --json of an earlier run, used as 'before'")
+    ap.add_argument("--after", default=None, help="with --before: a saved --json as 'after' (print, run nothing)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the runs here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -248,7 +250,9 @@ def main() -> None:
         runs.append(json.loads(Path(args.before).read_text())["runs"][-1])
     elif args.against:
         runs.append(run_ref(args.against, args, extra))
-    if not args.only:
+    if args.after:
+        runs.append(json.loads(Path(args.after).read_text())["runs"][-1])
+    elif not args.only:
         runs.append(run_version(ROOT, args, extra, "this tree"))
     print(table(runs))
     if args.json:
