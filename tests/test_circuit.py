@@ -400,3 +400,13 @@ def test_issue_example_on_the_default_model_names_a_head_it_lacks(example):
     assert "circuit.0.head.1: head index 9 is out of range (the model has 9)" in str(info.value)
     shipped = instantiate(load(ROOT / "probes" / "ioi_circuit.probe.yaml"), subject)
     assert shipped.task.settings["prompts_used"] > 0
+
+
+def test_sequential_not_a_boolean_is_located(tmp_path):
+    fixtures = str((PROBES.parent / "fixtures" / "data").resolve())
+    text = (PROBES / "induction_circuit.probe.yaml").read_text().replace("../fixtures/data", fixtures)
+    path = tmp_path / "s.probe.yaml"
+    path.write_text(text.replace("  random_circuits: 100", "  random_circuits: 100\n  sequential: maybe"))
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "sequential:" in t)
+    with pytest.raises(SpecError, match=rf"s.probe.yaml:{line}:\d+: controls.sequential: "):
+        load(path)

@@ -261,3 +261,13 @@ def test_sequential_direction_controls_stop_early_with_the_full_count_verdict(mo
                 assert (a.control.p_value <= 0.05) == (b.control.p_value <= 0.05)
             drawn.append(a.control.detail["seeds_drawn"])
     assert drawn and max(drawn) < 3, drawn
+
+
+@pytest.mark.parametrize("value", ["sometimes", "3", "[true]"])
+def test_sequential_controls_not_a_boolean(tmp_path, value):
+    text = (PROBES / "toy_refusal.probe.yaml").read_text().replace("../fixtures/data/", f"{DATA}/")
+    path = tmp_path / "bad_sequential.probe.yaml"
+    path.write_text(text.replace("claims:\n", f"sequential_controls: {value}\nclaims:\n", 1))
+    with pytest.raises(SpecError) as e:
+        load(path)
+    _located(e.value, path, "sequential_controls", "sequential_controls:", "")
