@@ -552,8 +552,9 @@ class Direction(ProbeKind[DirectionSpec]):
             "prompts": {"positive": ps.positive, "negative": ps.negative, "chat_template": ps.chat_template,
                         "system": ps.system},
             "split": ps.split.model_dump(), "n_layers": subject.n_layers,
-            "controls": f"{spec.control_directions} random directions of the same norm, test split, paired "
-                        "permutation test over prompts",
+            "controls": f"{'up to ' if spec.sequential_controls else ''}{spec.control_directions} random "
+                        "directions of the same norm, test split, paired permutation test over prompts"
+                        + (" (drawn one at a time until the verdict is settled)" if spec.sequential_controls else ""),
             "ablation_sites": "resid_pre, attn_out, mlp_out of every layer; all positions incl. generated",
         }
         notes = orthogonalize.orthogonalization_notes(subject.sitemap)
