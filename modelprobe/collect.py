@@ -90,6 +90,8 @@ class ProbeFile(pytest.File):
                              tags=list(self.probe.spec.tags))
         start = time.perf_counter()
         session.current_probe = self.identity
+        from . import progress
+        progress.set_probe(self.probe.name)
         cut_off = False
         try:
             subject = session.subject()

@@ -40,6 +40,7 @@ def pytest_configure(config: pytest.Config) -> None:
     progress = config.getoption("verbose", 0) >= 0
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
+    progress_mod.set_writer(_log_writer(config))
     config.stash[SESSION_KEY] = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
                                              worker=worker)
     _install_sigterm(config)
@@ -208,3 +209,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"report NOT written: {ps.report_error}", red=True)
     if ps.baseline_error:
         terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)
+
+
+def _log_writer(config: pytest.Config):
+    """Progress log lines past pytest's output capture (a measurement runs inside a test item), only when
+    the real stderr is not a terminal (CI logs); a terminal has pytest's own progress."""
+    import contextlib
+    import sys
+
+    def write(line: str) -> None:
+        capman = config.pluginmanager.getplugin("capturemanager")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            if not sys.stderr.isatty():
+                print(line, file=sys.stderr, flush=True)
+    return write

@@ -61,7 +61,11 @@ def test_true_circuit_passes_and_beats_random_circuits(induction):
     assert suff.effect >= 0.8 and nec.effect <= 0.2
     assert suff.control.p_value <= 0.05 and nec.control.p_value <= 0.05
     nulls = [p for p in suff.plots if isinstance(p, NullHistogram)]
-    assert len(nulls) == 1 and len(nulls[0].values) == 100
+    # Sequential controls: no random circuit comes near, so drawing stops once the 95% interval of the
+    # p-value is below alpha (72 draws, 8 at a time), not at the planned 100.
+    assert len(nulls) == 1 and len(nulls[0].values) == 72
+    assert suff.control.detail["drawn"] == 72 and suff.control.detail["planned"] == 100
+    assert out.settings["random_circuits"] == 72 and out.settings["random_circuits_planned"] == 100
     assert suff.details["m_full"] > suff.details["m_empty"]
     assert {d["component"] for d in suff.details["per_component"]} == set(out.settings["circuit"])
     assert out.settings["ablation"] == "mean" and "per position" in out.settings["replacement"]
@@ -76,6 +80,25 @@ def test_wrong_circuit_of_the_same_size_fails(induction):
     claims = {c.name: c for c in kind.run().claims}
     assert claims["sufficient"].verdict == "fail"
     assert claims["necessary"].verdict == "fail"
+
+
+@pytest.mark.parametrize("probe", ["induction_circuit", "induction_wrong_circuit"])
+def test_sequential_random_circuits_stop_early_with_the_full_count_verdict(induction, probe):
+    """A clearly significant control (the true circuit) and a clearly null one (a wrong circuit) both stop
+    drawing early, and every verdict, beats-control answer and side of alpha equals the full count's."""
+    def run(sequential: bool):
+        p = load(PROBES / f"{probe}.probe.yaml")
+        object.__setattr__(p.spec.controls, "sequential", sequential)  # the spec is frozen
+        return instantiate(p, induction).run()
+
+    fast, full = run(True), run(False)
+    assert full.settings["random_circuits"] == 100
+    assert fast.settings["random_circuits"] < 100
+    for a, b in zip(fast.claims, full.claims):
+        assert a.verdict == b.verdict, (a.name, a.reason, b.reason)
+        if b.control is not None:
+            assert a.control.detail["drawn"] < b.control.detail["drawn"] == 100
+            assert (a.control.p_value <= 0.05) == (b.control.p_value <= 0.05)
 
 
 # ---- batched, resumed runs equal hand-made ablations ------------------------------------------
@@ -377,3 +400,13 @@ def test_issue_example_on_the_default_model_names_a_head_it_lacks(example):
     assert "circuit.0.head.1: head index 9 is out of range (the model has 9)" in str(info.value)
     shipped = instantiate(load(ROOT / "probes" / "ioi_circuit.probe.yaml"), subject)
     assert shipped.task.settings["prompts_used"] > 0
+
+
+def test_sequential_not_a_boolean_is_located(tmp_path):
+    fixtures = str((PROBES.parent / "fixtures" / "data").resolve())
+    text = (PROBES / "induction_circuit.probe.yaml").read_text().replace("../fixtures/data", fixtures)
+    path = tmp_path / "s.probe.yaml"
+    path.write_text(text.replace("  random_circuits: 100", "  random_circuits: 100\n  sequential: maybe"))
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "sequential:" in t)
+    with pytest.raises(SpecError, match=rf"s.probe.yaml:{line}:\d+: controls.sequential: "):
+        load(path)

@@ -231,3 +231,43 @@ claims:
     if base < 0.1:
         assert claim.verdict == "inconclusive" and "nothing to suppress" in claim.reason
     assert out.settings["layer"] == 12 and out.settings["collateral_kl"]["n"] == 16
+
+
+# ---- sequential random-direction controls ---------------------------------------------------------
+
+def _controls(path: Path, subject, sequential: bool) -> dict:
+    p = load(path)
+    object.__setattr__(p.spec, "sequential_controls", sequential)  # the spec is frozen
+    return {c.name: c for c in instantiate(p, subject).run().claims}
+
+
+@pytest.mark.parametrize("model", ["planted", "random_init"])
+def test_sequential_direction_controls_stop_early_with_the_full_count_verdict(model, request):
+    """Planted (clearly beats random directions) and random init (its claims miss their thresholds): seeds
+    are drawn one at a time and stop early, and every verdict is the full count's (exactly, by
+    construction: either the undrawn seeds' worst cases give the same side of alpha, or the claim's
+    interval does not clear its threshold, so that no control can change the verdict)."""
+    subject = request.getfixturevalue(model)
+    path = PROBES / "toy_refusal.probe.yaml"
+    fast, full = _controls(path, subject, True), _controls(path, subject, False)
+    drawn = []
+    for name, b in full.items():
+        a = fast[name]
+        assert a.verdict == b.verdict, (name, a.reason, b.reason)
+        assert (a.control is None) == (b.control is None)
+        if b.control is not None:
+            assert b.control.detail["seeds_drawn"] == b.control.detail["seeds_planned"] == 3
+            if "same side of alpha" in a.control.detail["sequential"]:
+                assert (a.control.p_value <= 0.05) == (b.control.p_value <= 0.05)
+            drawn.append(a.control.detail["seeds_drawn"])
+    assert drawn and max(drawn) < 3, drawn
+
+
+@pytest.mark.parametrize("value", ["sometimes", "3", "[true]"])
+def test_sequential_controls_not_a_boolean(tmp_path, value):
+    text = (PROBES / "toy_refusal.probe.yaml").read_text().replace("../fixtures/data/", f"{DATA}/")
+    path = tmp_path / "bad_sequential.probe.yaml"
+    path.write_text(text.replace("claims:\n", f"sequential_controls: {value}\nclaims:\n", 1))
+    with pytest.raises(SpecError) as e:
+        load(path)
+    _located(e.value, path, "sequential_controls", "sequential_controls:", "")

@@ -155,3 +155,37 @@ def test_positions_during_generation(tiny_subject, use_cache):
                 "last": cols == width - 1, 1: cols == pad[:, None] + 1,
             }[positions]
             assert torch.equal(mask, expected), (positions, k)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("edits", ["none", "list", "per_row"])
+def test_rows_that_stop_early_leave_the_batch_and_match_full_generation(tiny_subject, family, edits):
+    """Rows settled early (by content, at different steps) leave the batch and its KV cache; every row's
+    tokens equal the full generation's on their common prefix, with left padding, with a static
+    intervention list and with per-row interventions (a callable asked again for the rows left)."""
+    subject = tiny_subject(family)
+    ids = subject.encode_all(PROMPTS) * 2
+    d = subject.sitemap.d_model
+    g = torch.Generator().manual_seed(0)
+    vecs = torch.randn(len(ids), d, generator=g) * 2.0
+    ivs = {"none": [], "list": [Add(Site("resid_pre", 1), "all", vector=vecs[0])],
+           "per_row": lambda rows: [Add(Site("resid_pre", 1), "all", vector=vecs[rows])]}[edits]
+    n_new = 12
+    full = subject.generate(ids, n_new, ivs, batch_size=len(ids), stop_at_eos=False)
+
+    def settled(reply: list[int]) -> bool:  # stops rows after 2..6 tokens, depending on what they say
+        return len(reply) >= 2 + reply[0] % 5
+
+    rows_seen: list[int] = []
+    hook = subject.sitemap.layers[0].register_forward_pre_hook(
+        lambda m, a, k: rows_seen.append(int((a[0] if a else k["hidden_states"]).shape[0])), with_kwargs=True)
+    try:
+        early = subject.generate(ids, n_new, ivs, batch_size=len(ids), stop_at_eos=False, settled=settled)
+    finally:
+        hook.remove()
+    stops = [2 + f[0] % 5 for f in full]
+    assert len(set(stops)) > 1  # rows do stop at different steps
+    for e, f, k in zip(early, full, stops):
+        assert e == f[:k]
+    assert rows_seen[0] == len(ids) and rows_seen == sorted(rows_seen, reverse=True)
+    assert sum(rows_seen) < len(ids) * len(rows_seen)  # finished rows were not computed any further

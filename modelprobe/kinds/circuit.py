@@ -33,7 +33,7 @@ from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
 from ..toolkit.ablation_task import parse_rows, prepare_task
-from ..toolkit.controls import ALPHA, beats_control, random_circuits
+from ..toolkit.controls import ALPHA, beats_control, null_settled, random_circuits
 from ..toolkit.metrics import faithfulness
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -46,6 +46,9 @@ Ablation = Literal["mean", "mean_all_positions", "zero", "resample"]
 
 
 # ---- the probe file ---------------------------------------------------------------------------
+
+# Random circuits per sequential step: small enough to stop early, large enough to fill a forward.
+NULL_STEP = 8
 
 class CircuitComponent(Strict):
     """One entry of the circuit: attention heads, a whole sublayer, or MLP neurons of one layer."""
@@ -88,6 +91,9 @@ class CircuitClaim(ClaimSpec):
 class CircuitControls(Strict):
     random_circuits: int = Field(100, ge=0, description="random circuits of the same size, same layers "
                                  "where possible; 0 turns the control off")
+    sequential: bool = Field(True, description="draw the random circuits 8 at a time and stop once the 95% "
+                             "Clopper-Pearson interval of the empirical p-value is clear of alpha (the number "
+                             "drawn is reported); false draws all random_circuits")
     prompts: int | None = Field(None, ge=2, description="measure the random circuits (and, for the "
                                 "comparison, the circuit) on a seeded sample of this many prompts")
 
@@ -230,19 +236,14 @@ class Circuit(ProbeKind[CircuitSpec]):
         runner.prime(main, null_configs)
         got = dict(zip(names, runner.run(main, desc="circuit ablations")))
         m_full = runner.full_model()
-        null_f: dict[str, np.ndarray] = {}
-        if wanted:
-            vals = runner.run(null_configs, control_rows, desc="random circuits")
-            e, m = got["empty"][control_rows], m_full[control_rows]
-            for j, t in enumerate(wanted):
-                block = vals[j * len(null):(j + 1) * len(null)]
-                null_f[t] = faithfulness(block, e[None, :], m[None, :], axis=1)
+        null_f = self._null(runner, null, everything, wanted, got, m_full, control_rows)
         common = self._common(got, m_full)
         settings = {
             **self.task.settings, **runner.describe(), "metric": spec.metric, "position": "last",
             "reference": spec.reference, "group_by": spec.group_by, "scope": scope.description,
             "scope_units": len(scope), "circuit": [u.name for u in self.circuit], "circuit_size": len(self.circuit),
-            "random_circuits": int(len(null)), "random_circuits_layer_matched": matched,
+            "random_circuits": max([len(v) for v in null_f.values()], default=int(len(null))),
+            "random_circuits_planned": int(len(null)), "random_circuits_layer_matched": matched,
             "control_prompts": int(len(control_rows)), "seed": spec.seed,
             "forward_rows": runner.rows_run, "layer_rows_computed": runner.layers_run,
         }
@@ -281,6 +282,30 @@ class Circuit(ProbeKind[CircuitSpec]):
                     before=[common["m_full"]] * len(comps), after=[c["metric_when_ablated_alone"] for c in comps],
                     before_label="full model", after_label="ablated alone")
 
+    def _null(self, runner: Any, null: np.ndarray, everything: np.ndarray, wanted: list[str], got: dict,
+              m_full: np.ndarray, control_rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Random-circuit faithfulness per test, drawn NULL_STEP circuits at a time until every test's
+        answer is settled (toolkit.controls.null_settled), or all at once with `sequential: false`."""
+        if not wanted:
+            return {}
+        e, m = got["empty"][control_rows], m_full[control_rows]
+        observed = {t: float(faithfulness(got["circuit_only" if t == "sufficiency" else "circuit_ablated"][control_rows],
+                                          e, m)) for t in wanted}
+        step = NULL_STEP if self.spec.controls.sequential else len(null)
+        out: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+        for start in range(0, len(null), max(1, step)):
+            chunk = null[start:start + step]
+            configs = np.concatenate([everything & ~chunk if t == "sufficiency" else chunk for t in wanted])
+            vals = runner.run(configs, control_rows, desc="random circuits")
+            for j, t in enumerate(wanted):
+                out[t].append(faithfulness(vals[j * len(chunk):(j + 1) * len(chunk)], e[None, :], m[None, :], axis=1))
+            drawn = {t: np.concatenate(v) for t, v in out.items()}
+            if all(not np.all(np.isfinite(drawn[t])) or not np.isfinite(observed[t]) or
+                   null_settled(observed[t], drawn[t], len(null), "greater" if t == "sufficiency" else "less")
+                   for t in wanted):
+                break
+        return {t: np.concatenate(v) for t, v in out.items()}
+
     def _faithfulness(self, name: str, claim: CircuitClaim, mc: np.ndarray, me: np.ndarray, mm: np.ndarray,
                       common: dict, null: np.ndarray | None, control_rows: np.ndarray,
                       matched: bool) -> ClaimResult:
@@ -318,10 +343,16 @@ class Circuit(ProbeKind[CircuitSpec]):
             "circuit_percentile_in_null": float((null < observed).mean() * 100),
             "circuit_faithfulness_on_control_prompts": observed,
         })
-        name = f"{len(null)} random circuits of the same size" + (", same layers" if matched else "")
+        planned = self.spec.controls.random_circuits
+        name = f"{len(null)} random circuits of the same size" + (", same layers" if matched else "") + (
+            f" (sequential: {len(null)} of {planned} drawn)" if len(null) < planned else "")
         m.control = ControlResult(
             name=name, effect=float(null.mean()), p_value=p,
             detail={"alternative": alternative, "alpha": ALPHA, f"p{q}": float(np.percentile(null, q)),
+                    "drawn": int(len(null)), "planned": planned,
+                    "sequential": ("stopped when the 95% Clopper-Pearson interval of the p-value was clear of alpha "
+                                   "(or the full count could no longer beat it)" if len(null) < planned else
+                                   "every planned circuit drawn"),
                     "prompts": int(len(control_rows))})
         m.beats_control = beats_control(p)
         m.plots.append(NullHistogram(title=f"{test}: {name}", x_label="faithfulness",

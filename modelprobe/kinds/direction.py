@@ -47,7 +47,15 @@ from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from ..subject.sites import Site, resolve_layer
 from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
-from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control, random_unit_directions
+from ..toolkit.controls import (
+    ALPHA,
+    alternative_for,
+    beats_control,
+    control_decides,
+    paired_control,
+    paired_settled,
+    random_unit_directions,
+)
 from ..toolkit.metrics import kl as _kl
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
 from ..toolkit.steering import ablate_direction_everywhere, add_at_layer
@@ -140,7 +148,11 @@ class DirectionSpec(ProbeBase):
     prompts: PromptSets
     direction: DirectionSearch = Field(default_factory=DirectionSearch)
     behaviour: BehaviourSpec
-    control_directions: int = Field(3, ge=1, description="random directions of the same norm per claim")
+    control_directions: int = Field(3, ge=1, description="random directions of the same norm per claim (at most)")
+    sequential_controls: bool = Field(True, description="draw the random directions one at a time and stop when "
+                                                        "the remaining ones cannot change whether the claim beats "
+                                                        "its control (the verdict equals the full count's); false "
+                                                        "draws all control_directions")
     claims: dict[ClaimName, DirectionClaim] = Field(min_length=1)
 
 
@@ -333,25 +345,41 @@ class Direction(ProbeKind[DirectionSpec]):
         return self.subject.cache[key]
 
     # ---- step 4: claims on test -------------------------------------------------------------------
-    def _controls(self, claim: DirectionClaim, r: torch.Tensor, layer: int, ids: list[list[int]]) -> np.ndarray:
-        """[seeds, n] behaviour under the same intervention along random directions of the same norm."""
+    def _controls(self, claim: DirectionClaim, r: torch.Tensor, layer: int, ids: list[list[int]],
+                  settled: Any = None) -> np.ndarray:
+        """[seeds drawn, n] behaviour under the same intervention along random directions of the same norm.
+
+        Without `settled`, every seed at once (seeds ride in the batch); with it, one seed at a time until
+        `settled(flags so far)` says more seeds cannot change the answer.
+        """
         seeds = self.spec.control_directions
         dirs = random_unit_directions(seeds, self.subject.sitemap.d_model, 10_007 + self.spec.seed)
         n = len(ids)
-        if claim.intervention == "weight_orthogonalize":  # one set of weights per forward: one seed at a time
-            return np.stack([self._behave(ids, orthogonalize.orthogonalizing_deltas(self.subject.sitemap, dirs[s]),
-                                          desc=f"direction: control {s}").flags for s in range(seeds)])
         norm = float(r.norm())
 
-        def per_batch(rows: list[int]) -> list[Intervention]:
-            # Seeds ride in the batch dimension: row k is prompt k % n under random direction k // n.
-            d = dirs[[row // n for row in rows]]
-            if claim.intervention == "ablate":
-                return self._ablate(d)
-            return self._add(d * norm, layer, claim.scale)
+        def draw(chosen: list[int]) -> np.ndarray:
+            if claim.intervention == "weight_orthogonalize":  # one set of weights per forward: one seed at a time
+                return np.stack([self._behave(ids, orthogonalize.orthogonalizing_deltas(self.subject.sitemap, dirs[s]),
+                                              desc=f"direction: control {s}").flags for s in chosen])
 
-        flags = self._behave([x for _ in range(seeds) for x in ids], per_batch, desc="direction: controls").flags
-        return flags.reshape(seeds, n)
+            def per_batch(rows: list[int]) -> list[Intervention]:
+                # Seeds ride in the batch dimension: row k is prompt k % n under random direction k // n.
+                d = dirs[[chosen[row // n] for row in rows]]
+                if claim.intervention == "ablate":
+                    return self._ablate(d)
+                return self._add(d * norm, layer, claim.scale)
+
+            flags = self._behave([x for _ in chosen for x in ids], per_batch, desc="direction: controls").flags
+            return flags.reshape(len(chosen), n)
+
+        if settled is None:
+            return draw(list(range(seeds)))
+        drawn: list[np.ndarray] = []
+        for s in range(seeds):
+            drawn.append(draw([s])[0])
+            if settled(np.stack(drawn)):
+                break
+        return np.stack(drawn)
 
     def _base(self, which: str) -> Behaviour:
         key = ("base", which)
@@ -437,15 +465,33 @@ class Direction(ProbeKind[DirectionSpec]):
         def per_prompt(x: np.ndarray) -> np.ndarray:  # x: intervened flags (or their mean over seeds)
             return b - x if stat == "rate_drop" else x - b if stat == "rate_rise" else x
 
-        c = self._controls(claim, r, layer, ids)  # [seeds, n]
-        mine, theirs = per_prompt(a), per_prompt(c.mean(axis=0))
         comparison = claim.expect.threshold.comparison
+        planned, mine = self.spec.control_directions, per_prompt(a)
+        settled = None
+        decides = control_decides(m.ci, claim.expect.threshold.value, comparison)
+        if self.spec.sequential_controls:
+            ends = per_prompt(np.zeros_like(a)), per_prompt(np.ones_like(a))  # one undrawn seed's range
+            extremes = np.minimum(*ends), np.maximum(*ends)
+
+            def settled(flags: np.ndarray) -> bool:
+                return not decides or paired_settled(mine, np.stack([per_prompt(f) for f in flags]), planned,
+                                                     extremes, comparison, self.spec.seed)
+        c = self._controls(claim, r, layer, ids, settled)  # [seeds drawn, n]
+        theirs = per_prompt(c.mean(axis=0))
         p = paired_control(mine, theirs, comparison, self.spec.seed)
         seed_effects = [float(per_prompt(c[s]).mean()) for s in range(len(c))]
-        name = f"random direction, same norm ({len(c)} seeds)"
+        name = f"random direction, same norm ({len(c)} seeds)" if len(c) == planned else \
+            f"random direction, same norm ({len(c)} of {planned} seeds, sequential)"
         m.control = ControlResult(
             name=name, effect=float(theirs.mean()), p_value=p,
             detail={"rates": [float(x) for x in c.mean(axis=1)], "effects": seed_effects,
+                    "seeds_drawn": len(c), "seeds_planned": planned,
+                    "sequential": ("every planned seed drawn" if len(c) == planned else
+                                   f"stopped after {len(c)} of {planned} seeds: whatever the other seeds give, the "
+                                   "p-value stays on the same side of alpha" if decides else
+                                   f"stopped after {len(c)} of {planned} seeds: the claim's interval does not clear "
+                                   "its threshold, so no control can change the verdict")
+                                  if settled else "off (sequential_controls: false)",
                     "test": f"paired permutation over prompts, one-sided ({alternative_for(comparison)}), "
                             f"alpha {ALPHA}"})
         m.beats_control = beats_control(p)
@@ -507,8 +553,9 @@ class Direction(ProbeKind[DirectionSpec]):
             "prompts": {"positive": ps.positive, "negative": ps.negative, "chat_template": ps.chat_template,
                         "system": ps.system},
             "split": ps.split.model_dump(), "n_layers": subject.n_layers,
-            "controls": f"{spec.control_directions} random directions of the same norm, test split, paired "
-                        "permutation test over prompts",
+            "controls": f"{'up to ' if spec.sequential_controls else ''}{spec.control_directions} random "
+                        "directions of the same norm, test split, paired permutation test over prompts"
+                        + (" (drawn one at a time until the verdict is settled)" if spec.sequential_controls else ""),
             "ablation_sites": "resid_pre, attn_out, mlp_out of every layer; all positions incl. generated",
         }
         notes = orthogonalize.orthogonalization_notes(subject.sitemap)

@@ -170,6 +170,13 @@ class Grader:
     def needs_generation(self) -> bool:
         return self.kind != "tokens"
 
+    @property
+    def settles(self) -> bool:
+        """Whether a reply's verdict can be final before the reply ends: a substring found stays found
+        however the reply goes on (a regex may not: `$`, lookaheads, `\\b` at its end; word counts can
+        change sides), so generation can stop a row there (toolkit.behaviour.behave)."""
+        return self.kind == "substrings"
+
     def _norm(self, text: str) -> str:
         # Curly apostrophes are common in chat models' replies ("I’m sorry"); the published list uses '.
         text = text.replace("\u2019", "'").replace("\u2018", "'")

@@ -92,6 +92,13 @@ def _where(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Te
     return torch.where(m, new, old)
 
 
+def _every_column(positions: Any, state: RunState) -> bool:
+    """Whether `positions` covers every column of this call without building a mask: a generated step with
+    the KV cache, for positions that reach generated tokens (the hot loop of steered generation)."""
+    return state.phase == "generated" and (isinstance(positions, From) or
+                                           (isinstance(positions, str) and positions in ("all", "generated")))
+
+
 @dataclass
 class Add(Intervention):
     vector: torch.Tensor = None  # [d] or [rows, d]
@@ -101,7 +108,8 @@ class Add(Intervention):
         v = self.vector.to(x.dtype).to(x.device)
         if v.dim() == 2:
             v = v[:, None, :]
-        return _where(mask, x + self.scale * v, x)
+        new = x + self.scale * v
+        return new if mask is None else _where(mask, new, x)
 
 
 @dataclass
@@ -132,12 +140,22 @@ class AblateDirection(Intervention):
 
     direction: torch.Tensor = None
 
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalised once per direction, dtype and device, not at every hook call of every generated token.
+        key = (id(self.direction), x.dtype, x.device)
+        cached = self.__dict__.get("_unit_cache")
+        if cached is None or cached[0] != key:
+            u = self.direction.to(x.dtype).to(x.device)
+            if u.dim() == 2:
+                u = u[:, None, :]
+            cached = (key, u / u.norm(dim=-1, keepdim=True))
+            self.__dict__["_unit_cache"] = cached
+        return cached[1]
+
     def edit(self, x, mask, state):
-        u = self.direction.to(x.dtype).to(x.device)
-        if u.dim() == 2:
-            u = u[:, None, :]
-        u = u / u.norm(dim=-1, keepdim=True)
-        return _where(mask, x - (x * u).sum(-1, keepdim=True) * u, x)
+        u = self._unit(x)
+        new = x - (x * u).sum(-1, keepdim=True) * u
+        return new if mask is None else _where(mask, new, x)
 
 
 def _unit_mask(units: tuple[int, ...] | None, unit_mask: torch.Tensor | None, n_units: int,
@@ -266,6 +284,23 @@ class WeightDelta:
     site: Site | None = field(default=None)
 
 
+def per_row(iv: Intervention | WeightDelta) -> bool:
+    """Whether an intervention holds per-row tensors (one value per batch row), so that dropping rows from a
+    batch would misalign it. Conservative: an intervention type not known here counts as per-row."""
+    if isinstance(iv, WeightDelta):
+        return False
+    pos = iv.positions
+    if isinstance(pos, torch.Tensor) or (isinstance(pos, From) and not isinstance(pos.index, int)):
+        return True
+    if type(iv) is Add:
+        return iv.vector.dim() == 2
+    if type(iv) is AblateDirection:
+        return iv.direction.dim() == 2
+    if type(iv) in (ZeroAblate, MeanAblate):
+        return iv.unit_mask is not None and iv.unit_mask.shape[0] > 1
+    return True
+
+
 # ---- hooks ------------------------------------------------------------------------------
 
 def _view(x: torch.Tensor, site: Site, sitemap: SiteMap) -> torch.Tensor:
@@ -310,7 +345,9 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
             site = obj.site if what == "edit" else obj
             v = _view(x, site, sitemap)
             if what == "edit":
-                mask = state.columns_mask(obj.positions, v.shape[0], v.shape[1], v.device)
+                # Add and AblateDirection themselves (not subclasses) take mask=None for "every column".
+                fast = type(obj) in (Add, AblateDirection) and _every_column(obj.positions, state)
+                mask = None if fast else state.columns_mask(obj.positions, v.shape[0], v.shape[1], v.device)
                 v = obj.edit(v, mask, state)
                 x = v.reshape(x.shape)
             else:
@@ -342,6 +379,9 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
                 p = params.get(iv.parameter)
                 if p is None:
                     raise SiteError(f"model type '{sitemap.model_type}' has no parameter '{iv.parameter}'")
+                if p.device.type == "meta":  # offloaded by accelerate: an edit here would silently do nothing
+                    raise SiteError(f"parameter '{iv.parameter}' is offloaded (device_map with max_memory), so a "
+                                    "weight edit cannot reach it; load the whole model on one device")
                 weights.append((p, p.detach().clone()))
                 with torch.no_grad():
                     p.add_(iv.delta.to(p.dtype).to(p.device))

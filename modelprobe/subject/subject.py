@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelLoadError, SiteError
 from ..model_facts import ModelInfo
-from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks
+from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks, per_row
 from .sitemap import SiteMap
 from .sites import Site
 
@@ -199,60 +199,95 @@ class Subject:
     # ---- generation ---------------------------------------------------------------------------
     def generate(self, ids: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  interventions: InterventionsFor = (), batch_size: int | None = None, use_cache: bool = True,
-                 stop_at_eos: bool = True, desc: str = "generate") -> list[list[int]]:
-        """Greedy continuation ids per prompt. Interventions see phase 'prompt' then 'generated'."""
+                 stop_at_eos: bool = True, desc: str = "generate",
+                 settled: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy continuation ids per prompt. Interventions see phase 'prompt' then 'generated'.
+
+        A row stops at EOS (with `stop_at_eos`) or as soon as `settled(its ids so far)` is True (a grader
+        whose verdict can no longer change). With the KV cache, finished rows leave the batch and its
+        cache when the interventions allow it (a callable is asked again for the rows left; a list must
+        hold no per-row tensors), so a row that stops early costs nothing more.
+        """
         from ..progress import bar
         results: list[list[int]] = [[] for _ in ids]
         eos = self.tokenizer.eos_token_id
         batches = list(self.batches(ids, batch_size))
         for batch in bar(batches, desc, total=len(batches), enabled=self.progress):
-            gen = self._generate_batch(batch, max_new_tokens, self.interventions_for(interventions, batch.rows),
-                                       use_cache, eos if stop_at_eos else None)
+            gen = self._generate_batch(batch, max_new_tokens, interventions, use_cache,
+                                       eos if stop_at_eos else None, settled)
             for row, seq in zip(batch.rows, gen):
                 results[row] = seq
         return results
 
-    def _generate_batch(self, batch: Batch, max_new: int, interventions, use_cache: bool,
-                        eos: int | None) -> list[list[int]]:
+    def _generate_batch(self, batch: Batch, max_new: int, interventions: InterventionsFor, use_cache: bool,
+                        eos: int | None, settled: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         from transformers import DynamicCache
         state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
+        edits = self.interventions_for(interventions, batch.rows)
+        shrink = use_cache and (callable(interventions) or not any(per_row(e) for e in edits))
         b = batch.input_ids.shape[0]
-        tokens = batch.input_ids
-        mask = batch.attention_mask
-        pos = batch.position_ids
-        done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        tokens, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
+        active = list(range(b))  # batch-local rows in the current batch, in order
+        done = [False] * b
         out: list[list[int]] = [[] for _ in range(b)]
         cache = DynamicCache() if use_cache else None
         step_ids, step_pos = tokens, pos
-        keep = {} if _touches_logits((), interventions) else {"logits_to_keep": 1}
-        with torch.inference_mode(), hooked(self.model, self.sitemap, state, interventions):
-            for _ in range(max_new):
-                if use_cache:
-                    res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                                     **{cache_kwarg(self.model.forward): cache}, use_cache=True, **keep)
-                else:
-                    # Recompute everything, marking which columns are generated so interventions
-                    # touch the same tokens as with the cache.
-                    state.phase = "prompt"
-                    res = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False,
-                                     **keep)
-                nxt = res.logits[:, -1].argmax(-1)
-                if eos is not None:
-                    nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-                for i in range(b):
-                    if not done[i]:
-                        out[i].append(int(nxt[i]))
-                if eos is not None:
-                    done |= nxt == eos
-                if bool(done.all()):
-                    break
-                next_pos = pos[:, -1:] + 1
-                tokens = torch.cat([tokens, nxt[:, None]], dim=1)
-                mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
-                pos = torch.cat([pos, next_pos], dim=1)
-                step_ids, step_pos = nxt[:, None], next_pos
-                state.phase = "generated"
-        return [[t for t in seq if t != eos] if eos is not None else seq for seq in out]
+        keep = {} if _touches_logits((), edits) else {"logits_to_keep": 1}
+        steps = 0
+        with torch.inference_mode():
+            while steps < max_new:
+                rehook = False
+                with hooked(self.model, self.sitemap, state, edits):
+                    while steps < max_new and not rehook:
+                        if use_cache:
+                            res = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                                             **{cache_kwarg(self.model.forward): cache}, use_cache=True, **keep)
+                        else:
+                            # Recompute everything, marking which columns are generated so interventions
+                            # touch the same tokens as with the cache.
+                            state.phase = "prompt"
+                            res = self.model(input_ids=tokens, attention_mask=mask, position_ids=pos,
+                                             use_cache=False, **keep)
+                        steps += 1
+                        nxt = res.logits[:, -1].argmax(-1)
+                        finished = self._take(nxt, active, done, out, eos, settled)
+                        if all(done[i] for i in active):
+                            return out
+                        if shrink and finished:
+                            sel = torch.tensor([j for j, i in enumerate(active) if not done[i]], device=nxt.device)
+                            cache.batch_select_indices(sel)
+                            tokens, mask, pos, nxt = tokens[sel], mask[sel], pos[sel], nxt[sel]
+                            active = [i for i in active if not done[i]]
+                            if callable(interventions):
+                                edits = self.interventions_for(interventions, [batch.rows[i] for i in active])
+                                rehook = True
+                        elif finished or any(done[i] for i in active):
+                            nxt = torch.where(torch.tensor([done[i] for i in active], device=nxt.device),
+                                              torch.full_like(nxt, self.pad_id), nxt)
+                        next_pos = pos[:, -1:] + 1
+                        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+                        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+                        pos = torch.cat([pos, next_pos], dim=1)
+                        step_ids, step_pos = nxt[:, None], next_pos
+                        state.phase = "generated"
+        return out
+
+    @staticmethod
+    def _take(nxt: torch.Tensor, active: list[int], done: list[bool], out: list[list[int]], eos: int | None,
+              settled: Callable[[list[int]], bool] | None) -> bool:
+        """Append each unfinished row's token; mark rows that hit EOS or are settled. True if any finished."""
+        finished = False
+        for j, i in enumerate(active):
+            if done[i]:
+                continue
+            t = int(nxt[j])
+            if eos is not None and t == eos:
+                done[i] = finished = True
+                continue
+            out[i].append(t)
+            if settled is not None and settled(out[i]):
+                done[i] = finished = True
+        return finished
 
     # ---- decoding the residual stream ---------------------------------------------------------
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
@@ -289,8 +324,13 @@ def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:
 
 
 def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                 batch_size: int = 16, progress: bool = True) -> Subject:
-    """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake."""
+                 batch_size: int = 16, progress: bool = True, max_memory: dict[Any, Any] | None = None,
+                 offload_folder: str | None = None) -> Subject:
+    """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake.
+
+    device "auto" places the model with accelerate's device_map="auto": across the GPUs, or, given
+    `max_memory` (e.g. {"cpu": "2GiB"}), part of it on the CPU and the rest offloaded to `offload_folder`
+    on disk (the code path of a model split across devices; tests/test_offload.py)."""
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -302,9 +342,12 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise ModelLoadError(f"--probe-dtype '{dtype}' is not one of float32, bfloat16, float16")
+    placement: dict[str, Any] = {}
     if device == "auto":
-        device_map: Any = "auto" if torch.cuda.is_available() else None
+        device_map: Any = "auto" if torch.cuda.is_available() or max_memory else None
         target = "cuda" if torch.cuda.is_available() else "cpu"
+        if max_memory:
+            placement = {"max_memory": max_memory, "offload_folder": offload_folder}
     else:
         device_map, target = None, device
     if target.startswith("cuda") and not torch.cuda.is_available():
@@ -312,7 +355,7 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map,
-                                                   trust_remote_code=trust_remote_code)
+                                                   trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"model '{model}' could not be loaded from {path}: {first}") from None

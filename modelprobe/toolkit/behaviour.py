@@ -2,7 +2,9 @@
 and the rule for when a claim about a behaviour cannot be tested on this model.
 
 A grader is any object with `needs_generation`, `grade_all(texts) -> list[bool]` and
-`scores(logits) -> tensor` (log-odds; > 0 shows the behaviour), such as `kinds.graders.Grader`.
+`scores(logits) -> tensor` (log-odds; > 0 shows the behaviour), such as `kinds.graders.Grader`; one
+with a true `settles` says that a reply graded True stays True however it goes on, so its row stops
+generating there (the replies kept are then cut at that point).
 """
 
 from __future__ import annotations
@@ -51,7 +53,11 @@ def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], i
         logits = subject.last_logits(ids, interventions, batch_size)
         scores = grader.scores(logits).numpy()
         return Behaviour(scores > 0, scores=scores, logits=logits)
-    gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc)
+    settled = None
+    if getattr(grader, "settles", False):  # the reply shows the behaviour already: generating on cannot undo it
+        def settled(reply: list[int]) -> bool:
+            return bool(grader.grade_all([subject.decode(reply)])[0])
+    gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc, settled=settled)
     texts = [subject.decode(g) for g in gens]
     return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
 

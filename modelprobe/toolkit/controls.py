@@ -7,6 +7,12 @@
 
 Convention: a one-sided p-value (empirical, or paired permutation over prompts) in the direction the
 claim expects; the effect beats its control when p <= ALPHA.
+
+Sequential controls: null samples cost forwards, so kinds draw them a few at a time and stop when the
+answer is settled (`paired_settled`: exactly, the verdict cannot change whatever the undrawn seeds give;
+`null_settled`: the Clopper-Pearson interval of the empirical p-value is clear of ALPHA;
+`control_decides`: false when the claim's interval does not clear its threshold, so that no control can
+change the verdict). The number drawn is reported; a probe can ask for the full count.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .._lazy import torch
-from ..stats import empirical_pvalue, paired_permutation_pvalue
+from ..stats import decide, empirical_pvalue, paired_permutation_pvalue
 
 ALPHA = 0.05
 
@@ -41,6 +47,63 @@ def empirical_control(observed: float, null: np.ndarray, comparison: str) -> flo
 def paired_control(mine: np.ndarray, theirs: np.ndarray, comparison: str, seed: int) -> float:
     """p-value of per-prompt effects against the same prompts' effects under the control."""
     return paired_permutation_pvalue(mine, theirs, alternative=alternative_for(comparison), seed=seed)
+
+
+def paired_settled(mine: np.ndarray, drawn: np.ndarray, planned: int, extremes: tuple[np.ndarray, np.ndarray],
+                   comparison: str, seed: int) -> bool:
+    """Whether drawing more control seeds could change `beats_control` of a paired control whose per-prompt
+    control effect is the mean over `planned` seeds.
+
+    `drawn` [k, n] holds the drawn seeds' per-prompt effects, `extremes` (lo, hi) [n] the range one undrawn
+    seed's effect can take per prompt. The undrawn seeds are set to the range's ends that favour and that
+    oppose the claim: the sign-flip permutation p-value is monotone in each prompt's difference (the same
+    resamples, seeded), so when both give the same side of ALPHA, every completion does, and the verdict
+    equals the full count's. Returns True when settled (always once k == planned).
+    """
+    k = len(drawn)
+    if k >= planned:
+        return True
+    lo, hi = extremes
+    total = np.sum(drawn, axis=0)
+    big, small = (total + (planned - k) * hi) / planned, (total + (planned - k) * lo) / planned
+    adverse, favourable = (big, small) if comparison == "at_least" else (small, big)
+    if beats_control(paired_control(mine, adverse, comparison, seed)):
+        return True
+    return not beats_control(paired_control(mine, favourable, comparison, seed))
+
+
+def control_decides(ci: tuple[float, float] | None, threshold: float, comparison: str) -> bool:
+    """Whether beating the control can change the verdict: only when the interval clears the threshold
+    (an interval that misses it fails, one that straddles it is inconclusive, control or not)."""
+    return decide(ci, threshold, comparison, True)[0] != decide(ci, threshold, comparison, False)[0]  # type: ignore[arg-type]
+
+
+def null_settled(observed: float, null: np.ndarray, planned: int, alternative: str,
+                 confidence: float = 0.95) -> bool:
+    """Whether an empirical control's answer (p <= ALPHA) is settled after the null draws so far.
+
+    Settled when every draw is in (k == planned); when no completion of the planned draws can bring the
+    full-count p-value to ALPHA or below; or when the two-sided Clopper-Pearson interval (`confidence`)
+    of the probability that a null draw is at least as extreme as `observed` lies wholly on one side of
+    ALPHA and the p-value of the draws so far is on the same side. `alternative`: greater or less.
+    """
+    from scipy.stats import beta
+
+    k = len(null)
+    if k >= planned:
+        return True
+    if k == 0:
+        return False
+    null = np.asarray(null, dtype=float)
+    p = empirical_pvalue(observed, null, alternative)  # type: ignore[arg-type]
+    # null draws at least as extreme as the observation (ties count against the claim, as in the p-value)
+    extreme = int((null >= observed).sum() if alternative == "greater" else (null <= observed).sum())
+    if (1 + extreme) / (1 + planned) > ALPHA:  # even if no further draw were extreme
+        return True
+    tail = (1 - confidence) / 2
+    lower = 0.0 if extreme == 0 else float(beta.ppf(tail, extreme, k - extreme + 1))
+    upper = 1.0 if extreme == k else float(beta.ppf(1 - tail, extreme + 1, k - extreme))
+    return (upper < ALPHA and beats_control(p)) or (lower > ALPHA and not beats_control(p))
 
 
 def random_unit_directions(n: int, d: int, seed: int) -> torch.Tensor:
