@@ -260,7 +260,7 @@ def test_random_circuits_match_size_and_layers(induction):
     assert matched and nulls.shape == (50, len(scope))
     circ = scope.vector(circuit)
     for v in nulls:
-        assert v.sum() == 2 and not np.array_equal(v, circ)
+        assert v.sum() == 2 and not (v & circ).any()  # disjoint: no random circuit holds a circuit head
         assert sorted(u.layer for u, on in zip(scope.units, v) if on) == [0, 1]
     # a circuit that is a whole layer leaves no other choice there: layers are then not matched
     whole = [Unit(1, "head", h) for h in range(induction.sitemap.n_heads)]
@@ -410,3 +410,19 @@ def test_sequential_not_a_boolean_is_located(tmp_path):
     line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "sequential:" in t)
     with pytest.raises(SpecError, match=rf"s.probe.yaml:{line}:\d+: controls.sequential: "):
         load(path)
+
+
+def test_a_circuit_with_no_disjoint_random_circuit_is_not_judged(induction, tmp_path):
+    """Five of the eight heads: no five-head set lies outside the circuit, so the random-circuit control the
+    probe asks for cannot be run, and its claims are inconclusive rather than judged without it."""
+    (tmp_path / "data").symlink_to(PROBES.parent / "fixtures" / "data")
+    text = (PROBES / "induction_circuit.probe.yaml").read_text().replace("../fixtures/data/", "data/")
+    five = "".join(f"  - {{layer: 0, component: attn.z, head: {h}}}\n" for h in range(4)) + \
+        "  - {layer: 1, component: attn.z, head: 0}\n"
+    start, end = text.index("circuit:\n") + len("circuit:\n"), text.index("claims:")
+    path = tmp_path / "big.probe.yaml"
+    path.write_text(text[:start] + five + text[end:])
+    claims = {c.name: c for c in instantiate(load(path), induction).run().claims}
+    for name in ("sufficient", "necessary"):
+        assert claims[name].verdict == "inconclusive", claims[name].reason
+        assert "random-circuit control cannot be run" in claims[name].reason

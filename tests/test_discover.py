@@ -39,10 +39,9 @@ def test_discovery_finds_the_true_circuit_and_writes_a_passing_probe(tmp_path, c
     assert {(u.layer, u.index) for u in kind.circuit} == true_heads
     claims = {c.name: c for c in kind.run().claims}
     assert claims["sufficient"].verdict == "pass"
-    # Necessity does not beat its control in this fixture: of the 15 other two-head circuits with one head per
-    # layer (4 heads a layer), 6 hold head 0.3 or 1.0 and break the induction too (p ~ 0.24). It passed only
-    # while a numpy False from beats_control read as "no control" in decide().
-    assert claims["necessary"].verdict == "fail" and "does not beat its control" in claims["necessary"].reason
+    # Random circuits are drawn outside the circuit: of the 15 other layer-matched two-head circuits, 6 hold
+    # head 0.3 or 1.0 and break the induction too, so a control that let them in failed this true circuit.
+    assert claims["necessary"].verdict == "pass", claims["necessary"].reason
     assert claims["necessary"].ci[1] <= 0.2  # the circuit itself is necessary: its interval clears at_most 0.2
 
 

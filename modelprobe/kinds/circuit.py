@@ -257,7 +257,7 @@ class Circuit(ProbeKind[CircuitSpec]):
             else:
                 key = "circuit_only" if claim.test == "sufficiency" else "circuit_ablated"
                 claims.append(self._faithfulness(name, claim, got[key], got["empty"], m_full, common,
-                                                 null_f.get(claim.test), control_rows, matched))
+                                                 null_f.get(claim.test, np.zeros(0)), control_rows, matched))
         return Outcome(settings, claims)
 
     def _common(self, got: dict, m_full: np.ndarray) -> dict[str, Any]:
@@ -323,10 +323,15 @@ class Circuit(ProbeKind[CircuitSpec]):
                      else "only the circuit ablated") + f" ({self.spec.ablation} ablation)")
         m = Measured(effect, ci, len(mm), metric, details=details, untestable=untestable,
                      plots=[self._component_bars(common)])
-        if null is not None and len(null) == 0:
-            details["control_note"] = "no other circuit of this size exists in the scope: no random-circuit control"
+        # A control that was asked for and could not be run leaves the claim unjudged, never passed.
+        if null is not None and len(null) == 0 and self.spec.controls.random_circuits == 0:
+            details["control_note"] = "random-circuit control turned off (controls.random_circuits: 0)"
+        elif null is not None and len(null) == 0:
+            m.untestable = m.untestable or ("no random circuit of this size exists outside the circuit in the "
+                                            "scope: the random-circuit control cannot be run")
         elif null is not None and not np.all(np.isfinite(null)):
-            details["control_note"] = "m(M) = m(∅) on the control prompts: random-circuit faithfulness is undefined"
+            m.untestable = m.untestable or ("m(M) = m(∅) on the control prompts: random-circuit faithfulness "
+                                            "is undefined")
         elif null is not None and not untestable:
             self._random_circuit_control(m, claim, mc, me, mm, null, control_rows, matched)
         return judge(name, claim, m)
