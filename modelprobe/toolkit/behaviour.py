@@ -7,6 +7,7 @@ A grader is any object with `needs_generation`, `grade_all(texts) -> list[bool]`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -54,6 +55,29 @@ def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], i
     gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc)
     texts = [subject.decode(g) for g in gens]
     return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+COHERENT_RULE = "non-empty; no word n-gram (n<=4) 4 times in a row; >=30% distinct words when >=12 words"
+
+
+def coherent(reply: str) -> bool:
+    """Non-empty and not degenerate: no word n-gram (n <= 4) repeated 4 times in a row, and at least 30%
+    distinct words in a reply of 12 words or more."""
+    words = _WORD.findall(reply.lower())
+    if not words:
+        return False
+    for n in range(1, 5):
+        for i in range(len(words) - 4 * n + 1):
+            gram = words[i:i + n]
+            if all(words[i + k * n:i + (k + 1) * n] == gram for k in range(1, 4)):
+                return False
+    return len(words) < 12 or len(set(words)) / len(words) >= 0.3
+
+
+def coherent_flags(texts: Sequence[str]) -> np.ndarray:
+    """[n] bool: which replies are coherent (`coherent`)."""
+    return np.array([coherent(t) for t in texts], dtype=bool)
 
 
 def rate_summary(flags: np.ndarray) -> dict[str, Any]:
