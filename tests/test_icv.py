@@ -124,3 +124,16 @@ def test_bad_input_is_located(built):
     (d / "data" / "empty.jsonl").write_text('{"source": "the s1", "target": ""}\n{"source": "a", "target": "b"}\n')
     with pytest.raises(DataError, match=r"empty.jsonl:1: field 'target' is empty"):
         _run(built, "icv", PROBE.replace("data/pairs.jsonl", "data/empty.jsonl"))
+
+
+def test_coherence_rule_counts_symbol_runs():
+    """The shared rule (toolkit.behaviour.coherent): word or emoji n-grams repeated 4 times in a row are
+    degenerate; punctuation and letters outside a-z are not units, so ordinary text is unaffected."""
+    from modelprobe.toolkit.behaviour import coherent
+
+    for bad in ("", "!!!", "🌊🌊", "Happy arrival! 🌼🏼🏼🏼🏼🏼🏼🏼🏼\ufffd", "Enjoy! 🎼🌊🌊🌊🌊🌊",
+                "so happy so happy so happy so happy", "h0 h0 h0 h0 h0 h0 h0 h0 h0 h0 h0 h0"):
+        assert not coherent(bad), bad
+    for good in ("Happy new day with your happy pet 🌼🌮🌻🌮🌻", "Wait.... ok!!!! café au lait",
+                 "Yes, I notice a thought about milk.", "h4 h5 h6 h7 h8 h9 h10 h11 h0 h1 h2 h3"):
+        assert coherent(good), good

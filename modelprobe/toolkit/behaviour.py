@@ -8,6 +8,7 @@ A grader is any object with `needs_generation`, `grade_all(texts) -> list[bool]`
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -57,15 +58,24 @@ def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], i
     return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
 
 
-_WORD = re.compile(r"[a-z0-9']+")
-COHERENT_RULE = "non-empty; no word n-gram (n<=4) 4 times in a row; >=30% distinct words when >=12 words"
+_TOKEN = re.compile(r"[a-z0-9']+|\S")
+COHERENT_RULE = ("has a word; no n-gram (n<=4) of words and symbols (emoji, U+FFFD) 4 times in a row; >=30% "
+                 "distinct when >=12 of them")
+
+
+def _units(reply: str) -> list[str]:
+    """Words ([a-z0-9']+) and single symbol characters (Unicode category S*: emoji, modifiers, the
+    replacement character), in order; letters outside a-z and punctuation are skipped."""
+    return [t for t in _TOKEN.findall(reply.lower())
+            if len(t) > 1 or t.isascii() and (t.isalnum() or t == "'") or unicodedata.category(t).startswith("S")]
 
 
 def coherent(reply: str) -> bool:
-    """Non-empty and not degenerate: no word n-gram (n <= 4) repeated 4 times in a row, and at least 30%
-    distinct words in a reply of 12 words or more."""
-    words = _WORD.findall(reply.lower())
-    if not words:
+    """Has a word and is not degenerate: no n-gram (n <= 4) of words and symbols repeated 4 times in a
+    row ("🌊🌊🌊🌊" counts, as emoji runs are how a broken model often repeats), and at least 30%
+    distinct units in a reply of 12 or more."""
+    words = _units(reply)
+    if not any(len(w) > 1 or w.isascii() for w in words):
         return False
     for n in range(1, 5):
         for i in range(len(words) - 4 * n + 1):
