@@ -322,6 +322,8 @@ def test_shipped_deception_data_is_well_formed():
     ({"relative": 0}, ":11:", "noise.relative"),
     ({"seeds": 0}, ":11:", "noise.seeds"),
     ({"by": "columns"}, ":9:", "groups.by"),
+    ({"min_agreement": 1.5}, ":18:91:", "specificity.min_agreement"),
+    ({"min_agreement": -0.1}, ":18:91:", "specificity.min_agreement"),
 ])
 def test_bad_values_are_located(tmp_path, change, where, fragment):
     with pytest.raises(SpecError) as e:
@@ -369,6 +371,11 @@ def test_example_of_the_issue_validates(tmp_path):
         """)
     shutil.copy(DATA / "toy_harmful.jsonl", tmp_path / "harmful.jsonl")
     (tmp_path / "x.probe.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"x.probe.yaml:1:1: specificity.prompts: data file .*"
+                                        r"data/harmless_instructions.jsonl' not found"):
+        check_data_files(load(tmp_path / "x.probe.yaml"))  # the default neutral set, next to the probe
+    (tmp_path / "data").mkdir()
+    shutil.copy(DATA / "toy_harmless.jsonl", tmp_path / "data" / "harmless_instructions.jsonl")
     check_data_files(load(tmp_path / "x.probe.yaml"))
 
 
