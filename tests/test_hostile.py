@@ -48,11 +48,13 @@ groups: {{by: {by}}}
 noise: {{relative: {rel}, seeds: {seeds}}}
 claims:
   c: {{top: {top}, expect: {{rate_change: {{at_least: 0.3}}}}}}
+specificity: {{prompts: {neutral}, min_agreement: {agree}}}
 """
 
 
-def weights(by: str = "block_sublayer", rel: float = 0.05, seeds: int = 2, top: int = 1) -> dict[str, str]:
-    return {"bad.probe.yaml": WEIGHTS.format(by=by, rel=rel, seeds=seeds, top=top)}
+def weights(by: str = "block_sublayer", rel: float = 0.05, seeds: int = 2, top: int = 1,
+            neutral: str = "data/copy.jsonl", agree: float = 0.75) -> dict[str, str]:
+    return {"bad.probe.yaml": WEIGHTS.format(by=by, rel=rel, seeds=seeds, top=top, neutral=neutral, agree=agree)}
 
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -138,6 +140,10 @@ PYTEST_CASES = [
      "bad.probe.yaml:3:14: groups.by: Input should be 'block_sublayer', 'attention_head'"),
     ("weights_top_too_large", weights(top=9), [], FAILED,
      "bad.probe.yaml:6:12: claims.c.top: top 9 is not smaller than the 8 groups of 'block_sublayer'"),
+    ("weights_min_agreement_above_one", weights(agree=1.5), [], FAILED,
+     "bad.probe.yaml:7:56: specificity.min_agreement: Input should be less than or equal to 1"),
+    ("weights_neutral_missing", weights(neutral="data/nowhere.jsonl"), [], FAILED,
+     "bad.probe.yaml:7:24: specificity.prompts: data file"),
     ("probe_is_a_symlink_loop", {"loop.probe.yaml": "LOOP"}, [], FAILED,
      "loop.probe.yaml: cannot read file: Too many levels of symbolic links"),
 ]

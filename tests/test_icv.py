@@ -2,6 +2,8 @@
 vector along HAPPY - SAD in every layer; turning each layer's (constant, norm C) MLP output toward it makes
 every sad query's reply happy, and a random vector of the same norm does not (known positive). When the
 MLPs write nothing, the norm-preserving shift has nothing to turn and the claim fails (known negative).
+When the shift makes the replies degenerate ("h0 h0 h0 ..."), the lexicon counts them happy but they are
+not coherent, so they do not count and the claim must not pass (known false positive, stopped).
 Bad inputs are located errors; the shift keeps norms."""
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ queries: {{prompts: data/queries.jsonl, chat_template: false}}
 strength: 0.1
 behaviour:
   grader: {{lexicon: {{positive: [{HAPPY}], negative: [{SAD}]}}}}
-  max_new_tokens: 2
+  max_new_tokens: 12
 random_seeds: 2
 claims:
   turns_happy:
@@ -43,7 +45,7 @@ claims:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = {}
-    for variant in ("icv", "no_mlp"):
+    for variant in ("icv", "no_mlp", "degenerate"):
         d = planted.save(tmp_path_factory.mktemp(variant), variant=variant)
         out[variant] = (d, load_subject(str(d / "model"), progress=False))
     return out
@@ -65,6 +67,32 @@ def test_planted_vector_restyles_replies(built):
     assert c.details["base"]["rate"] == 0.0 and c.effect == 1.0
     assert c.control.effect == 0.0 and c.control.p_value <= 0.05
     assert out.settings["queries"] == 2 * planted.K
+    coh = out.settings["coherence"]  # replies walk through distinct words: coherent with and without the shift
+    assert coh["no shift"]["coherent"]["rate"] == 1.0 and coh["in-context vector"]["coherent"]["rate"] == 1.0
+    assert {p.title for p in c.plots} >= {"graded and coherent replies", "examples"}
+
+
+def test_degenerate_replies_do_not_count(built):
+    """The lexicon counts every shifted reply happy ("h0 h0 h0 ..."), but none is coherent: no pass."""
+    claims, out = _run(built, "degenerate")
+    c = claims["turns_happy"]
+    coh = out.settings["coherence"]
+    assert coh["in-context vector"]["graded"]["rate"] == 1.0  # what the lexicon alone would have passed
+    assert coh["in-context vector"]["coherent"]["rate"] == 0.0
+    assert coh["in-context vector"]["graded_but_incoherent"] == 2 * planted.K
+    assert coh["no shift"]["coherent"]["rate"] == 1.0
+    assert c.verdict == "fail" and c.effect == 0.0, c.reason
+
+
+def test_degenerate_replies_do_not_count_with_a_logit_grader(built):
+    """A tokens grader reads only the first reply token; the replies are generated for the coherence check."""
+    text = PROBE.replace(f"{{lexicon: {{positive: [{HAPPY}], negative: [{SAD}]}}}}", "{tokens: [" + HAPPY + "]}")
+    claims, out = _run(built, "degenerate", text)
+    coh = out.settings["coherence"]
+    assert coh["in-context vector"]["graded"]["rate"] == 1.0 and coh["in-context vector"]["coherent"]["rate"] == 0.0
+    assert claims["turns_happy"].verdict != "pass"
+    claims, _ = _run(built, "icv", text)  # the same grader on the coherent model still passes
+    assert claims["turns_happy"].verdict == "pass", claims["turns_happy"].reason
 
 
 def test_no_mlp_output_means_nothing_to_turn(built):
@@ -96,3 +124,16 @@ def test_bad_input_is_located(built):
     (d / "data" / "empty.jsonl").write_text('{"source": "the s1", "target": ""}\n{"source": "a", "target": "b"}\n')
     with pytest.raises(DataError, match=r"empty.jsonl:1: field 'target' is empty"):
         _run(built, "icv", PROBE.replace("data/pairs.jsonl", "data/empty.jsonl"))
+
+
+def test_coherence_rule_counts_symbol_runs():
+    """The shared rule (toolkit.behaviour.coherent): word or emoji n-grams repeated 4 times in a row are
+    degenerate; punctuation and letters outside a-z are not units, so ordinary text is unaffected."""
+    from modelprobe.toolkit.behaviour import coherent
+
+    for bad in ("", "!!!", "🌊🌊", "Happy arrival! 🌼🏼🏼🏼🏼🏼🏼🏼🏼\ufffd", "Enjoy! 🎼🌊🌊🌊🌊🌊",
+                "so happy so happy so happy so happy", "h0 h0 h0 h0 h0 h0 h0 h0 h0 h0 h0 h0"):
+        assert not coherent(bad), bad
+    for good in ("Happy new day with your happy pet 🌼🌮🌻🌮🌻", "Wait.... ok!!!! café au lait",
+                 "Yes, I notice a thought about milk.", "h4 h5 h6 h7 h8 h9 h10 h11 h0 h1 h2 h3"):
+        assert coherent(good), good

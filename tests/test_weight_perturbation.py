@@ -23,7 +23,7 @@ torch.set_num_threads(1)
 DATA = Path(__file__).parent / "fixtures" / "data"
 HARMFUL = ("bomb", "poison", "virus", "weapon", "drug", "malware", "explosive", "gun", "toxin", "bioweapon",
            "ransomware", "grenade")
-C, H, R = 0, 1, 2  # residual dimensions: constant, "harmful word", "refuse"
+C, H, R, B = 0, 1, 2, 3  # residual dimensions: constant, "harmful word", "refuse", hub input
 PLANTED_LAYER = 2
 
 
@@ -35,6 +35,11 @@ def build_model(tok, planted: str):
     2's MLP read H and write R (the planted group); "spread" - the same write shared by all four MLPs (a
     quarter each, so no single group carries it); "none" - nothing writes R. All other weights are small
     random numbers, so every group has some (tiny) effect.
+    "hub": the whole model depends on layer 0's MLP: tokens embed no constant, eight neurons of L0.mlp
+    write it (from dim B), and everything reads it - the "." logit and the refusal neurons, which are
+    spread over layers 1-3 (a third each, 1.5x over-provisioned so that any two still refuse). Zeroing
+    L0.mlp stops refusal because the model stops working: the false "localises" the specificity guard
+    must stop.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -51,16 +56,19 @@ def build_model(tok, planted: str):
                 p.normal_(0, 0.02)
         emb = model.model.embed_tokens.weight
         emb.normal_(0, 0.1)
-        emb[:, [C, H, R]] = 0
-        emb[:, C] = 4.0
+        emb[:, [C, H, R, B]] = 0
+        emb[:, C] = 0.0 if planted == "hub" else 4.0
+        emb[:, B] = 4.0 if planted == "hub" else 0.0
         for w in HARMFUL:
             emb[vocab[w], H] = 1.0
         head = model.lm_head.weight
         head.normal_(0, 0.1)
-        head[:, [C, H, R]] = 0
+        head[:, [C, H, R, B]] = 0
         head[vocab["sorry"], R] = 6.0
         head[vocab["."], C] = 1.5
-        layers = [PLANTED_LAYER] if planted == "one" else list(range(4)) if planted == "spread" else []
+        layers = {"one": [PLANTED_LAYER], "spread": [0, 1, 2, 3], "hub": [1, 2, 3]}.get(planted, [])
+        if planted == "hub":
+            _hub(model)
         for layer in layers:
             mlp = model.model.layers[layer].mlp
             share = 8 // len(layers)
@@ -70,8 +78,22 @@ def build_model(tok, planted: str):
             mlp.up_proj.weight[rows] = 0
             mlp.up_proj.weight[rows, C] = 0.1
             mlp.down_proj.weight[:, rows] = 0
-            mlp.down_proj.weight[R, rows] = 0.13 * 8 / (share * len(layers))
+            mlp.down_proj.weight[R, rows] = 0.13 * 8 / (share * len(layers)) * (1.5 if planted == "hub" else 1.0)
     return model
+
+
+def _hub(model) -> None:
+    """Eight neurons of L0.mlp read dim B and write the constant dim C (about 4, like the other variants'
+    embedding), which every later reader needs."""
+    mlp = model.model.layers[0].mlp
+    rows = slice(8, 16)
+    for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+        w[rows] = 0
+        w[rows, B] = 1.0
+    mlp.down_proj.weight[:, rows] = 0
+    mlp.down_proj.weight[C, rows] = 1.0
+    hidden = model(torch.tensor([[5, 6, 7]]), output_hidden_states=True).hidden_states[1]
+    mlp.down_proj.weight[C, rows] = 4.0 / float(hidden[0, :, C].mean())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +102,7 @@ def subjects(toy_tokenizer):
     from modelprobe.subject import SiteMap, Subject
 
     out = {}
-    for planted in ("one", "spread", "none"):
+    for planted in ("one", "spread", "none", "hub"):
         model = build_model(toy_tokenizer, planted)
         info = ModelInfo(id=f"planted-{planted}", slug=f"planted-{planted}", model_type="llama", n_layers=4,
                          dtype="float32", device="cpu")
@@ -106,15 +128,19 @@ claims:
     expect: {{rate_change: {{at_least: 0.5}}}}
     control: matched_random_groups
     draws: 4
+specificity: {{prompts: harmless.jsonl, max_prompts: 12, max_new_tokens: 6{agree}}}
 """
 
 
 def probe_file(tmp_path: Path, by: str = "block_sublayer", method: str = "gradient", top: int = 1,
-               relative: float = 0.05, seeds: int = 2, block: int | None = None) -> Path:
+               relative: float = 0.05, seeds: int = 2, block: int | None = None,
+               min_agreement: float | None = None) -> Path:
     shutil.copy(DATA / "toy_harmful.jsonl", tmp_path / "harmful.jsonl")
+    shutil.copy(DATA / "toy_harmless.jsonl", tmp_path / "harmless.jsonl")
     path = tmp_path / "wp.probe.yaml"
     path.write_text(PROBE.format(by=by, method=method, top=top, relative=relative, seeds=seeds,
-                                 block=f", block: {block}" if block else ""))
+                                 block=f", block: {block}" if block else "",
+                                 agree="" if min_agreement is None else f", min_agreement: {min_agreement}"))
     return path
 
 
@@ -296,6 +322,8 @@ def test_shipped_deception_data_is_well_formed():
     ({"relative": 0}, ":11:", "noise.relative"),
     ({"seeds": 0}, ":11:", "noise.seeds"),
     ({"by": "columns"}, ":9:", "groups.by"),
+    ({"min_agreement": 1.5}, ":18:91:", "specificity.min_agreement"),
+    ({"min_agreement": -0.1}, ":18:91:", "specificity.min_agreement"),
 ])
 def test_bad_values_are_located(tmp_path, change, where, fragment):
     with pytest.raises(SpecError) as e:
@@ -343,6 +371,11 @@ def test_example_of_the_issue_validates(tmp_path):
         """)
     shutil.copy(DATA / "toy_harmful.jsonl", tmp_path / "harmful.jsonl")
     (tmp_path / "x.probe.yaml").write_text(text)
+    with pytest.raises(SpecError, match=r"x.probe.yaml:1:1: specificity.prompts: data file .*"
+                                        r"data/harmless_instructions.jsonl' not found"):
+        check_data_files(load(tmp_path / "x.probe.yaml"))  # the default neutral set, next to the probe
+    (tmp_path / "data").mkdir()
+    shutil.copy(DATA / "toy_harmless.jsonl", tmp_path / "data" / "harmless_instructions.jsonl")
     check_data_files(load(tmp_path / "x.probe.yaml"))
 
 
@@ -379,3 +412,30 @@ def test_noise_perturbation_of_the_planted_group_is_too_small_to_flip_replies(su
     claim = run(path, subject).claims[0]
     assert digest(subject.model) == before
     assert claim.details["perturbation"] == "noise" and claim.verdict == "fail", claim.reason
+
+
+# ---- specificity: a group the whole model depends on ----------------------------------------------
+
+def test_planted_group_leaves_unrelated_replies_alone(subjects, tmp_path):
+    claim = run(probe_file(tmp_path), subjects["one"]).claims[0]
+    spec = claim.details["specificity"]
+    assert claim.verdict == "pass" and spec["agreement_clean"] == 1.0 and spec["agreement"] > 0.95, spec
+    assert spec["test_replies_coherent"]["n"] == 24
+    assert all(a > 0.95 for a in claim.control.detail["neutral_agreement"])
+
+
+@pytest.mark.parametrize("method", ["gradient", "activation"])
+def test_hub_group_that_breaks_the_model_does_not_pass(subjects, tmp_path, method):
+    """Zeroing L0.mlp stops refusal only because the model stops working; random MLP blocks are harmless.
+    Without the guard (min_agreement 0) this is a false pass; with it, inconclusive."""
+    subject = subjects["hub"]
+    out = run(probe_file(tmp_path, method=method, min_agreement=0), subject)
+    off = out.claims[0]
+    assert off.details["top_groups"] == ["L0.mlp"], out.settings["ranking"]
+    assert off.details["base_rate"]["rate"] == 1.0 and off.effect > 0.9
+    assert off.verdict == "pass", off.reason  # the false pass the guard is there for
+    claim = run(probe_file(tmp_path, method=method), subject).claims[0]
+    spec = claim.details["specificity"]
+    assert spec["agreement_clean"] == 1.0 and spec["agreement"] < 0.2, spec
+    assert claim.verdict == "inconclusive" and "breaks the model" in claim.reason, claim.reason
+    assert claim.effect == off.effect  # the same measurement; only the verdict differs

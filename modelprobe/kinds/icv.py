@@ -10,6 +10,14 @@ x <- |x| normalize(x/|x| + strength (1 + max(0, cos(x, -v))) v/|v|), which keeps
 Claim `rate_rise`: the share of replies the grader counts (e.g. positive sentiment) rises from the
 unshifted replies to the shifted ones, paired over prompts, and beats the same shift along a random
 vector of the same norm (paired permutation). A base rate with no room to rise is untestable.
+
+A reply counts only when it is graded AND coherent (toolkit.behaviour.coherent: no word n-gram repeated
+4 times in a row, >= 30% distinct words): a shift strong enough to break the model yields degenerate
+text ("smelam.smelam", emoji runs) that a lexicon can still count, and that must not pass. The guard is
+on the graded replies themselves rather than a KL on unrelated prompts, because an in-context vector is
+meant to change every reply (it acts at every token of every prompt): a large KL is its intended
+effect, not a sign of damage, while degenerate replies are exactly the false positive. With a logit
+grader, replies are generated anyway for the coherence check.
 """
 
 from __future__ import annotations
@@ -24,7 +32,14 @@ from ..report.record import Bars, ControlResult, Table
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateChangeThreshold, Tolerance
 from ..spec.fields import Count, Strict
 from ..stats import bootstrap_ci
-from ..toolkit.behaviour import behave, rate_summary, untestable_reason
+from ..toolkit.behaviour import (
+    COHERENT_RULE,
+    Behaviour,
+    behave,
+    coherent_flags,
+    rate_summary,
+    untestable_reason,
+)
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import encode_rows, read_rows, single_token
 from .base import Measured, Outcome, ProbeKind, judge
@@ -132,51 +147,76 @@ class Icv(ProbeKind[IcvSpec]):
         return [NormShift(Site("mlp_out", layer), positions="all", vector=v[..., layer, :], strength=self.spec.strength)
                 for layer in range(self.subject.n_layers)]
 
+    def _behave(self, ids: list, interventions: Any, desc: str) -> tuple[Behaviour, np.ndarray]:
+        """Graded replies and which of them are coherent (generated for the check if the grader reads logits)."""
+        spec = self.spec
+        new = spec.behaviour.max_new_tokens
+        got = behave(self.subject, self.grader, ids, interventions, new, spec.batch_size, desc=desc)
+        texts = got.texts
+        if texts is None:
+            gens = self.subject.generate(ids, new, interventions, spec.batch_size, desc=f"{desc} (coherence)")
+            texts = [self.subject.decode(g) for g in gens]
+            got.texts = texts
+        return got, coherent_flags(texts)
+
     def measure(self) -> Outcome:
         from .._lazy import torch
 
         spec, n_q = self.spec, len(self.ids)
         v = self.vector()
-        new = spec.behaviour.max_new_tokens
-        base = behave(self.subject, self.grader, self.ids, (), new, spec.batch_size, desc="icv: no shift")
-        shifted = behave(self.subject, self.grader, self.ids, self._shift(v), new, spec.batch_size, desc="icv: shift")
+        base, base_ok = self._behave(self.ids, (), "icv: no shift")
+        shifted, shifted_ok = self._behave(self.ids, self._shift(v), "icv: shift")
         flat = v.reshape(-1)
         rand = same_norm_vectors(spec.random_seeds, flat, spec.seed).reshape(spec.random_seeds, *v.shape)
 
         def per_row(rows: list[int]) -> list:
             return self._shift(rand[[r // n_q for r in rows]])
 
-        ctrl = behave(self.subject, self.grader, [x for _ in range(spec.random_seeds) for x in self.ids], per_row,
-                      new, spec.batch_size, desc="icv: random vectors")
-        ctrl_flags = ctrl.flags.reshape(spec.random_seeds, n_q).mean(0)
-        claims = [self._claim(name, claim, base, shifted, ctrl_flags) for name, claim in spec.claims.items()]
+        ctrl, ctrl_ok = self._behave([x for _ in range(spec.random_seeds) for x in self.ids], per_row,
+                                     "icv: random vectors")
+        runs = {"no shift": (base.flags, base_ok), "in-context vector": (shifted.flags, shifted_ok),
+                "random vector": (ctrl.flags, ctrl_ok)}
+        coherence = {k: {"graded": rate_summary(g), "coherent": rate_summary(ok), "graded_and_coherent":
+                         rate_summary(g & ok), "graded_but_incoherent": int((g & ~ok).sum())}
+                     for k, (g, ok) in runs.items()}
+        ctrl_flags = (ctrl.flags & ctrl_ok).reshape(spec.random_seeds, n_q).mean(0)
+        claims = [self._claim(name, claim, base, shifted, base.flags & base_ok, shifted.flags & shifted_ok,
+                              ctrl_flags, coherence) for name, claim in spec.claims.items()]
         settings = {"demo_pairs": len(self.pairs), "queries": n_q, "strength": spec.strength,
                     "vector": "mean demo difference + first principal component, resid_post of every layer at the "
                               "last token, concatenated", "applied_to": "mlp_out of every layer, every token",
                     "vector_norm_per_layer": torch.linalg.norm(v, dim=-1).tolist(), "grader": self.grader.describe(),
-                    "max_new_tokens": new, "random_seeds": spec.random_seeds}
+                    "counts": "a reply counts when the grader counts it AND it is coherent",
+                    "coherent_rule": COHERENT_RULE, "coherence": coherence,
+                    "max_new_tokens": spec.behaviour.max_new_tokens, "random_seeds": spec.random_seeds}
         return Outcome(settings, claims)
 
-    def _claim(self, name: str, claim: IcvClaim, base, shifted, ctrl_flags: np.ndarray):
+    def _claim(self, name: str, claim: IcvClaim, base: Behaviour, shifted: Behaviour, base_flags: np.ndarray,
+               shifted_flags: np.ndarray, ctrl_flags: np.ndarray, coherence: dict):
         seed = self.spec.seed
-        b, s = base.flags.astype(float), shifted.flags.astype(float)
+        b, s = base_flags.astype(float), shifted_flags.astype(float)
         effect, lo, hi = bootstrap_ci(s - b, seed=seed)
         p = paired_control(s, ctrl_flags, claim.expect.threshold.comparison, seed)
         label = self.grader.name if self.grader.name != "custom" else "behaviour"
-        bars = Bars(title=f"{label} rate on {len(b)} queries", value_label="share of replies",
+        bars = Bars(title=f"{label} and coherent, rate on {len(b)} queries", value_label="share of replies",
                     labels=["in-context vector", "random vector, same norm"], before=[float(b.mean())] * 2,
                     after=[float(s.mean()), float(ctrl_flags.mean())], before_label="no shift", after_label="shifted")
-        plots: list[Any] = [bars]
-        if base.texts is not None:
+        share = Table(title="graded and coherent replies", columns=["replies", f"graded '{label}'", "coherent",
+                                                                    "both (counted)", "graded but incoherent"],
+                      rows=[[k, c["graded"]["rate"], c["coherent"]["rate"], c["graded_and_coherent"]["rate"],
+                             c["graded_but_incoherent"]] for k, c in coherence.items()])
+        plots: list[Any] = [bars, share]
+        if base.texts is not None and shifted.texts is not None:
             plots.append(Table(title="examples", columns=["query", "no shift", "in-context vector"],
                                rows=[[self.queries[i]["prompt"], base.texts[i], shifted.texts[i]]
                                      for i in range(min(6, len(b)))]))
-        m = Measured(effect, (lo, hi), len(b), f"share of replies graded '{label}' with the shift minus without, "
-                     "paired over queries", control=ControlResult(
+        m = Measured(effect, (lo, hi), len(b), f"share of replies graded '{label}' and coherent with the shift "
+                     "minus without, paired over queries", control=ControlResult(
                          name="a random vector of the same norm, same shift", effect=float(ctrl_flags.mean() - b.mean()),
                          p_value=p), beats_control=beats_control(p),
-                     untestable=untestable_reason("rate_rise", base.flags, self.spec.behaviour.min_base_rate,
+                     untestable=untestable_reason("rate_rise", base_flags, self.spec.behaviour.min_base_rate,
                                                   "the unshifted queries"),
-                     details={"base": rate_summary(base.flags), "shifted": rate_summary(shifted.flags)},
+                     details={"base": rate_summary(base_flags), "shifted": rate_summary(shifted_flags),
+                              "coherence": coherence, "coherent_rule": COHERENT_RULE},
                      plots=plots)
         return judge(name, claim, m)

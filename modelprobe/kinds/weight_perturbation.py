@@ -21,6 +21,16 @@
    rarely flips a greedy reply. Control: the same perturbation of as many random groups of the same
    kinds (attention / MLP), several draws; the claim must beat their mean (paired permutation over
    prompts) and exceed every draw.
+4. Specificity guard: the same perturbation must leave the model working on unrelated prompts
+   (`specificity.prompts`, default the harmless instructions). The clean model's greedy replies to them
+   are fed back (teacher forcing) to the perturbed model, and the share of reply positions where its
+   greedy next token is still the clean model's is the agreement. Below `min_agreement` the claim is
+   inconclusive, "the perturbation breaks the model", never a pass: zeroing a group the whole model
+   depends on changes the behaviour rate because the model stops speaking, not because the behaviour
+   lived there, while random groups stay harmless - a false "localises" the control cannot catch.
+   Next-token agreement rather than a text heuristic: it needs no grader, and a group that only
+   carries the behaviour leaves unrelated replies untouched. The coherent share of the perturbed
+   test replies is reported beside it.
 """
 
 from __future__ import annotations
@@ -45,10 +55,17 @@ from ..spec import (
     Seed,
     Strict,
 )
-from ..spec.fields import Count, LayerSpec, Tolerance
+from ..spec.fields import Count, LayerSpec, Rate, Tolerance
 from ..stats import paired_difference
 from ..subject.sites import Site, resolve_layer
-from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
+from ..toolkit.behaviour import (
+    COHERENT_RULE,
+    Behaviour,
+    behave,
+    coherent_flags,
+    rate_summary,
+    untestable_reason,
+)
 from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
@@ -102,6 +119,17 @@ class Noise(Strict):
     seeds: int = Field(5, ge=1, le=1000, description="noise draws per group (method random)")
 
 
+class Specificity(Strict):
+    prompts: str = Field("data/harmless_instructions.jsonl", description='JSONL, one {"prompt": ...} per line: '
+                         "unrelated prompts the perturbed model must still answer like the clean one (rendered "
+                         "like the behaviour prompts)")
+    max_prompts: Count = Field(16, description="use at most this many (the first ones)")
+    max_new_tokens: int = Field(16, ge=1, le=512, description="length of the clean greedy replies compared")
+    min_agreement: Rate = Field(0.75, description="share of reply positions where the perturbed model's greedy "
+                                                  "next token must still be the clean model's; below it the "
+                                                  "claim is inconclusive (the perturbation breaks the model)")
+
+
 class LocalisesExpect(OneExpectation):
     rate_change: RateChangeThreshold | None = Field(
         None, description="base rate - rate with the top groups perturbed (the behaviour removed), same prompts")
@@ -127,6 +155,7 @@ class WeightPerturbationSpec(ProbeBase):
     method: Method = Field("gradient", description="ranks the groups for the claims")
     checks: list[Method] | None = Field(None, description="methods also run and compared (default: the other two)")
     noise: Noise = Field(default_factory=Noise)
+    specificity: Specificity = Field(default_factory=Specificity)
     claims: dict[ClaimName, LocalisesClaim] = Field(min_length=1)
 
 
@@ -138,12 +167,14 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
 
     @classmethod
     def data_files(cls, spec: WeightPerturbationSpec) -> list[tuple[str, tuple]]:
-        return [(spec.behaviour.prompts, ("behaviour", "prompts"))]
+        return [(spec.behaviour.prompts, ("behaviour", "prompts")),
+                (spec.specificity.prompts, ("specificity", "prompts"))]
 
     @classmethod
     def check_data(cls, probe: Any) -> list[dict]:
         b = probe.spec.behaviour
         rows = read_rows(probe, b.prompts, ("behaviour", "prompts"))
+        read_rows(probe, probe.spec.specificity.prompts, ("specificity", "prompts"))
         need = b.split.rank + b.split.test
         if len(rows) < need:
             raise probe.error(f"'{b.prompts}' holds {len(rows)} prompts, but the split asks for {b.split.rank} "
@@ -176,6 +207,10 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
             self.prompts[part] = [rows[i]["prompt"] for i in idx]
             self.ids[part] = encode_rows(subject, self.prompts[part], path, [int(i) + 1 for i in idx],
                                          b.chat_template, b.system, new)
+        sp = spec.specificity
+        neutral = read_rows(probe, sp.prompts, ("specificity", "prompts"))[:sp.max_prompts]
+        self.neutral_ids = encode_rows(subject, [r["prompt"] for r in neutral], probe.path.parent / sp.prompts, None,
+                                       b.chat_template, b.system, sp.max_new_tokens)
         layers = sorted(set(resolve_layer(spec.groups.layers, subject.n_layers, ("groups", "layers"))))
         self.groups: list[WeightGroup] = weights.weight_groups(subject.sitemap, spec.groups.by, spec.groups.block, layers)
         for name, claim in spec.claims.items():
@@ -275,8 +310,9 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         return values, info
 
     # ---- the claim ------------------------------------------------------------------------------
-    def _behave(self, groups: list[WeightGroup], perturbation: str, desc: str) -> Behaviour:
-        sm, b = self.subject.sitemap, self.spec.behaviour
+    def _perturbed(self, groups: list[WeightGroup], perturbation: str) -> Any:
+        """Context manager: the groups' weights zeroed (or noised) inside, restored exactly after."""
+        sm = self.subject.sitemap
         slices = [sl for g in groups for sl in g.slices]
         noises = {sl: d for g in groups for sl, d in
                   weights.noise(sm, g, self.spec.noise.relative, self.spec.seed).items()} if perturbation == "noise" else {}
@@ -284,9 +320,38 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         def edit(values: torch.Tensor, sl: Any) -> torch.Tensor:
             return values + noises[sl] if perturbation == "noise" else torch.zeros_like(values)
 
-        with weights.perturbed(sm, slices, edit):
+        return weights.perturbed(sm, slices, edit)
+
+    def _behave(self, groups: list[WeightGroup], perturbation: str, desc: str) -> Behaviour:
+        b = self.spec.behaviour
+        with self._perturbed(groups, perturbation):
             return behave(self.subject, self.grader, self.ids["test"], (), b.max_new_tokens,
                           self.spec.batch_size, desc)
+
+    # ---- specificity: does the perturbed model still work on unrelated prompts? -----------------------
+    def _neutral_replies(self) -> None:
+        """The clean model's greedy replies to the neutral prompts (full length, past any end token), kept
+        as the teacher-forced sequences every perturbation is compared on."""
+        sp = self.spec.specificity
+        gens = self.subject.generate(self.neutral_ids, sp.max_new_tokens, batch_size=self.spec.batch_size,
+                                     stop_at_eos=False, desc="weight_perturbation: neutral replies")
+        self.neutral_seqs = [list(p) + list(g) for p, g in zip(self.neutral_ids, gens)]
+        self.neutral_clean = self._agreement_now()
+
+    def _agreement_now(self) -> np.ndarray:
+        """[n] per neutral prompt: share of its clean reply's positions where the current model's greedy
+        next token (given the clean prefix) is the clean reply's token."""
+        out = np.zeros(len(self.neutral_seqs))
+        for fw in self.subject.run(self.neutral_seqs, (), (), "all", self.spec.batch_size, "specificity"):
+            for j, r in enumerate(fw.batch.rows):
+                seq, p, pad = self.neutral_seqs[r], len(self.neutral_ids[r]), int(fw.batch.pad[j])
+                pred = fw.logits[j, pad + p - 1:pad + len(seq) - 1].argmax(-1).cpu()
+                out[r] = float((pred == torch.tensor(seq[p:])).double().mean())
+        return out
+
+    def _agreement(self, groups: list[WeightGroup], perturbation: str) -> np.ndarray:
+        with self._perturbed(groups, perturbation):
+            return self._agreement_now()
 
     def _control_sets(self, top: list[int], draws: int) -> tuple[list[list[int]], bool]:
         """`draws` random group sets of the top set's size and kinds, none of the top groups; matched is
@@ -331,12 +396,36 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         bars = Bars(title=f"{label} rate on the test prompts", value_label=f"{label} rate", labels=["top groups"],
                     before=[float(b.mean())], after=[float(a.mean())], before_label="clean",
                     after_label=f"top {claim.top} {what}")
+        agree = self._agreement(chosen, claim.perturbation)
+        details["specificity"] = self._specificity(agree, after)
+        if not untestable and agree.mean() < spec.specificity.min_agreement:
+            untestable = (f"the perturbation breaks the model: with the top {claim.top} groups {what}, the greedy "
+                          f"next token matches the clean model's on only {agree.mean():.2f} of the reply positions "
+                          f"of {len(agree)} unrelated prompts (min_agreement {spec.specificity.min_agreement:g}); "
+                          f"the {label} rate changes because the model stops working, not because the "
+                          f"behaviour lives there")
         m = Measured(effect, (lo, hi), len(b), metric, details=details, plots=[bars], untestable=untestable)
+        m.plots.append(Bars(title="next-token agreement with the clean model on unrelated prompts",
+                            value_label="agreement", labels=["top groups"], before=[float(self.neutral_clean.mean())],
+                            after=[float(agree.mean())], before_label="clean", after_label=f"top {claim.top} {what}"))
         if untestable:
             details["control"] = "skipped: the claim cannot be tested on this model"
         else:
             self._control(m, claim, top, per_prompt, a)
         return judge(name, claim, m)
+
+    def _specificity(self, agree: np.ndarray, after: Behaviour) -> dict[str, Any]:
+        sp = self.spec.specificity
+        out: dict[str, Any] = {
+            "prompts": sp.prompts, "n": len(agree), "reply_tokens": sp.max_new_tokens,
+            "agreement": float(agree.mean()), "agreement_clean": float(self.neutral_clean.mean()),
+            "min_agreement": sp.min_agreement,
+            "rule": "share of the clean model's greedy reply positions on unrelated prompts where the perturbed "
+                    "model's greedy next token (given the clean prefix) is the same"}
+        if after.texts is not None:
+            out["test_replies_coherent"] = rate_summary(coherent_flags(after.texts))
+            out["coherent_rule"] = COHERENT_RULE
+        return out
 
     def _control(self, m: Measured, claim: LocalisesClaim, top: list[int], per_prompt: Any, a: np.ndarray) -> None:
         sets, matched = self._control_sets(top, claim.draws)
@@ -347,11 +436,12 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         comparison = claim.expect.threshold.comparison
         p = paired_control(mine, theirs, comparison, self.spec.seed)
         effects = [float(per_prompt(f).mean()) for f in flags]
+        agreements = [float(self._agreement([self.groups[i] for i in s], claim.perturbation).mean()) for s in sets]
         exceeds = all(m.effect > e for e in effects) if comparison == "at_least" else all(m.effect < e for e in effects)
         name = f"matched random groups ({len(sets)} draws of {claim.top})"
         m.control = ControlResult(name=name, effect=float(theirs.mean()), p_value=p, detail={
             "effects": effects, "groups": [[self.groups[i].name for i in s] for s in sets],
-            "kinds_matched": matched, "effect_exceeds_every_draw": exceeds,
+            "kinds_matched": matched, "effect_exceeds_every_draw": exceeds, "neutral_agreement": agreements,
             "test": f"paired permutation over prompts against the draws' mean, one-sided "
                     f"({alternative_for(comparison)}), alpha {ALPHA}; and the effect must exceed every draw"})
         m.beats_control = beats_control(p) and exceeds
@@ -365,6 +455,7 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         agreement = spearman_table(values)
         base = behave(self.subject, self.grader, self.ids["test"], (), spec.behaviour.max_new_tokens,
                       spec.batch_size, "weight_perturbation: base")
+        self._neutral_replies()
         plots = [self._ranking_table(values, orders)]
         if agreement:
             plots.append(Table(title="rank agreement between methods (Spearman)", columns=["methods", "rho"],
@@ -384,6 +475,7 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
             "ranking": {m: [self.groups[i].name for i in o[:SHOWN]] for m, o in orders.items()},
             "grader": self.grader.describe(), "split": spec.behaviour.split.model_dump(),
             "base_rate": rate_summary(base.flags), "noise": spec.noise.model_dump(),
+            "specificity": {**spec.specificity.model_dump(), "agreement_clean": float(self.neutral_clean.mean())},
         }
         return Outcome(settings, claims)
 

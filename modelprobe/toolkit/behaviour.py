@@ -9,6 +9,8 @@ generating there (the replies kept are then cut at that point).
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +62,38 @@ def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], i
     gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc, settled=settled)
     texts = [subject.decode(g) for g in gens]
     return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
+
+
+_TOKEN = re.compile(r"[a-z0-9']+|\S")
+COHERENT_RULE = ("has a word; no n-gram (n<=4) of words and symbols (emoji, U+FFFD) 4 times in a row; >=30% "
+                 "distinct when >=12 of them")
+
+
+def _units(reply: str) -> list[str]:
+    """Words ([a-z0-9']+) and single symbol characters (Unicode category S*: emoji, modifiers, the
+    replacement character), in order; letters outside a-z and punctuation are skipped."""
+    return [t for t in _TOKEN.findall(reply.lower())
+            if len(t) > 1 or t.isascii() and (t.isalnum() or t == "'") or unicodedata.category(t).startswith("S")]
+
+
+def coherent(reply: str) -> bool:
+    """Has a word and is not degenerate: no n-gram (n <= 4) of words and symbols repeated 4 times in a
+    row ("🌊🌊🌊🌊" counts, as emoji runs are how a broken model often repeats), and at least 30%
+    distinct units in a reply of 12 or more."""
+    words = _units(reply)
+    if not any(len(w) > 1 or w.isascii() for w in words):
+        return False
+    for n in range(1, 5):
+        for i in range(len(words) - 4 * n + 1):
+            gram = words[i:i + n]
+            if all(words[i + k * n:i + (k + 1) * n] == gram for k in range(1, 4)):
+                return False
+    return len(words) < 12 or len(set(words)) / len(words) >= 0.3
+
+
+def coherent_flags(texts: Sequence[str]) -> np.ndarray:
+    """[n] bool: which replies are coherent (`coherent`)."""
+    return np.array([coherent(t) for t in texts], dtype=bool)
 
 
 def rate_summary(flags: np.ndarray) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SiteError
+from .behaviour import COHERENT_RULE, coherent
 
 if TYPE_CHECKING:
     from ..subject import Subject
@@ -109,20 +110,6 @@ def identifies(reply: str, forms: Sequence[str]) -> bool:
     return mention >= sentence_start
 
 
-def coherent(reply: str) -> bool:
-    """Non-empty and not degenerate: no word n-gram (n <= 4) repeated 4 times in a row, and at least 30%
-    distinct words in a reply of 12 words or more."""
-    words = _WORD.findall(reply.lower())
-    if not words:
-        return False
-    for n in range(1, 5):
-        for i in range(len(words) - 4 * n + 1):
-            gram = words[i:i + n]
-            if all(words[i + k * n:i + (k + 1) * n] == gram for k in range(1, 4)):
-                return False
-    return len(words) < 12 or len(set(words)) / len(words) >= 0.3
-
-
 def says_yes(reply: str) -> bool:
     """The reply's first 'yes' or 'no' is 'yes'."""
     first = next((w for w in _WORD.findall(reply.lower()) if w in ("yes", "no")), None)
@@ -140,7 +127,7 @@ RULES_SHOWN = {
     "affirmative": "first of " + ", ".join(repr(p) for p in AFFIRMATIVE[:8]) + ", ... not negated nearby",
     "identified": "affirmative, and the word / singular-plural / synonym is mentioned no earlier than the "
                   "sentence of the detection claim; a reply opening with the word does not count",
-    "coherent": "non-empty; no word n-gram (n<=4) 4 times in a row; >=30% distinct words when >=12 words",
+    "coherent": COHERENT_RULE,
     "yes": "the first 'yes' or 'no' in the reply is 'yes'",
 }
 
