@@ -60,6 +60,17 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_batch_size(text: str) -> int | str:
+    """`auto` (rows from a memory budget, subject/batching.py) or a fixed number of rows per forward."""
+    if str(text).strip() == "auto":
+        return "auto"
+    try:
+        int(str(text).strip())
+    except ValueError:
+        raise ValueError("expected auto or a whole number >= 1") from None
+    return _int_at_least(1, 1 << 16)(text)
+
+
 _DEVICE = re.compile(r"^(cpu|auto|mps|cuda(:\d{1,3})?)$")
 
 
@@ -129,8 +140,9 @@ OPTIONS: tuple[Option, ...] = (
            "allow model code from the model directory (off by default)"),
     Option("--probe-allow-inconclusive", "probe_allow_inconclusive", parse_bool, False,
            "do not fail the run on inconclusive claims"),
-    Option("--probe-batch-size", "probe_batch_size", _int_at_least(1, 1 << 16), 16,
-           "prompts per forward pass (default 16)"),
+    Option("--probe-batch-size", "probe_batch_size", parse_batch_size, "auto",
+           "prompts per forward pass: auto (default: as many as fit a quarter of the free memory, capped "
+           "where more stop paying off) or a fixed number 1-65536"),
     Option("--probe-threads", "probe_threads", _int_at_least(0, 4096), 0,
            "torch threads (default 0: all cores; 1 per xdist worker)"),
     Option("--probe-save", "probe_save", parse_baseline_name, None,

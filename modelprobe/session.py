@@ -23,7 +23,7 @@ class Options:
     data_root: Path | None
     trust_remote_code: bool
     allow_inconclusive: bool
-    batch_size: int
+    batch_size: int | str  # rows per forward, or 'auto'
     threads: int
     save: str | None
     compare: str | None

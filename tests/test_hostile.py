@@ -72,7 +72,7 @@ PYTEST_CASES = [
     ("device_banana", {}, ["--probe-device=banana"], USAGE, "--probe-device=banana: expected cpu, cuda"),
     ("dtype_unknown", {}, ["--probe-dtype=float8"], USAGE, "--probe-dtype=float8: expected one of float32"),
     ("ini_batch_size_text", {}, ["-o", "probe_batch_size=abc"], USAGE,
-     "ini option probe_batch_size = 'abc': expected a whole number"),
+     "ini option probe_batch_size = 'abc': expected auto or a whole number"),
     ("ini_bool_text", {}, ["-o", "probe_strict=maybe"], USAGE,
      "ini option probe_strict = 'maybe': expected true or false"),
     ("model_empty", {}, ["--model="], USAGE, "--model=: must not be empty"),

@@ -229,15 +229,16 @@ def test_last_failed_and_exitfirst_work_on_claims(pytester, probe_dir, copy_mode
 def test_numbers_do_not_depend_on_batch_size(pytester, probe_dir, random_model):
     """Batch size changes padding, never verdicts or effects (a silent-wrong-number guard)."""
     results = []
-    for size in ("1", "7"):
+    for size in ("1", "7", "auto"):
         run(pytester, random_model, f"--probe-batch-size={size}")
         rec = report(pytester, random_model)
         claims = rec["probes"][0]["claims"]
         results.append(({c["name"]: (c["verdict"], c["effect"]) for c in claims},
                         [p for c in claims for p in c["curves"]["mean_target_prob"]]))
-    assert results[0][0] == results[1][0]
+    assert results[0][0] == results[1][0] == results[2][0]
     # Continuous per-layer probabilities would expose a padding or position-id error.
     assert results[0][1] == pytest.approx(results[1][1], abs=1e-6)
+    assert results[0][1] == pytest.approx(results[2][1], abs=1e-6)
     assert len(set(results[0][1])) > 3
 
 

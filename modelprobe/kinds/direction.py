@@ -46,7 +46,7 @@ from ..spec import (
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from ..subject.sites import Site, resolve_layer
-from ..toolkit.behaviour import Behaviour, behave, rate_summary, untestable_reason
+from ..toolkit.behaviour import Behaviour, behave, behave_variants, rate_summary, untestable_reason
 from ..toolkit.controls import (
     ALPHA,
     alternative_for,
@@ -381,6 +381,25 @@ class Direction(ProbeKind[DirectionSpec]):
                 break
         return np.stack(drawn)
 
+    def _prefetch(self, plan: list[tuple[DirectionClaim, torch.Tensor, int]]) -> None:
+        """Base and intervened behaviour of every claim, each prompt set's in one batched run (base rows and
+        each claim's intervened rows side by side: toolkit.behaviour.behave_variants)."""
+        for on in SETS:
+            todo: dict[tuple, list] = {}
+            for claim, r, layer in plan:
+                key = ("after", claim.intervention, claim.on, claim.scale)
+                if claim.on == on and claim.intervention != "weight_orthogonalize" and key not in self._memo:
+                    todo[key] = self._interventions(claim, r, layer)
+            if not todo:
+                continue
+            base = ("base", on)
+            keys = ([base] if base not in self._memo else []) + list(todo)
+            variants = [[] if k == base else todo[k] for k in keys]
+            got = behave_variants(self.subject, self.grader, self.ids["test"][on], variants,
+                                  self.spec.behaviour.max_new_tokens, self.spec.batch_size,
+                                  f"direction: base and intervened ({on})")
+            self._memo.update(zip(keys, got))
+
     def _base(self, which: str) -> Behaviour:
         key = ("base", which)
         if key not in self._memo:
@@ -522,16 +541,19 @@ class Direction(ProbeKind[DirectionSpec]):
             raise self.probe.error(f"the difference of means at layer {layer}, position {best.position} is zero: "
                                    "the two prompt sets look identical there", ("direction",))
         u = r / r.norm()
+        plan = {}
+        for name, claim in spec.claims.items():
+            own = sel.add if claim.intervention == "add" else best  # add may have its own layer
+            plan[name] = (claim, diffs[self.positions.index(own.position), own.layer].float(), own)
+        self._prefetch([(claim, own_r, own.layer) for claim, own_r, own in plan.values()])
         collateral = self._collateral(self._ablate(u), "ablate")
         claims = []
-        for name, claim in spec.claims.items():
+        for name, (claim, own_r, own) in plan.items():
             extra = collateral
             if claim.intervention == "weight_orthogonalize":
                 extra = {"ablate": collateral,
                          "weight_orthogonalize": self._collateral(self._interventions(claim, r, layer),
                                                                   "weight_orthogonalize")}
-            own = sel.add if claim.intervention == "add" else best  # add may have its own layer
-            own_r = diffs[self.positions.index(own.position), own.layer].float()
             result = self._claim(name, claim, own_r, own.layer, own.position, extra)
             if claim.intervention == "add":
                 result.details["direction_choice"] = sel.info["add"]

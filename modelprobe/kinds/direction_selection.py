@@ -42,8 +42,9 @@ import torch
 
 from ..subject import Add, Site
 from ..subject.resume import common_prefix, resume_variants
+from ..toolkit.behaviour import behave_variants
 from ..toolkit.metrics import kl as _kl
-from ..toolkit.steering import ablate_direction_everywhere
+from ..toolkit.steering import ablate_direction_everywhere, stack_variants
 from .graders import log_odds
 
 NO_CANDIDATE = "no candidate direction passed selection"
@@ -152,12 +153,16 @@ def _filter(c: Candidate, max_kl: float, induce_floor: float) -> None:
     c.note = "; ".join(reasons)
 
 
-# Rows (variants x prompts) per resumed forward: on CPU, wider batches are no faster per token.
-ROWS_PER_FORWARD = 64
+# Tokens (variants x prompts x the tokens after the shared prefix) per resumed forward: a forward of a few
+# hundred tokens pays the per-layer overhead for little work; beyond a few thousand nothing is gained.
+TOKENS_PER_FORWARD = 4096
 
 
-def _variant_chunks(n: int, b: int) -> list[slice]:
-    step = max(1, ROWS_PER_FORWARD // max(1, b))
+def _variant_chunks(n: int, batch: Any, prefix: int) -> list[slice]:
+    """Variants per forward for a batch: as many as fit TOKENS_PER_FORWARD, split evenly."""
+    per_variant = len(batch.rows) * max(1, batch.input_ids.shape[1] - prefix)
+    forwards = math.ceil(n / max(1, TOKENS_PER_FORWARD // per_variant))
+    step = math.ceil(n / max(1, forwards))
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
@@ -183,7 +188,7 @@ def _exact_induce(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Va
         sums = torch.zeros(len(here), dtype=torch.float64)
         for batch, acts in val.negative:
             b = len(batch.rows)
-            for part in _variant_chunks(len(here), b):
+            for part in _variant_chunks(len(here), batch, prefix):
                 v = vecs[part]
                 logits = resume_variants(subject, batch, layer, acts[layer], len(v),
                                          partial(_added, Site("resid_pre", layer), v), prefix)
@@ -207,7 +212,7 @@ def _exact_ablation(kind: Any, diffs: torch.Tensor, measured: list[Candidate], v
         prefix = common_prefix(ids[which])
         for batch, acts in batches:
             b = len(batch.rows)
-            for part in _variant_chunks(len(measured), b):
+            for part in _variant_chunks(len(measured), batch, prefix):
                 u = units[part]
                 logits = resume_variants(subject, batch, 0, acts[0], len(u),
                                          partial(_ablated, subject.n_layers, u), prefix).cpu()
@@ -276,18 +281,25 @@ def _score_generation(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val
             if c not in measured:
                 c.note = f"not measured: outside the grid of {len(grid)} layers"
         mode = f"grid: {len(grid)} of {len(layers)} layers, each at its best-separating position"
-    base_pos = kind._behave(ids["positive"], (), k_new, "direction: validation base (positive)")
-    base_neg = kind._behave(ids["negative"], (), k_new, "direction: validation base (negative)")
+    vecs = [diffs[kind.positions.index(c.position), c.layer].float() for c in measured]
+    ablations = [kind._ablate(r / r.norm()) for r in vecs]
+    # Every candidate's replies (and the base replies) side by side: one batched generation per set.
+    base_pos, *bypass = behave_variants(subject, kind.grader, ids["positive"], [[], *ablations], k_new, bs,
+                                        "direction: validation bypass (positive)")
+    base_neg, *induce = behave_variants(subject, kind.grader, ids["negative"],
+                                        [[], *(kind._add(r, c.layer) for r, c in zip(vecs, measured))], k_new, bs,
+                                        "direction: validation induce (negative)")
     base_bypass, base_induce = float(base_pos.flags.mean()), float(base_neg.flags.mean())
-    for c in measured:
-        r = diffs[kind.positions.index(c.position), c.layer].float()
-        u = r / r.norm()
-        c.bypass = float(kind._behave(ids["positive"], kind._ablate(u), k_new,
-                                      f"direction: bypass L{c.layer} p{c.position}").flags.mean())
-        abl = subject.last_logits(ids["negative"], kind._ablate(u), bs)
+    n_vn = len(ids["negative"])
+    stacked = stack_variants(ablations, n_vn)
+    if stacked is not None and measured:
+        ablated = subject.last_logits([x for _ in measured for x in ids["negative"]], stacked, bs)
+        kls = [ablated[i * n_vn:(i + 1) * n_vn] for i in range(len(measured))]
+    else:
+        kls = [subject.last_logits(ids["negative"], a, bs) for a in ablations]
+    for c, by, ind, abl in zip(measured, bypass, induce, kls):
+        c.bypass, c.induce = float(by.flags.mean()), float(ind.flags.mean())
         c.kl = float(_kl(val.logits[n_vp:], abl).mean())
-        c.induce = float(kind._behave(ids["negative"], kind._add(r, c.layer), k_new,
-                                      f"direction: induce L{c.layer} p{c.position}").flags.mean())
         _filter(c, d.max_kl, base_induce)
     info.update(mode=mode, score=(
         f"behaviour rate on validation replies of {k_new} new tokens, graded by the probe's grader (bypass: "

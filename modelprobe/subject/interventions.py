@@ -148,7 +148,9 @@ class AblateDirection(Intervention):
             u = self.direction.to(x.dtype).to(x.device)
             if u.dim() == 2:
                 u = u[:, None, :]
-            cached = (key, u / u.norm(dim=-1, keepdim=True))
+            norm = u.norm(dim=-1, keepdim=True)
+            # A zero direction projects out nothing (x stays bit for bit): rows of a batch without an ablation.
+            cached = (key, torch.where(norm > 0, u / norm, torch.zeros_like(u)))
             self.__dict__["_unit_cache"] = cached
         return cached[1]
 

@@ -10,6 +10,7 @@ import torch
 
 from ..errors import ModelLoadError, SiteError
 from ..model_facts import ModelInfo
+from .batching import MAX_PADDING, AutoBatch, chunk_sorted
 from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks, per_row
 from .sitemap import SiteMap
 from .sites import Site
@@ -50,9 +51,11 @@ class Subject:
     tokenizer: Any
     info: ModelInfo
     sitemap: SiteMap
-    batch_size: int = 16
+    batch_size: int = 16  # rows per forward when fixed; with auto_batch, the nominal size callers scale from
     progress: bool = True
     cache: dict[Any, Any] = field(default_factory=dict)  # shared activations (means etc.) across probes
+    auto_batch: bool = False  # --probe-batch-size auto: rows per forward from a memory budget (subject/batching)
+    _auto: Any = field(default=None, repr=False)
 
     # ---- shape facts ------------------------------------------------------------------------
     @property
@@ -148,13 +151,37 @@ class Subject:
         dev = self.device
         return Batch(rows, input_ids.to(dev), mask.to(dev), position_ids.to(dev), pad, lengths)
 
-    def batches(self, ids: Sequence[Sequence[int]], batch_size: int | None = None) -> Iterator[Batch]:
-        """Batches of similar length (less padding); each batch says which caller rows it holds."""
-        size = batch_size or self.batch_size
+    def batches(self, ids: Sequence[Sequence[int]], batch_size: int | None = None,
+                new_tokens: int = 0) -> Iterator[Batch]:
+        """Batches of similar length (less padding); each batch says which caller rows it holds.
+
+        `batch_size` fixes the rows per batch; without it the run's size is used, which with `auto_batch`
+        is as many rows as fit the memory budget for the batch's longest prompt plus `new_tokens`."""
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        for start in range(0, len(order), size):
-            rows = order[start:start + size]
+        if batch_size is None and self.auto_batch:
+            lengths = [len(x) for x in ids]
+            # Generation pays per step whatever the rows, so only prompt passes split to save padding.
+            chunks = chunk_sorted(lengths, order, lambda width: self.auto_rows(width, new_tokens),
+                                  MAX_PADDING if new_tokens == 0 else None)
+        else:
+            size = batch_size or self.batch_size
+            chunks = [order[start:start + size] for start in range(0, len(order), size)]
+        for rows in chunks:
             yield self.make_batch([ids[r] for r in rows], rows)
+
+    def auto_rows(self, width: int, new_tokens: int = 0) -> int:
+        """Rows of `width` tokens (+ `new_tokens` generated) per forward under the auto batch size."""
+        if self._auto is None:
+            self._auto = AutoBatch(self.model)
+        return self._auto.rows(width, new_tokens)
+
+    def describe_batching(self) -> dict[str, Any]:
+        """How rows are batched, for the report."""
+        if not self.auto_batch:
+            return {"batch_size": self.batch_size}
+        if self._auto is None:
+            self._auto = AutoBatch(self.model)
+        return self._auto.describe()
 
     # ---- forward ----------------------------------------------------------------------------
     def interventions_for(self, interventions: InterventionsFor, rows: list[int]) -> Sequence[Any]:
@@ -211,7 +238,7 @@ class Subject:
         from ..progress import bar
         results: list[list[int]] = [[] for _ in ids]
         eos = self.tokenizer.eos_token_id
-        batches = list(self.batches(ids, batch_size))
+        batches = list(self.batches(ids, batch_size, new_tokens=max_new_tokens))
         for batch in bar(batches, desc, total=len(batches), enabled=self.progress):
             gen = self._generate_batch(batch, max_new_tokens, interventions, use_cache,
                                        eos if stop_at_eos else None, settled)
@@ -324,7 +351,7 @@ def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:
 
 
 def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
-                 batch_size: int = 16, progress: bool = True, max_memory: dict[Any, Any] | None = None,
+                 batch_size: int | str = 16, progress: bool = True, max_memory: dict[Any, Any] | None = None,
                  offload_folder: str | None = None) -> Subject:
     """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake.
 
@@ -370,6 +397,8 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
                      model_type=mdl.config.model_type, n_layers=sitemap.n_layers, dtype=str(torch_dtype).split(".")[-1],
                      device=str(next(mdl.parameters()).device) if device_map is None else "auto")
     info_versions = {"transformers": transformers.__version__, "torch": torch.__version__}
-    subject = Subject(mdl, tok, info, sitemap, batch_size=batch_size, progress=progress)
+    auto = batch_size == "auto"
+    subject = Subject(mdl, tok, info, sitemap, batch_size=16 if auto else int(batch_size), progress=progress,
+                      auto_batch=auto)
     subject.cache["versions"] = info_versions
     return subject

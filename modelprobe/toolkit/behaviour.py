@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,21 +48,113 @@ class Behaviour:
         return float(self.flags.mean()) if self.flags.size else float("nan")
 
 
+# Base replies (no intervention) are shared across claims and probes of a run that ask for the same
+# prompts and settings; texts and last-position logits are kept, up to this many bytes (oldest out first).
+SHARED_BYTES = 256 << 20
+
+
+def _shared_key(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], max_new_tokens: int) -> tuple | None:
+    """Cache key of the base behaviour of these prompts, or None when it must not be shared: a grader
+    that stops rows early shapes the replies, so it is part of the key (by its description)."""
+    # Every in-place write to a parameter bumps its version: edited weights (a perturbation in flight, or
+    # restored since) never meet replies of other weights.
+    weights = sum(p._version for p in subject.model.parameters())
+    model = (subject.info.id, subject.info.hash, subject.info.dtype, str(subject.device), weights)
+    prompts = tuple(tuple(int(t) for t in x) for x in ids)
+    if not grader.needs_generation:
+        return ("behave.logits", model, prompts)
+    settle = None
+    if getattr(grader, "settles", False):
+        describe = getattr(grader, "describe", None)
+        if describe is None:
+            return None
+        settle = repr(describe())
+    return ("behave.texts", model, prompts, max_new_tokens, settle)
+
+
+def _shared_store(subject: Subject) -> OrderedDict:
+    return subject.cache.setdefault("behave.shared", OrderedDict())
+
+
+def _remember(subject: Subject, key: tuple | None, value: Any) -> None:
+    if key is None:
+        return
+    store = _shared_store(subject)
+    store[key] = value
+
+    def size(v: Any) -> int:
+        return v.numel() * v.element_size() if hasattr(v, "numel") else sum(len(t) for t in v)
+
+    while len(store) > 1 and sum(size(v) for v in store.values()) > SHARED_BYTES:
+        store.popitem(last=False)
+
+
+def _recall(subject: Subject, key: tuple | None) -> Any:
+    store = _shared_store(subject)
+    if key is None or key not in store:
+        return None
+    store.move_to_end(key)
+    return store[key]
+
+
+def _graded(grader: GraderLike, texts: list[str] | None = None, logits: torch.Tensor | None = None) -> Behaviour:
+    if logits is not None:
+        scores = grader.scores(logits).numpy()
+        return Behaviour(scores > 0, scores=scores, logits=logits)
+    return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=list(texts))
+
+
 def behave(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]], interventions: InterventionsFor = (),
            max_new_tokens: int = 48, batch_size: int | None = None, desc: str = "behaviour") -> Behaviour:
     """Grade each prompt's greedy reply (or, for a logit grader, its next-token distribution) with
-    `interventions` applied to prompt and generated tokens alike."""
+    `interventions` applied to prompt and generated tokens alike. Without interventions the replies are
+    shared with any earlier request for the same prompts and settings in this run."""
+    key = None if callable(interventions) or len(interventions) else _shared_key(subject, grader, ids, max_new_tokens)
+    known = _recall(subject, key)
     if not grader.needs_generation:
-        logits = subject.last_logits(ids, interventions, batch_size)
-        scores = grader.scores(logits).numpy()
-        return Behaviour(scores > 0, scores=scores, logits=logits)
+        logits = known if known is not None else subject.last_logits(ids, interventions, batch_size)
+        _remember(subject, key, logits)
+        return _graded(grader, logits=logits)
+    if known is not None:
+        return _graded(grader, texts=known)
     settled = None
     if getattr(grader, "settles", False):  # the reply shows the behaviour already: generating on cannot undo it
         def settled(reply: list[int]) -> bool:
             return bool(grader.grade_all([subject.decode(reply)])[0])
     gens = subject.generate(ids, max_new_tokens, interventions, batch_size=batch_size, desc=desc, settled=settled)
     texts = [subject.decode(g) for g in gens]
-    return Behaviour(np.array(grader.grade_all(texts), dtype=bool), texts=texts)
+    _remember(subject, key, texts)
+    return _graded(grader, texts=texts)
+
+
+def behave_variants(subject: Subject, grader: GraderLike, ids: Sequence[Sequence[int]],
+                    variants: Sequence[Sequence[Any]], max_new_tokens: int = 48, batch_size: int | None = None,
+                    desc: str = "behaviour") -> list[Behaviour]:
+    """`behave` under each of several intervention lists (e.g. none, and the claim's), one Behaviour per
+    variant. Variants that can share a batch (toolkit.steering.stack_variants) run as one, variant-major:
+    every row's numbers are its own, only the rows beside it change. A base variant (no intervention)
+    whose replies this run already has is not run again."""
+    from .steering import stack_variants
+
+    base_key = _shared_key(subject, grader, ids, max_new_tokens)
+    run = [v for v in range(len(variants)) if len(variants[v]) or _recall(subject, base_key) is None]
+    stacked = stack_variants([variants[v] for v in run], len(ids)) if len(run) > 1 else None
+    if stacked is None:
+        return [behave(subject, grader, ids, list(v), max_new_tokens, batch_size, desc) for v in variants]
+    both = behave(subject, grader, [x for _ in run for x in ids], stacked, max_new_tokens, batch_size, desc)
+    n, out = len(ids), []
+    for v in range(len(variants)):
+        if v not in run:
+            out.append(behave(subject, grader, ids, (), max_new_tokens, batch_size, desc))
+            continue
+        part = slice(run.index(v) * n, (run.index(v) + 1) * n)
+        got = Behaviour(both.flags[part], texts=both.texts[part] if both.texts is not None else None,
+                        scores=both.scores[part] if both.scores is not None else None,
+                        logits=both.logits[part] if both.logits is not None else None)
+        if not len(variants[v]):
+            _remember(subject, base_key, got.logits if got.logits is not None else got.texts)
+        out.append(got)
+    return out
 
 
 _TOKEN = re.compile(r"[a-z0-9']+|\S")
