@@ -23,7 +23,7 @@ import torch
 
 # Above these, more rows per forward bought no speed in our measurements (benchmarks/bench_library.py):
 # CPU generation 96 -> 192 rows gained 16% per row-step; a prompt pass is compute-bound from ~1k tokens.
-CPU_LIMITS = (128, 4096)  # (rows, tokens of a prompt pass)
+CPU_LIMITS = (128, 2048)  # (rows, tokens of a prompt pass)
 GPU_LIMITS = (512, 65536)
 BUDGET_SHARE = 0.25  # of the memory available when the run starts
 FALLBACK_BUDGET = 4 << 30
@@ -79,10 +79,19 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * BUDGET_SHARE)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return FALLBACK_BUDGET
+    available = 0
+    try:  # MemAvailable counts reclaimable page cache; free pages alone undercount a busy machine
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if available <= 0:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return FALLBACK_BUDGET
     return int(available * BUDGET_SHARE) if available > 0 else FALLBACK_BUDGET
 
 
@@ -124,16 +133,17 @@ MAX_PADDING = 0.25
 
 
 def chunk_sorted(lengths: list[int], order: list[int], rows_for: Any,
-                 max_padding: float | None = None) -> list[list[int]]:
+                 max_padding: float | None = None, shared: int = 0) -> list[list[int]]:
     """Split `order` (indices sorted by ascending length) into consecutive batches, each as long as
     `rows_for(longest length in it)` allows and, with `max_padding`, padded by at most that share of
-    its real tokens."""
+    its real tokens after the `shared` first ones (a prefix every prompt has, such as a chat template's
+    system turn, which forwards that share it compute once)."""
     out: list[list[int]] = []
     current: list[int] = []
     real = 0
     for i in order:
-        n = lengths[i]
-        too_many = current and len(current) + 1 > rows_for(n)
+        n = max(1, lengths[i] - shared)
+        too_many = current and len(current) + 1 > rows_for(lengths[i])
         too_padded = current and max_padding is not None and (len(current) + 1) * n > (1 + max_padding) * (real + n)
         if too_many or too_padded:
             out.append(current)
@@ -143,3 +153,17 @@ def chunk_sorted(lengths: list[int], order: list[int], rows_for: Any,
     if current:
         out.append(current)
     return out
+
+
+
+def common_prefix(ids: Any) -> int:
+    """Tokens every prompt starts with (a chat template's system turn, say), leaving each prompt at least
+    one token of its own; 0 when they share nothing."""
+    if not ids:
+        return 0
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        while n > 0 and list(x[:n]) != list(first[:n]):
+            n -= 1
+    return max(n, 0)

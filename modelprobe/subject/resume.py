@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .batching import common_prefix  # noqa: F401  (re-exported: the selection shares prefixes too)
 from .interventions import Intervention, Patch, Positions, RunState, WeightDelta, hooked
 from .sites import Site
 from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
@@ -131,19 +132,6 @@ def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor |
 
 
 # ---- many variants of one batch, sharing the prompts' common prefix ----------------------------------
-
-def common_prefix(ids: Sequence[Sequence[int]]) -> int:
-    """Tokens every prompt starts with (a chat template's system turn, say), leaving each prompt at least
-    one token of its own; 0 when they share nothing."""
-    if not ids:
-        return 0
-    n = min(len(x) for x in ids) - 1
-    first = ids[0]
-    for x in ids[1:]:
-        while n > 0 and list(x[:n]) != list(first[:n]):
-            n -= 1
-    return max(n, 0)
-
 
 def can_share_prefix(subject: Subject) -> bool:
     """Whether `resume_variants` can run a shared prefix once (plain causal attention in every layer)."""

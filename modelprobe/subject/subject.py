@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelLoadError, SiteError
 from ..model_facts import ModelInfo
-from .batching import MAX_PADDING, AutoBatch, chunk_sorted
+from .batching import MAX_PADDING, AutoBatch, chunk_sorted, common_prefix
 from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks, per_row
 from .sitemap import SiteMap
 from .sites import Site
@@ -162,7 +162,7 @@ class Subject:
             lengths = [len(x) for x in ids]
             # Generation pays per step whatever the rows, so only prompt passes split to save padding.
             chunks = chunk_sorted(lengths, order, lambda width: self.auto_rows(width, new_tokens),
-                                  MAX_PADDING if new_tokens == 0 else None)
+                                  MAX_PADDING if new_tokens == 0 else None, common_prefix(ids))
         else:
             size = batch_size or self.batch_size
             chunks = [order[start:start + size] for start in range(0, len(order), size)]
