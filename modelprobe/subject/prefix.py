@@ -15,21 +15,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .batching import common_prefix  # noqa: F401  (re-exported for the kinds that share a transcript)
 from .interventions import RunState, hooked
 from .subject import InterventionsFor, Subject, cache_kwarg
-
-
-def common_prefix(ids: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix shared by every sequence."""
-    if not ids:
-        return 0
-    n = min(len(x) for x in ids)
-    first = ids[0]
-    for i in range(n):
-        t = first[i]
-        if any(x[i] != t for x in ids):
-            return i
-    return n
 
 
 def generate_shared(subject: Subject, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
