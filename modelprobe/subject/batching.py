@@ -122,11 +122,6 @@ class AutoBatch:
             self._rows[key] = max(1, min(max_rows, by_memory, by_tokens))
         return self._rows[key]
 
-    def describe(self) -> dict[str, Any]:
-        max_rows, max_tokens = self.limits
-        return {"batch_size": "auto", "memory_budget_mb": round(self.budget / 2 ** 20),
-                "max_rows": max_rows, "max_prompt_tokens": max_tokens}
-
 
 # A prompt pass is compute-bound: a batch stops growing once padding would add this share of its real tokens.
 MAX_PADDING = 0.25

@@ -175,14 +175,6 @@ class Subject:
             self._auto = AutoBatch(self.model)
         return self._auto.rows(width, new_tokens)
 
-    def describe_batching(self) -> dict[str, Any]:
-        """How rows are batched, for the report."""
-        if not self.auto_batch:
-            return {"batch_size": self.batch_size}
-        if self._auto is None:
-            self._auto = AutoBatch(self.model)
-        return self._auto.describe()
-
     # ---- forward ----------------------------------------------------------------------------
     def interventions_for(self, interventions: InterventionsFor, rows: list[int]) -> Sequence[Any]:
         """The interventions for these rows (a callable gets the rows; a list is used as is)."""
