@@ -31,6 +31,7 @@ BUILTIN = {
     "backpatch": "modelprobe.kinds.backpatch:Backpatch",
     "patchscope": "modelprobe.kinds.patchscope:Patchscope",
     "injection": "modelprobe.kinds.injection:Injection",
+    "injection_protocol": "modelprobe.kinds.injection_protocol:InjectionProtocol",
     "feature": "modelprobe.kinds.feature:Feature",
     "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 

@@ -266,23 +266,25 @@ class Injection(ProbeKind[InjectionSpec]):
         return {s.layer: states[s][:n] - states[s][n:].double().mean(0).float() for s in sites}
 
     def generate(self, ids: list[list[int]], starts: list[int], vectors: dict[int, torch.Tensor],
-                 desc: str) -> list[str]:
+                 desc: str, stops: list[int] | None = None) -> list[str]:
         """Greedy replies, one batched generation; row i gets vectors[layer][i] added at each layer from
-        its start token on (a zero row is no injection). The transcript before the earliest start is
-        shared by every trial, so it runs once (subject.prefix)."""
-        from ..subject.interventions import From
+        its start token on (a zero row is no injection), up to its stop token when `stops` is given (the
+        reply itself then runs uninjected). The transcript before the earliest start is shared by every
+        trial, so it runs once (subject.prefix)."""
+        from ..subject.interventions import From, Span
         from ..subject.prefix import common_prefix, generate_shared
         from ..toolkit.steering import add_at_layer
 
         cut = min(common_prefix(ids), min(starts))
         start = torch.tensor(starts) - cut
+        stop = None if stops is None else torch.tensor(stops) - cut
 
         def edits(rows: list[int]) -> list:
             r = torch.as_tensor(rows)
             out = []
             for layer, v in vectors.items():
                 if bool(v[r].any()):  # a layer with no injected row in this batch needs no hook
-                    out += add_at_layer(layer, v[r], 1.0, From(start[r]))
+                    out += add_at_layer(layer, v[r], 1.0, From(start[r]) if stop is None else Span(start[r], stop[r]))
             return out
 
         if cut > 0:

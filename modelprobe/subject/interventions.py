@@ -29,7 +29,16 @@ class From:
     index: Any
 
 
-Positions = Literal["all", "prompt", "generated", "last"] | int | From
+@dataclass(frozen=True)
+class Span:
+    """Prompt tokens start..stop-1 (unpadded; ints or [rows] tensors) and no generated token: an injection
+    over one sentence of the prompt that the reply is then written without."""
+
+    start: Any
+    stop: Any
+
+
+Positions = Literal["all", "prompt", "generated", "last"] | int | From | Span
 
 
 @dataclass
@@ -65,6 +74,10 @@ class RunState:
             p = torch.as_tensor(positions.index, device=device).expand(batch)
             start = torch.where(p >= 0, pad + p, plen + p)
             return cols[None, :] >= start[:, None]
+        if isinstance(positions, Span):
+            a = pad + torch.as_tensor(positions.start, device=device).expand(batch)
+            b = pad + torch.as_tensor(positions.stop, device=device).expand(batch)
+            return (cols[None, :] >= a[:, None]) & (cols[None, :] < b[:, None])
         if isinstance(positions, int):
             target = pad + positions if positions >= 0 else torch.full_like(pad, plen + positions)
             return cols[None, :] == target[:, None]
@@ -292,7 +305,8 @@ def per_row(iv: Intervention | WeightDelta) -> bool:
     if isinstance(iv, WeightDelta):
         return False
     pos = iv.positions
-    if isinstance(pos, torch.Tensor) or (isinstance(pos, From) and not isinstance(pos.index, int)):
+    if isinstance(pos, torch.Tensor) or (isinstance(pos, From) and not isinstance(pos.index, int)) or \
+            (isinstance(pos, Span) and not (isinstance(pos.start, int) and isinstance(pos.stop, int))):
         return True
     if type(iv) is Add:
         return iv.vector.dim() == 2
