@@ -254,6 +254,29 @@ SKELETON_DATA["injection"] = {
         "Do fish have fur?", "Is ice hotter than boiling water?")],
 }
 
+SKELETONS["injection_protocol"] = _HEADER + """\
+kind: injection_protocol
+about: An injected concept is named as a thought while the text is kept; it makes a prefilled word owned.
+tags: [injection]
+concepts: data/injection_concepts.jsonl              # as for injection
+baseline_words: data/injection_baseline_words.jsonl
+sentences: data/injection_sentences.jsonl            # {"sentence": ...} that name no concept
+inject: {layer: 0.35, strength: 8}                   # e.g. what an injection probe chose on its dev concepts
+trials: 40
+claims:
+  repeats_the_sentence:
+    expect: {transcribed: {at_least: 0.8}}
+  names_the_thought:
+    expect: {names_thought: {at_least: 0.2}}
+  owns_the_prefill:
+    expect: {disown_drop: {at_least: 0.1}}
+  thinks_on_request:
+    expect: {think_rise: {at_least: 0.0}}
+"""
+SKELETON_DATA["injection_protocol"] = {**SKELETON_DATA["injection"], "data/injection_sentences.jsonl": [
+    {"sentence": s} for s in ("She folded the letter twice.", "A small cat waited by the gate.",
+                              "He forgot his keys again.", "The meeting moved upstairs.")]}
+
 SKELETONS["feature"] = _HEADER + """\
 kind: feature
 about: One MLP neuron fires for French text, and French articles depend on it.

@@ -20,13 +20,13 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, Table
 from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict
-from ..spec.fields import Count, FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
+from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
 from ..toolkit.behaviour import rate_summary, untestable_reason
@@ -42,6 +42,16 @@ class FixedInjectSpec(Strict):
     layer: int | float = Field(description="an int (negative from the end) or a fraction of depth; e.g. the "
                                            "layer an `injection` probe chose on its dev concepts")
     strength: FiniteFloat = Field(gt=0, le=1000, description="multiple of the concept vector that is added")
+
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _layer(cls, v: object) -> object:
+        # one message for one mistake (an int | float union would report each member's complaint)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError("a layer is an int (negative from the end) or a fraction of depth in [0, 1]")
+        if isinstance(v, float) and not 0 <= v <= 1:
+            raise ValueError(f"a fractional layer is a fraction of depth in [0, 1], got {v:g}")
+        return v
 
 
 class ProtocolExpect(OneExpectation):
@@ -66,7 +76,7 @@ class InjectionProtocolSpec(ProbeBase):
     sentences: str = Field(description='JSONL: {"sentence": ...} plain sentences that name no concept')
     vector: VectorSpec = Field(default_factory=VectorSpec)
     inject: FixedInjectSpec
-    trials: Count = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "
+    trials: int = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "
                                                    "concept")
     max_new_tokens: int = Field(32, ge=4, le=256)
     claims: dict[str, ProtocolClaim] = Field(min_length=1)
@@ -94,6 +104,15 @@ class InjectionProtocol(Injection):
             if not isinstance(row["sentence"], str) or not ip.words(row["sentence"]):
                 raise probe.error(f"{path}:{i + 1}: field 'sentence' must be text with at least one word",
                                   ("sentences",))
+        from ..toolkit.introspection import first_mention, word_forms
+
+        # a sentence that says a concept would let "names the thought" be read off the text
+        for i, row in enumerate(sentences):
+            said = [c["word"] for c in concepts if first_mention(row["sentence"], word_forms(c["word"], c.get(
+                "synonyms", []) if isinstance(c.get("synonyms", []), list) else [])) is not None]
+            if said:
+                raise probe.error(f"{path}:{i + 1}: field 'sentence' names the concept {said[0]!r}; the sentences "
+                                  "must name no concept", ("sentences",))
         return {"concepts": concepts, "sentences": [r["sentence"] for r in sentences],
                 "baseline": read_rows(probe, spec.baseline_words, ("baseline_words",), ("word",))}
 
