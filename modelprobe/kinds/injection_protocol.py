@@ -160,16 +160,16 @@ class InjectionProtocol(Injection):
         return ids, a, b
 
     # ---- measurement --------------------------------------------------------------------------------
-    def generated_trials(self, v: torch.Tensor) -> dict[str, list[str]]:
-        """Every generated arm of thoughts-vs-text and prefill in one batched generation; each row gets its
-        own vector over its sentence's tokens (a zero row is uninjected)."""
+    def trial_rows(self, v: torch.Tensor) -> tuple[list[list[int]], list[int], list[int], torch.Tensor, dict]:
+        """Every generated arm of thoughts-vs-text and prefill the claims need: ids, each row's sentence span
+        [start, stop), its injected vector (a zero row is uninjected) and each arm's rows."""
         n, strength, d = self.spec.trials, self.spec.inject.strength, v.shape[-1]
         mine = strength * v[self.concept_of]
         rand = random_unit_directions(n, d, self.spec.seed) * mine.norm(dim=-1, keepdim=True)
         other = strength * v[self.other_of]
         zero = torch.zeros(n, d)
         words = [self.concepts[c]["word"] for c in self.concept_of]
-        need = {s for c in self.spec.claims.values() for s in [c.expect.statistic]}
+        need = {c.expect.statistic for c in self.spec.claims.values()}
         arms: dict[str, tuple[list[list[dict]], torch.Tensor]] = {}
         if need & {"transcribed", "names_thought"}:
             thought = [ip.thought_messages(s) for s in self.sentence_of]
@@ -190,9 +190,14 @@ class InjectionProtocol(Injection):
                 starts.append(a)
                 stops.append(b)
             rows.append(vec)
+        return ids, starts, stops, torch.cat(rows) if rows else torch.zeros(0, d), spans
+
+    def generated_trials(self, v: torch.Tensor) -> dict[str, list[str]]:
+        """The generated arms in one batched generation, each row with its own vector over its sentence."""
+        ids, starts, stops, vectors, spans = self.trial_rows(v)
         if not ids:
             return {}
-        replies = self.generate(ids, starts, {self.layer: torch.cat(rows)}, "protocol trials", stops)
+        replies = self.generate(ids, starts, {self.layer: vectors}, "protocol trials", stops)
         return {name: replies[sl] for name, sl in spans.items()}
 
     def think_scores(self, v: torch.Tensor) -> dict[str, np.ndarray]:
