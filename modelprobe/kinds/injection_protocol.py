@@ -264,7 +264,7 @@ class InjectionProtocol(Injection):
         return Outcome(settings, claims)
 
     # ---- claims -------------------------------------------------------------------------------------
-    def _arm_bars(self, graded: dict) -> Bars:
+    def _arm_bars(self, graded: dict[str, np.ndarray]) -> Bars:
         arms = ["injected", "random", "plain"]
         return Bars(title="thoughts vs text: names the concept / repeats the sentence", value_label="share of trials",
                     labels=["concept injected", "random vector, same norm", "uninjected"],
@@ -272,17 +272,18 @@ class InjectionProtocol(Injection):
                     after=[float(graded[f"thought_{a}"].mean()) if f"thought_{a}" in graded else None for a in arms],
                     before_label="repeats the sentence", after_label="names the concept")
 
-    def _examples(self, replies: dict, arm: str, flags: np.ndarray, label: str) -> Table:
+    def _examples(self, replies: dict[str, list[str]], arm: str, flags: np.ndarray, label: str) -> Table:
         rows = [[self.concepts[c]["word"], s[:60], r[:120], label if ok else "-"]
                 for c, s, r, ok in list(zip(self.concept_of, self.sentence_of, replies[arm], flags))[:8]]
         return Table(title=f"example replies ({arm.replace('_', ' ')})", columns=["concept", "sentence", "reply",
                                                                                      "graded"], rows=rows)
 
-    def _rate(self, name: str, claim: ProtocolClaim, flags: np.ndarray, metric: str, **kw) -> ClaimResult:
+    def _rate(self, name: str, claim: ProtocolClaim, flags: np.ndarray, metric: str, **kw: object) -> ClaimResult:
         s = rate_summary(flags)
         return judge(name, claim, Measured(s["rate"], tuple(s["ci"]) if s["n"] else None, s["n"], metric, **kw))
 
-    def _transcribed(self, name, claim, graded, replies) -> ClaimResult:
+    def _transcribed(self, name: str, claim: ProtocolClaim, graded: dict[str, np.ndarray],
+                     replies: dict[str, list[str]]) -> ClaimResult:
         detail = {arm: rate_summary(graded[f"repeat_{arm}"]) for arm in ("plain", "random")}
         return self._rate(name, claim, graded["repeat_injected"], "share of injected trials that repeat the "
                           "sentence correctly", details={"uninjected": detail["plain"],
@@ -290,7 +291,8 @@ class InjectionProtocol(Injection):
                           plots=[self._arm_bars(graded),
                                  self._examples(replies, "repeat_injected", graded["repeat_injected"], "repeated")])
 
-    def _names(self, name, claim, graded, replies) -> ClaimResult:
+    def _names(self, name: str, claim: ProtocolClaim, graded: dict[str, np.ndarray],
+               replies: dict[str, list[str]]) -> ClaimResult:
         inj = graded["thought_injected"]
         k, n = int(inj.sum()), inj.size
         detail = {}
@@ -309,7 +311,8 @@ class InjectionProtocol(Injection):
                           details={"k": k}, plots=[self._arm_bars(graded),
                                                    self._examples(replies, "thought_injected", inj, "named")])
 
-    def _disown(self, name, claim, graded, replies) -> ClaimResult:
+    def _disown(self, name: str, claim: ProtocolClaim, graded: dict[str, np.ndarray],
+                replies: dict[str, list[str]]) -> ClaimResult:
         plain, mine, other = (graded[f"prefill_{a}"].astype(float) for a in ("plain", "matched", "other"))
         effect, lo, hi = paired_difference(plain, mine, seed=self.spec.seed)
         p = paired_control(plain - mine, plain - other, claim.expect.threshold.comparison, self.spec.seed)
@@ -329,7 +332,7 @@ class InjectionProtocol(Injection):
                    self._examples(replies, "prefill_matched", graded["prefill_matched"], "disowns")],
             untestable=untestable_reason("disown_drop", plain.astype(bool), 0.05, "the uninjected prefills")))
 
-    def _think(self, name, claim, s: dict) -> ClaimResult:
+    def _think(self, name: str, claim: ProtocolClaim, s: dict[str, np.ndarray]) -> ClaimResult:
         mine = s["think_concept"] - s["dont_concept"]
         theirs = s["think_other"] - s["dont_other"]
         effect, lo, hi = paired_difference(s["think_concept"], s["dont_concept"], seed=self.spec.seed)
