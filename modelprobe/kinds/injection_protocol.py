@@ -31,6 +31,7 @@ from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
 from ..toolkit.behaviour import rate_summary, untestable_reason
 from ..toolkit.controls import ALPHA, beats_control, paired_control, random_source, random_unit_directions
+from ..toolkit.introspection import first_mention, word_forms
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, judge
 from .injection import Injection, VectorSpec, fisher_greater
@@ -104,8 +105,6 @@ class InjectionProtocol(Injection):
             if not isinstance(row["sentence"], str) or not ip.words(row["sentence"]):
                 raise probe.error(f"{path}:{i + 1}: field 'sentence' must be text with at least one word",
                                   ("sentences",))
-        from ..toolkit.introspection import first_mention, word_forms
-
         # a sentence that says a concept would let "names the thought" be read off the text
         for i, row in enumerate(sentences):
             said = [c["word"] for c in concepts if first_mention(row["sentence"], word_forms(c["word"], c.get(
@@ -129,8 +128,6 @@ class InjectionProtocol(Injection):
         words = [r["word"] for r in self.concepts] + [r["word"] for r in self.baseline]
         self.vector_ids = encode_rows(self.subject, [spec.vector.template.format(word=w) for w in words],
                                       self.probe.path.parent / spec.concepts, None, spec.vector.chat_template)
-        from ..toolkit.introspection import word_forms
-
         self.forms = [word_forms(r["word"], r.get("synonyms", [])) for r in self.concepts]
         n, nc = spec.trials, len(self.concepts)
         rng = np.random.default_rng(spec.seed)
