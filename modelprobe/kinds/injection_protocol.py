@@ -220,6 +220,9 @@ class InjectionProtocol(Injection):
             u = v[idx].double()
             proj = torch.cat([(means[:n] * u).sum(-1), (means[n:] * u).sum(-1)]) / u.pow(2).sum(-1).repeat(2)
             out[f"think_{which}"], out[f"dont_{which}"] = proj[:n].numpy(), proj[n:].numpy()
+            if which == "concept":  # the paper's measure, reported beside the projection
+                cos = torch.nn.functional.cosine_similarity(means, u.repeat(2, 1), dim=-1)
+                out["cosine_think"], out["cosine_dont"] = cos[:n].numpy(), cos[n:].numpy()
         return out
 
     def measure(self) -> Outcome:
@@ -344,4 +347,6 @@ class InjectionProtocol(Injection):
         return judge(name, claim, Measured(
             effect, (lo, hi), mine.size, "projection of the written sentence on the concept vector (units of "
             "the vector), told to think about it minus told not to", control=control,
-            beats_control=beats_control(p), plots=[bars]))
+            beats_control=beats_control(p), plots=[bars],
+            details={"cosine_with_concept_vector": {"think": float(s["cosine_think"].mean()),
+                                                    "dont_think": float(s["cosine_dont"].mean())}}))
