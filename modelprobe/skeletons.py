@@ -382,7 +382,7 @@ claims:
     expect: {pivot_leads: {at_least: 0.5}}
   target_leads_at_the_end:
     layers: -1
-    expect: {target_leads: {at_least: 0.9}}
+    expect: {target_leads: {at_least: 0.8}}
 """
 _LATENT_ROWS = [("fleur", "Blume", "flower"), ("chien", "Hund", "dog"), ("livre", "Buch", "book"),
                 ("eau", "Wasser", "water"), ("arbre", "Baum", "tree"), ("pain", "Brot", "bread")]
