@@ -89,3 +89,36 @@ def test_history_bad_input_is_one_line(tmp_path, capsys, monkeypatch, args, mess
     assert main(["history", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _write(path: Path, started: str, claims: list[dict], slug: str = "toy") -> str:
+    rec = {"tool": "modelprobe", "schema_version": 1, "model": {"id": slug, "slug": slug}, "started": started,
+           "probes": [{"name": "a", "kind": "logit_lens", "file": "probes/a.probe.yaml", "claims": claims}]}
+    path.write_text(json.dumps(rec))
+    return str(path)
+
+
+def test_history_of_odd_reports(tmp_path, capsys):
+    """A NaN effect, a claim missing from the middle release, an error verdict, a claim without threshold:
+    drawn or listed, never a crash; a move past the claim's tolerance is marked as a regression."""
+    c = {"name": "c", "verdict": "pass", "effect": 0.9, "ci": [0.85, 0.95], "threshold": 0.5,
+         "comparison": "at_least", "tolerance": {"abs": 0.05}}
+    files = [
+        _write(tmp_path / "r1.json", "2026-01-01T00:00:00", [c, {"name": "d", "verdict": "error"}]),
+        _write(tmp_path / "r2.json", "2026-02-01T00:00:00", [{**c, "effect": float("nan"), "ci": None}]),
+        _write(tmp_path / "r3.json", "2026-03-01T00:00:00", [{**c, "effect": 0.7, "ci": [0.6, 0.8]},
+                                                              {"name": "d", "verdict": "pass", "effect": 1.0}]),
+    ]
+    out = tmp_path / "h.html"
+    assert main(["history", *files, "-o", str(out), "--by-date"]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "r3: regressed" in md and "tolerance ±0.05" in md  # 0.9 → 0.7 past the claim's own ±0.05
+    assert "r2: regressed" in md  # a NaN effect is no measurement: the gate fails it
+    html = out.read_text()
+    assert html.count('src="data:image/png;base64,') == 2 and "⚑ regressed" in html
+
+
+def test_by_date_needs_dates(tmp_path, capsys):
+    files = [_write(tmp_path / f"r{i}.json", "", []) for i in range(2)]
+    assert main(["history", *files, "--by-date", "-o", str(tmp_path / "h.html")]) == 2
+    assert "no run date" in capsys.readouterr().err

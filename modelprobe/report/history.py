@@ -42,7 +42,7 @@ class Release:
 @dataclass
 class Point:
     claim: ClaimResult | None  # None: not in this release
-    status: str = ""  # against the previous release holding the claim: flipped, regressed, improved, ok, ...
+    status: str = ""  # against the last release that measured it: flipped, regressed, improved, ok, ...
     message: str = ""
 
 
@@ -107,7 +107,9 @@ def claim_histories(releases: list[Release]) -> list[ClaimHistory]:
                 diff = _diff_claim(probe, before, now, None, None)
                 point.status, point.message = diff.status, diff.message
             h.points.append(point)
-            before = now if now is not None else before
+            # Held against the last release that measured it: a NaN release is marked once, not twice.
+            if now is not None and (before is None or _finite(now.effect) or not _finite(before.effect)):
+                before = now
         out.append(h)
     return out
 
