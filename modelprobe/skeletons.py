@@ -374,7 +374,7 @@ about: Translating French into German, the middle layers carry the English word 
 tags: [latent_language]
 prompts: data/latent_fr_de.jsonl # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
 by: probability                  # or rank: the best rank of each word's first tokens
-variants: true                   # also score each word with / without a leading space and capitalised
+variants: false                  # true: also each word with / without a leading space, capitalised
 min_prompts: 3                   # fewer prompts the model translates (target top-1 at the end): untestable
 claims:
   english_leads_in_the_middle:   # must beat the same share with ANOTHER row's pivot word

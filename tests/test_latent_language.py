@@ -73,7 +73,7 @@ def test_planted_pivot_passes_and_beats_its_control(built):
 
 
 def test_rank_reading_agrees(built):
-    claims, _ = _run(built, "pivot", PROBE.replace("min_prompts: 10", "min_prompts: 10\nby: rank"))
+    claims, _ = _run(built, "pivot", PROBE.replace("min_prompts: 10", "min_prompts: 10\nby: rank\nvariants: true"))
     assert claims["pivot_by_rank"].verdict == "pass", claims["pivot_by_rank"].reason
 
 

@@ -56,7 +56,8 @@ class LatentLanguageSpec(ProbeBase):
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
     by: Literal["probability", "rank"] = Field(
         "probability", description="probability: summed mass of each word's first tokens; rank: best rank")
-    variants: bool = Field(True, description="also score each word with / without a leading space and capitalised")
+    variants: bool = Field(False, description="also score each word with / without a leading space and capitalised "
+                                              "(a variant's first token may be another word: ' was' of ' Wasser')")
     min_prompts: Count = Field(20, description="fewer translated prompts than this: untestable")
     claims: dict[ClaimName, LatentClaim] = Field(min_length=1)
 
@@ -110,7 +111,9 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
                     if spec.variants:  # a variant the tokenizer cannot spell is skipped, not an error
                         for w in _variants(words):
                             ids = subject.token_id(w)
-                            if ids and ids[0] != subject.tokenizer.unk_token_id:
+                            # a one-letter first token ("h" of "hund") starts too many words to stand for this one
+                            if ids and ids[0] != subject.tokenizer.unk_token_id and \
+                                    len(subject.decode(ids[:1]).strip()) >= 2:
                                 first.add(ids[0])
                 except SiteError as e:
                     raise data_error(path, i + 1, role, e) from None
