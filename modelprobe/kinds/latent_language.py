@@ -236,12 +236,11 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
                 beats = beats_control(p)
                 control = ControlResult(name="another row's pivot word", effect=float(other.mean()), p_value=p,
                                         detail={"test": "paired permutation over prompts"})
-        curves, plots = self._curves(name, mass, rank, layers) if n else ({}, [])
+        curves, plots = self._curves(mass, rank, layers) if n else ({}, [])
         return judge(name, claim, Measured(effect, ci, n, metric, control=control, beats_control=beats,
                                            details=details, curves=curves, plots=plots, untestable=untestable))
 
-    def _curves(self, name: str, mass: dict[str, np.ndarray], rank: dict[str, np.ndarray],
-                layers: list[int]) -> tuple[dict[str, list[float]], list[LinePlot]]:
+    def _curves(self, mass: dict[str, np.ndarray], rank: dict[str, np.ndarray], layers: list[int]) -> tuple[dict[str, list[float]], list[LinePlot]]:
         n = len(mass["target"])
         curves: dict[str, list[float]] = {}
         series = []
@@ -265,8 +264,8 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
         mark = float(layers[-1])
         mark_label = f"window ends (layers {layers[0]}–{layers[-1]})" if len(layers) > 1 else f"layer {layers[0]}"
         return curves, [
-            LinePlot(title=f"{name}: mean probability through the layers ({n} prompts, 95% intervals)",
+            LinePlot(title=f"mean probability per layer (n={n}, 95% intervals)",
                      x_label="layer", y_label="probability", series=series, mark_x=mark, mark_label=mark_label),
-            LinePlot(title=f"{name}: share of prompts where a pivot word beats the target", x_label="layer",
+            LinePlot(title=f"share of prompts where a pivot word beats the target (n={n})", x_label="layer",
                      y_label="share of prompts", series=lead_rate, mark_x=mark, mark_label=mark_label),
         ]
