@@ -208,7 +208,8 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
         n_layers = self.subject.n_layers
         n = len(mass["target"])
         stat = claim.expect.statistic
-        details: dict[str, Any] = {"layers": layers, "depth": [round((a + 1) / n_layers, 3) for a in (layers[0], layers[-1])],
+        depth = [round((a + 1) / n_layers, 3) for a in (layers[0], layers[-1])]
+        details: dict[str, Any] = {"layers": layers, "depth": depth,
                                    "n_translated": n, "by": self.spec.by}
         untestable = None
         if n < self.spec.min_prompts:
@@ -228,7 +229,8 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
             k = int(lead.sum())
             effect, ci = k / n, wilson_interval(k, n)
             who, over = ("pivot", "target") if stat == "pivot_leads" else ("target", "pivot")
-            metric = f"share of translated prompts where the {who} word beats the {over} word over {where} ({self.spec.by})"
+            metric = (f"share of translated prompts where the {who} word beats the {over} word over {where} "
+                      f"({self.spec.by})")
             if stat == "pivot_leads":
                 other = self._score(mass, rank, "control", layers) > target
                 p = paired_control(lead.astype(float), other.astype(float), claim.expect.threshold.comparison,
@@ -240,7 +242,8 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
         return judge(name, claim, Measured(effect, ci, n, metric, control=control, beats_control=beats,
                                            details=details, curves=curves, plots=plots, untestable=untestable))
 
-    def _curves(self, mass: dict[str, np.ndarray], rank: dict[str, np.ndarray], layers: list[int]) -> tuple[dict[str, list[float]], list[LinePlot]]:
+    def _curves(self, mass: dict[str, np.ndarray], rank: dict[str, np.ndarray],
+                layers: list[int]) -> tuple[dict[str, list[float]], list[LinePlot]]:
         n = len(mass["target"])
         curves: dict[str, list[float]] = {}
         series = []

@@ -199,7 +199,8 @@ def render_history_html(releases: list[Release], histories: list[ClaimHistory]) 
         colors=COLORS, flipped=sum(bool(c["changes"]) for c in claims))
 
 
-def report_trends(report_dir: str | os.PathLike[str], record: RunRecord, label: str = "this run") -> dict[tuple[str, str], str]:
+def report_trends(report_dir: str | os.PathLike[str], record: RunRecord,
+                  label: str = "this run") -> dict[tuple[str, str], str]:
     """For the report of a --probe-compare run: a trend plot per claim over the model's saved baselines
     (reports/baselines/<slug>/*.json, by run date) and this run; empty when none is saved. A baseline that
     cannot be read is skipped: the comparison itself already reports on the one it compares against."""
