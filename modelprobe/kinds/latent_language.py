@@ -127,6 +127,7 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
         other = random_source(n, spec.seed) if n >= 2 else np.zeros(n, dtype=int)
         for i in range(n):  # another row's pivot word, minus this row's own words' tokens
             own = set(self.sets["target"][i]) | set(self.sets["pivot"][i])
+            cand: list[int] = []  # none: this prompt's control word has no mass, so it never leads
             for k in range(n - 1):
                 j = int((other[i] + k) % n)
                 cand = sorted(set(self.sets["pivot"][j]) - own) if j != i else []
