@@ -167,3 +167,11 @@ def test_shipped_probes_validate():
         probe = load(root / f"{name}.probe.yaml")
         rows = KINDS["latent_language"].check_data(probe)
         assert len(rows) >= 100
+
+
+def test_one_row_is_untestable_not_a_crash(built):
+    d, _ = built["pivot"]
+    (d / "data" / "one.jsonl").write_text(json.dumps(planted.rows()[3]) + "\n")
+    claims, out = _run(built, "pivot", PROBE.replace("data/words.jsonl", "data/one.jsonl"))
+    assert out.settings["n_translated"] == 1
+    assert {c.verdict for c in claims.values()} == {"inconclusive"}

@@ -232,7 +232,9 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
             who, over = ("pivot", "target") if stat == "pivot_leads" else ("target", "pivot")
             metric = (f"share of translated prompts where the {who} word beats the {over} word over {where} "
                       f"({self.spec.by})")
-            if stat == "pivot_leads":
+            if stat == "pivot_leads" and n < 2:
+                untestable = untestable or "the paired control needs at least two translated prompts"
+            elif stat == "pivot_leads":
                 other = self._score(mass, rank, "control", layers) > target
                 p = paired_control(lead.astype(float), other.astype(float), claim.expect.threshold.comparison,
                                    self.spec.seed)
