@@ -172,6 +172,8 @@ def test_shipped_probes_validate():
 def test_one_row_is_untestable_not_a_crash(built):
     d, _ = built["pivot"]
     (d / "data" / "one.jsonl").write_text(json.dumps(planted.rows()[3]) + "\n")
-    claims, out = _run(built, "pivot", PROBE.replace("data/words.jsonl", "data/one.jsonl"))
+    text = PROBE.replace("data/words.jsonl", "data/one.jsonl").replace("min_prompts: 10", "min_prompts: 1")
+    claims, out = _run(built, "pivot", text)
     assert out.settings["n_translated"] == 1
     assert {c.verdict for c in claims.values()} == {"inconclusive"}
+    assert "needs at least two translated prompts" in claims["pivot_in_the_middle"].reason
