@@ -372,7 +372,7 @@ SKELETONS["latent_language"] = _HEADER + """\
 kind: latent_language
 about: Translating French into German, the middle layers carry the English word before the German one wins.
 tags: [latent_language]
-prompts: data/latent_fr_de.jsonl # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
+prompts: data/latent_language_fr_de.jsonl   # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
 by: probability                  # or rank: the best rank of each word's first tokens
 variants: false                  # true: also each word with / without a leading space, capitalised
 min_prompts: 3                   # fewer prompts the model translates (target top-1 at the end): untestable
@@ -386,6 +386,6 @@ claims:
 """
 _LATENT_ROWS = [("fleur", "Blume", "flower"), ("chien", "Hund", "dog"), ("livre", "Buch", "book"),
                 ("eau", "Wasser", "water"), ("arbre", "Baum", "tree"), ("pain", "Brot", "bread")]
-SKELETON_DATA["latent_language"] = {"data/latent_fr_de.jsonl": [
+SKELETON_DATA["latent_language"] = {"data/latent_language_fr_de.jsonl": [
     {"prompt": "".join(f'Français: "{f}" - Deutsch: "{d}"\n' for f, d, _ in _LATENT_ROWS if f != src)
      + f'Français: "{src}" - Deutsch: "', "target": de, "pivot": en} for src, de, en in _LATENT_ROWS]}
