@@ -166,8 +166,12 @@ class ProbeSession:
         from .report.writers import write_all
 
         directory = self.options.report_dir / self.record.model.slug
+        trends = None
+        if self.comparison is not None:
+            from .report.history import report_trends
+            trends = report_trends(self.options.report_dir, self.record)
         try:
-            self.report_paths = list(write_all(self.record, directory, comparison=self.comparison))
+            self.report_paths = list(write_all(self.record, directory, comparison=self.comparison, trends=trends))
         except ReportError as e:
             self.report_error = str(e)
             return

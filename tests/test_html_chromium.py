@@ -56,3 +56,33 @@ def test_report_html_renders_in_chromium(tmp_path):
     for hexcol in ("1a7f37", "cf222e"):
         target = np.array([int(hexcol[i : i + 2], 16) for i in (0, 2, 4)])
         assert (np.abs(rgb.astype(int) - target).sum(axis=1) < 12).any(), f"#{hexcol} not rendered"
+
+
+def test_history_html_renders_in_chromium(tmp_path):
+    import json
+
+    import matplotlib.image
+    import numpy as np
+
+    from modelprobe.cli import main
+
+    paths = []
+    for k, effect in enumerate((0.82, 0.8, 0.4)):  # the third release flips the claim
+        rec = sample_record()
+        rec.started = f"2026-0{k + 1}-01T00:00:00+00:00"
+        claim = rec.probes[0].claims[0]
+        claim.effect, claim.ci = effect, (effect - 0.05, effect + 0.05)
+        claim.verdict = "pass" if effect > 0.5 else "fail"
+        paths.append(tmp_path / f"v{k + 1}.json")
+        paths[-1].write_text(json.dumps(rec.model_dump(mode="json")))
+    html = tmp_path / "history" / "history.html"
+    assert main(["history", *map(str, paths), "-o", str(html)]) == 0
+
+    shot = _screenshot(html, tmp_path)
+    img = matplotlib.image.imread(str(shot))
+    rgb = (img[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
+    assert len(np.unique(rgb, axis=0)) > 50, "screenshot looks blank"
+    assert (rgb.min(axis=1) < 240).mean() > 0.02
+    for hexcol in ("1a7f37", "cf222e"):  # pass green and the flip's red are on the page
+        target = np.array([int(hexcol[i : i + 2], 16) for i in (0, 2, 4)])
+        assert (np.abs(rgb.astype(int) - target).sum(axis=1) < 12).any(), f"#{hexcol} not rendered"

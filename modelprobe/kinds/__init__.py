@@ -39,6 +39,8 @@ BUILTIN = {
 
     "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
     "icv": "modelprobe.kinds.icv:Icv",
+
+    "latent_language": "modelprobe.kinds.latent_language:LatentLanguage",
 }
 
 

@@ -82,7 +82,7 @@ def _anchor(*parts: str, used: set[str]) -> str:
     return a
 
 
-def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
+def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str, trend: str | None = None) -> dict[str, Any]:
     effect = fmt_num(c.effect)
     facts = [
         ("metric", c.metric or MISSING),
@@ -100,6 +100,8 @@ def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
     if c.control is not None and c.control.detail:
         details.update({f"control.{k}": v for k, v in c.control.detail.items()})
     plots = claim_plots(c)
+    if trend:
+        plots.append({"img": trend, "title": f"{c.name} across the saved baselines and this run", "table": None})
     return {
         "name": c.name,
         "anchor": anchor,
@@ -111,7 +113,8 @@ def _claim_ctx(p: ProbeRecord, c: ClaimResult, anchor: str) -> dict[str, Any]:
     }
 
 
-def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]:
+def _context(record: RunRecord, comparison: Comparison | None,
+             trends: dict[tuple[str, str], str] | None = None) -> dict[str, Any]:
     used: set[str] = set()
     probes = []
     anchors: dict[tuple[str, str], str] = {}
@@ -122,7 +125,7 @@ def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]
         for c in p.claims:
             ca = _anchor(p.name, c.name, used=used)
             anchors[(p.name, c.name)] = ca
-            claims.append(_claim_ctx(p, c, ca))
+            claims.append(_claim_ctx(p, c, ca, (trends or {}).get((p.file, c.name))))
         probes.append(
             {
                 "name": p.name,
@@ -206,8 +209,10 @@ def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
     return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows}
 
 
-def render_html(record: RunRecord, comparison: Comparison | None = None) -> str:
-    """The text of report.html."""
+def render_html(record: RunRecord, comparison: Comparison | None = None,
+                trends: dict[tuple[str, str], str] | None = None) -> str:
+    """The text of report.html; `trends` ((probe file, claim) -> plot, from history.report_trends) adds each
+    claim's trend across the model's saved baselines."""
     import jinja2
 
     env = jinja2.Environment(
@@ -217,7 +222,7 @@ def render_html(record: RunRecord, comparison: Comparison | None = None) -> str:
         lstrip_blocks=True,
         undefined=jinja2.StrictUndefined,
     )
-    return env.get_template("report.html.j2").render(**_context(record, comparison))
+    return env.get_template("report.html.j2").render(**_context(record, comparison, trends))
 
 
 def write_html(

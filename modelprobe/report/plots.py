@@ -68,6 +68,8 @@ def line_plot(p: LinePlot) -> str | None:
         label = s.label + (" (right axis)" if axis is twin else "")
         handles += axis.plot(xs, _nan(s.y), marker="o" if len(s.y) <= 40 else None, markersize=2.5,
                              linewidth=1.4, label=label, color=f"C{i}")
+        if s.lo is not None and s.hi is not None and len(s.lo) == len(s.hi) == len(xs):
+            axis.fill_between(xs, _nan(s.lo), _nan(s.hi), color=f"C{i}", alpha=0.18, linewidth=0)
     if p.mark_x is not None and math.isfinite(p.mark_x):
         handles.append(ax.axvline(p.mark_x, color="#57606a", linestyle=":", linewidth=1,
                                   label=p.mark_label or f"{p.x_label} {fmt_num(p.mark_x)}"))

@@ -35,6 +35,8 @@ class Series(_Record):
     label: str
     y: list[float | None]
     axis: Literal["left", "right"] = "left"  # right: its own (log when positive) scale, e.g. ranks
+    lo: list[float | None] | None = None  # an interval band around y (same length), drawn shaded
+    hi: list[float | None] | None = None
 
 
 class LinePlot(_Record):

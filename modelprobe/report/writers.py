@@ -270,12 +270,13 @@ def write_all(
     directory: str | os.PathLike[str],
     github_summary: bool = True,
     comparison: Comparison | None = None,
+    trends: dict[tuple[str, str], str] | None = None,
 ) -> list[Path]:
     """Write report.json, report.md and report.html into `directory`; return their paths.
 
     With `github_summary` and env GITHUB_STEP_SUMMARY set, the markdown is also appended there
     (that file is not in the returned list). `comparison` (from `baseline.compare`) adds a
-    baseline section to the markdown and a before → after chart to the HTML.
+    baseline section to the markdown and a before → after chart to the HTML; `trends` a trend plot per claim.
     """
     from .html import render_html
 
@@ -283,7 +284,7 @@ def write_all(
     texts = {
         "report.json": json_text(record),
         "report.md": render_markdown(record, comparison),
-        "report.html": render_html(record, comparison),
+        "report.html": render_html(record, comparison, trends),
     }
     with report_lock(directory):
         paths = [write_text(directory, name, text) for name, text in texts.items()]
