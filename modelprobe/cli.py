@@ -1,4 +1,4 @@
-"""`modelprobe validate | schema | compare | new | discover | find`."""
+"""`modelprobe validate | schema | compare | merge | new | discover | find`."""
 
 from __future__ import annotations
 
@@ -137,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             print("modelprobe: discovery is not available in this build", file=sys.stderr)
             return 2
         return cli_discover(argv[1:])
+    if argv[:1] == ["merge"]:
+        from .shard import cli_merge
+        return cli_merge(argv[1:])
     if argv[:1] == ["find"]:
         from .find import cli_find
         return cli_find(argv[1:])
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     n.set_defaults(func=cmd_new)
     sub.add_parser("compare", help="diff two reports: modelprobe compare A.json B.json")
     sub.add_parser("discover", help="propose a circuit and write its probe file")
+    sub.add_parser("merge", help="join --probe-shard reports: modelprobe merge A.json B.json ... -o report.json")
     sub.add_parser("find", help="rank neurons / SAE latents by AUROC and write a feature probe for the best")
     args = parser.parse_args(argv)
     try:

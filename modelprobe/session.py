@@ -30,6 +30,7 @@ class Options:
     tolerance: str | None
     strict: bool
     allow_model_change: bool
+    shard: tuple[int, int] | None = None  # (i, n) of --probe-shard
 
     @classmethod
     def from_config(cls, config: Any) -> Options:
@@ -43,7 +44,7 @@ class Options:
             allow_inconclusive=v["probe_allow_inconclusive"], batch_size=v["probe_batch_size"],
             threads=v["probe_threads"], save=v["probe_save"], compare=v["probe_compare"],
             tolerance=v["probe_tolerance"], strict=v["probe_strict"],
-            allow_model_change=v["probe_allow_model_change"],
+            allow_model_change=v["probe_allow_model_change"], shard=v["probe_shard"],
         )
 
 
