@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -106,8 +107,10 @@ class ProbeSession:
         threads = self.options.threads or (1 if self.worker else 0)
         if threads:
             torch.set_num_threads(threads)
+        from .subject.devices import worker_device
+        device = worker_device(self.options.device, os.environ.get("PYTEST_XDIST_WORKER"))
         try:
-            subject = load_subject(self.options.model, self.options.device, self.options.dtype,
+            subject = load_subject(self.options.model, device, self.options.dtype,
                                    self.options.trust_remote_code, self.options.batch_size, self.progress)
         except ModelLoadError as e:
             self.load_error = str(e)
