@@ -302,18 +302,27 @@ class Feature(ProbeKind[FeatureSpec]):
                                            "AUROC of the unit's activation, with vs without prompts",
                                            details=details, plots=plots))
 
+    @staticmethod
+    def _null_drops(claim: FeatureClaim, est: float, ci: tuple[float, float], clean: np.ndarray, head: np.ndarray,
+                    metric_after: Any, planned: int) -> tuple[np.ndarray, bool]:
+        """(metric drops of the random units drawn, whether the control can change the verdict): the units of
+        `head` first, then more until the full count's answer is settled (toolkit.controls.null_settled)."""
+        from ..toolkit.controls import alternative_for, control_decides, draw_sequentially, null_settled
+
+        first, comparison = len(head), claim.expect.threshold.comparison
+        decides = control_decides(ci, claim.expect.threshold.value, comparison)
+
+        def draw(a: int, b: int) -> np.ndarray:
+            after = head[1 + a:1 + b] if 1 + b <= first else metric_after(1 + a, 1 + b)
+            return (clean[None, :] - after).mean(1)
+
+        return draw_sequentially(draw, planned, first - 1, lambda d: not decides or null_settled(
+            est, d, planned, alternative_for(comparison))), decides
+
     def _causes(self, name: str, claim: FeatureClaim, units, acts, means: np.ndarray) -> ClaimResult:
         from ..stats import paired_difference
         from ..subject.resume import common_prefix
-        from ..toolkit.controls import (
-            alternative_for,
-            beats_control,
-            control_decides,
-            draw_sequentially,
-            empirical_control,
-            null_settled,
-            sequential_detail,
-        )
+        from ..toolkit.controls import beats_control, empirical_control, sequential_detail
         from ..toolkit.features import ROWS_PER_FORWARD, metric_with_units_set, token_set_metric
 
         iv, what = claim.intervention, claim.metric.as_
@@ -349,14 +358,7 @@ class Feature(ProbeKind[FeatureSpec]):
         plots: list = []
         if claim.control != "none":
             planned, comparison = use - 1, claim.expect.threshold.comparison
-            decides = control_decides((lo, hi), claim.expect.threshold.value, comparison)
-
-            def draw(a: int, b: int) -> np.ndarray:
-                after = head[1 + a:1 + b] if 1 + b <= first else metric_after(1 + a, 1 + b)
-                return (clean[None, :] - after).mean(1)
-
-            drops = draw_sequentially(draw, planned, first - 1, lambda d: not decides or null_settled(
-                est, d, planned, alternative_for(comparison)))
+            drops, decides = self._null_drops(claim, est, (lo, hi), clean, head, metric_after, planned)
             if not np.isfinite(drops).all():  # a random unit's metric underflowed: as the claimed unit's would
                 return judge(name, claim, Measured(None, None, n, "metric drop", untestable="the metric is not "
                                                    "finite (a token's probability underflowed); try as: prob"))
