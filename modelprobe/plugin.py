@@ -169,7 +169,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         return
     # A shard left no probe still reports (and passes): `modelprobe merge` counts a shard without a report
     # as lost.
-    empty_shard = ps.options.shard is not None and ps.saw_probe_files
+    empty_shard = ps.options.shard is not None and (ps.saw_probe_files or ps.record.shard is not None)  # xdist
     if empty_shard and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.OK
     if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)

@@ -117,3 +117,16 @@ def test_merge_of_passing_shards_passes_and_bad_input_is_one_line(pytester, prob
     assert main(["merge", reports[0], str(pytester.path / "nope.json"), "-o", merged]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "given twice" in err[0] and "not found" in err[1]
+
+
+def test_a_shard_under_xdist_reports_its_share(pytester, probes, copy_model):
+    for name in ("lens_c", "lens_d", "lens_broken"):
+        (probes / f"{name}.probe.yaml").unlink()
+    for i in (1, 2):
+        result = pytester.runpytest_subprocess("probes", f"--model={copy_model}", f"--probe-report-dir=s{i}",
+                                               "-p", "no:cacheprovider", "-p", "no:randomly", "-n", "2",
+                                               "--dist", "loadgroup", f"--probe-shard={i}/2")
+        assert result.ret in (0, 1)
+        rec = json.loads((pytester.path / f"s{i}" / copy_model.name / "report.json").read_text())
+        assert rec["shard"]["index"] == i and len(rec["shard"]["files"]) == 1
+        assert [p["file"] for p in rec["probes"]] == rec["shard"]["files"]
