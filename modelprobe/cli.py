@@ -1,4 +1,4 @@
-"""`modelprobe validate | schema | compare | history | new | discover | find`."""
+"""`modelprobe validate | schema | compare | history | merge | new | discover | find`."""
 
 from __future__ import annotations
 
@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["history"]:
         from .report.history import cli_history
         return cli_history(argv[1:])
+    if argv[:1] == ["merge"]:
+        from .shard import cli_merge
+        return cli_merge(argv[1:])
     if argv[:1] == ["find"]:
         from .find import cli_find
         return cli_find(argv[1:])
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("compare", help="diff two reports: modelprobe compare A.json B.json")
     sub.add_parser("discover", help="propose a circuit and write its probe file")
     sub.add_parser("history", help="each claim's effect across releases: modelprobe history A.json B.json ... -o h.html")
+    sub.add_parser("merge", help="join --probe-shard reports: modelprobe merge A.json B.json ... -o report.json")
     sub.add_parser("find", help="rank neurons / SAE latents by AUROC and write a feature probe for the best")
     args = parser.parse_args(argv)
     try:

@@ -123,6 +123,11 @@ def _tolerance_text(text: str) -> str:
     return str(text).strip()
 
 
+def _shard(text: str) -> tuple[int, int]:
+    from .shard import parse_shard  # no torch: the shard module reads records only
+    return parse_shard(text)
+
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OPTIONS: tuple[Option, ...] = (
@@ -156,6 +161,9 @@ OPTIONS: tuple[Option, ...] = (
            "claims new since the baseline fail the comparison too"),
     Option("--probe-allow-model-change", "probe_allow_model_change", parse_bool, False,
            "allow comparing with another model's baseline"),
+    Option("--probe-shard", "probe_shard", _shard, None,
+           "run shard i of n (e.g. 2/4): a deterministic share of the probe files balanced by the baseline's "
+           "durations; join the shards' reports with `modelprobe merge`"),
 )
 
 BY_INI = {o.ini: o for o in OPTIONS}

@@ -107,6 +107,21 @@ def pytest_collect_directory(path: Path, parent: pytest.Collector):
     return None
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--probe-shard=i/n: keep the claims of this shard's probe files; the others' are deselected."""
+    ps = config.stash.get(SESSION_KEY, None)
+    if ps is None or ps.options.shard is None:
+        return
+    from .collect import ClaimItem
+    from .shard import share
+    mine = share(ps)
+    drop = [item for item in items if isinstance(item, ClaimItem) and item.parent.identity not in mine]
+    if drop:
+        items[:] = [item for item in items if not (isinstance(item, ClaimItem) and item.parent.identity not in mine)]
+        config.hook.pytest_deselected(items=drop)
+
+
 def pytest_deselected(items: list[pytest.Item]) -> None:
     """Claims deselected by -k, -m, --lf ...: the baseline gate does not ask for them."""
     from .collect import ClaimItem
@@ -152,7 +167,13 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _is_worker(config):
         config.workeroutput["modelprobe_record"] = ps.record.model_dump_json()
         return
-    if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
+    # A shard left no probe still reports (and passes): `modelprobe merge` counts a shard without a report
+    # as lost.
+    empty_shard = ps.options.shard is not None and (ps.saw_probe_files or ps.record.shard is not None)  # xdist
+    if empty_shard and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.OK
+    if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)
+                                                            or empty_shard):
         return
     ps.write_reports()
     if (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
@@ -176,6 +197,7 @@ def pytest_testnodedown(node, error) -> None:
     for probe in worker.probes:
         ps.add_probe(probe)
     ps.in_scope(worker.collected_files or [], worker.deselected)
+    ps.record.shard = ps.record.shard or worker.shard
     ps.saw_probe_files = ps.saw_probe_files or bool(worker.probes)
     if worker.interrupted_probe:
         ps.current_probe = worker.interrupted_probe

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import subprocess
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ class Options:
     tolerance: str | None
     strict: bool
     allow_model_change: bool
+    shard: tuple[int, int] | None = None  # (i, n) of --probe-shard
 
     @classmethod
     def from_config(cls, config: Any) -> Options:
@@ -43,7 +45,7 @@ class Options:
             allow_inconclusive=v["probe_allow_inconclusive"], batch_size=v["probe_batch_size"],
             threads=v["probe_threads"], save=v["probe_save"], compare=v["probe_compare"],
             tolerance=v["probe_tolerance"], strict=v["probe_strict"],
-            allow_model_change=v["probe_allow_model_change"],
+            allow_model_change=v["probe_allow_model_change"], shard=v["probe_shard"],
         )
 
 
@@ -105,8 +107,10 @@ class ProbeSession:
         threads = self.options.threads or (1 if self.worker else 0)
         if threads:
             torch.set_num_threads(threads)
+        from .subject.devices import worker_device
+        device = worker_device(self.options.device, os.environ.get("PYTEST_XDIST_WORKER"))
         try:
-            subject = load_subject(self.options.model, self.options.device, self.options.dtype,
+            subject = load_subject(self.options.model, device, self.options.dtype,
                                    self.options.trust_remote_code, self.options.batch_size, self.progress)
         except ModelLoadError as e:
             self.load_error = str(e)

@@ -392,3 +392,22 @@ def test_canonical_names_parse_back():
         assert parse_canonical(canonical_name(c, layer)) == (c, layer)
     for bad in ("blocks.x.hook_resid_post", "blocks.3.hook_nothing", "resid_post", ""):
         assert parse_canonical(bad) is None
+
+
+# ---- the random-unit null stops early with the full count's verdict ---------------------------------
+
+@pytest.mark.parametrize("neuron,intervention", [(planted.CAUSAL, "{zero: true}"), (planted.ECHO, "{zero: true}"),
+                                                 (planted.CAUSAL, "{clamp: 600.0}")])
+def test_sequential_random_units_give_the_full_count_verdict(planted_dir, monkeypatch, neuron, intervention):
+    from modelprobe.toolkit import controls
+
+    text = probe(neuron, intervention).replace("random_units: 30", "random_units: 60")
+    fast = run(*planted_dir, text)["causes"]
+    monkeypatch.setattr(controls, "null_settled", lambda observed, null, planned, alternative: len(null) >= planned)
+    monkeypatch.setattr(controls, "control_decides", lambda *a: True)
+    full = run(*planted_dir, text)["causes"]
+    assert full.control.detail["drawn"] == full.control.detail["planned"] == 60
+    assert (fast.verdict, fast.effect, fast.ci) == (full.verdict, full.effect, full.ci), (fast.reason, full.reason)
+    assert (fast.control.p_value <= 0.05) == (full.control.p_value <= 0.05)
+    if full.verdict != "pass":  # a claim that beats its control needs all but hit_limit(60) = 1 draws
+        assert fast.control.detail["drawn"] < 60, fast.control.detail

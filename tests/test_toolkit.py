@@ -39,6 +39,49 @@ def test_one_control_convention():
     assert controls.paired_control(mine, theirs, "at_most", seed=0) > controls.ALPHA
 
 
+@pytest.mark.parametrize("planned", [19, 20, 50, 100, 199])
+def test_sequential_empirical_null_stops_only_where_the_full_count_agrees(planned):
+    """Over many seeded nulls (some far, some near the observation), wherever `null_settled` stops, the
+    drawn p-value is on the full count's side of alpha, and it stops early on both sides."""
+    rng = np.random.default_rng(planned)
+    stopped_beats = stopped_misses = 0
+    for trial in range(300):
+        null = rng.normal(size=planned) + rng.choice([-3.0, -1.5, 0.0, 1.5])
+        full = controls.beats_control(controls.empirical_control(1.0, null, "at_least"))
+        for k in range(planned + 1):
+            if controls.null_settled(1.0, null[:k], planned, "greater"):
+                drawn = controls.beats_control(controls.empirical_control(1.0, null[:k], "at_least"))
+                assert drawn == full, (trial, k)
+                stopped_beats += k < planned and full
+                stopped_misses += k < planned and not full
+                break
+    assert stopped_misses > 0 and (controls.hit_limit(planned) < 1 or stopped_beats > 0)  # 0: beating needs all
+
+
+def test_hit_limit_is_the_full_counts_edge():
+    for planned in (1, 18, 19, 20, 39, 100, 1000):
+        h = controls.hit_limit(planned)
+        assert h == -1 or controls.beats_control((1 + h) / (1 + planned))
+        assert not controls.beats_control((2 + h) / (1 + planned))
+    assert controls.hit_limit(100) == 4 and controls.hit_limit(18) == -1 and controls.hit_limit(19) == 0
+
+
+def test_draw_sequentially_stops_when_settled_and_counts_what_it_drew():
+    calls: list[tuple[int, int]] = []
+
+    def draw(start: int, stop: int) -> np.ndarray:
+        calls.append((start, stop))
+        return np.arange(start, stop, dtype=float)
+
+    got = controls.draw_sequentially(draw, 20, 8, lambda v: len(v) >= 10)
+    assert got.tolist() == list(range(16)) and calls == [(0, 8), (8, 16)]
+    calls.clear()
+    assert len(controls.draw_sequentially(draw, 20, 8, None)) == 20 and calls == [(0, 20)]
+    assert len(controls.draw_sequentially(draw, 20, 8, lambda v: False)) == 20
+    detail = controls.sequential_detail(16, 20, True)
+    assert detail["drawn"] == 16 and detail["planned"] == 20 and "16 of 20" in detail["sequential"]
+
+
 def test_random_vectors_sources_and_labels_are_seeded_and_well_formed():
     d = controls.random_unit_directions(5, 16, seed=3)
     assert torch.allclose(d.norm(dim=-1), torch.ones(5)) and torch.equal(d, controls.random_unit_directions(5, 16, 3))

@@ -439,3 +439,23 @@ def test_hub_group_that_breaks_the_model_does_not_pass(subjects, tmp_path, metho
     assert spec["agreement_clean"] == 1.0 and spec["agreement"] < 0.2, spec
     assert claim.verdict == "inconclusive" and "breaks the model" in claim.reason, claim.reason
     assert claim.effect == off.effect  # the same measurement; only the verdict differs
+
+
+# ---- the random-group control stops early with the full count's verdict ------------------------------
+
+@pytest.mark.parametrize("planted,method,top", [("one", "gradient", 1), ("spread", "gradient", 1),
+                                                ("spread", "random", 2)])
+def test_sequential_random_groups_give_the_full_count_verdict(subjects, tmp_path, monkeypatch, planted, method, top):
+    from modelprobe.kinds import weight_perturbation as wp
+
+    path = probe_file(tmp_path, method=method, top=top)
+    fast = run(path, subjects[planted]).claims[0]
+    every = wp.draw_sequentially
+    monkeypatch.setattr(wp, "draw_sequentially", lambda draw, planned, step, settled: every(draw, planned, step, None))
+    full = run(path, subjects[planted]).claims[0]
+    assert full.control.detail["drawn"] == full.control.detail["planned"] == 4
+    assert (fast.verdict, fast.effect, fast.ci) == (full.verdict, full.effect, full.ci), (fast.reason, full.reason)
+    if full.verdict == "pass":  # beaten needs every draw (the effect must exceed each one)
+        assert fast.control.detail["drawn"] == 4
+    else:
+        assert fast.control.detail["drawn"] < 4, fast.control.detail

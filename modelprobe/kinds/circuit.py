@@ -33,7 +33,7 @@ from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
 from ..toolkit.ablation_task import parse_rows, prepare_task
-from ..toolkit.controls import ALPHA, beats_control, null_settled, random_circuits
+from ..toolkit.controls import ALPHA, beats_control, null_settled, random_circuits, sequential_detail
 from ..toolkit.metrics import faithfulness
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -91,9 +91,9 @@ class CircuitClaim(ClaimSpec):
 class CircuitControls(Strict):
     random_circuits: int = Field(100, ge=0, description="random circuits of the same size, same layers "
                                  "where possible; 0 turns the control off")
-    sequential: bool = Field(True, description="draw the random circuits 8 at a time and stop once the 95% "
-                             "Clopper-Pearson interval of the empirical p-value is clear of alpha (the number "
-                             "drawn is reported); false draws all random_circuits")
+    sequential: bool = Field(True, description="draw the random circuits 8 at a time and stop once the "
+                             "undrawn ones cannot change whether p <= alpha (the verdict equals the full "
+                             "count's; the number drawn is reported); false draws all random_circuits")
     prompts: int | None = Field(None, ge=2, description="measure the random circuits (and, for the "
                                 "comparison, the circuit) on a seeded sample of this many prompts")
 
@@ -285,7 +285,8 @@ class Circuit(ProbeKind[CircuitSpec]):
     def _null(self, runner: Any, null: np.ndarray, everything: np.ndarray, wanted: list[str], got: dict,
               m_full: np.ndarray, control_rows: np.ndarray) -> dict[str, np.ndarray]:
         """Random-circuit faithfulness per test, drawn NULL_STEP circuits at a time until every test's
-        answer is settled (toolkit.controls.null_settled), or all at once with `sequential: false`."""
+        answer equals the full count's (toolkit.controls.null_settled; a settled test draws no more), or all
+        at once with `sequential: false`."""
         if not wanted:
             return {}
         e, m = got["empty"][control_rows], m_full[control_rows]
@@ -293,18 +294,25 @@ class Circuit(ProbeKind[CircuitSpec]):
                                           e, m)) for t in wanted}
         step = NULL_STEP if self.spec.controls.sequential else len(null)
         out: dict[str, list[np.ndarray]] = {t: [] for t in wanted}
+        open_ = list(wanted)  # the tests whose answer more random circuits could still change
         for start in range(0, len(null), max(1, step)):
             chunk = null[start:start + step]
-            configs = np.concatenate([everything & ~chunk if t == "sufficiency" else chunk for t in wanted])
+            configs = np.concatenate([everything & ~chunk if t == "sufficiency" else chunk for t in open_])
             vals = runner.run(configs, control_rows, desc="random circuits")
-            for j, t in enumerate(wanted):
+            for j, t in enumerate(open_):
                 out[t].append(faithfulness(vals[j * len(chunk):(j + 1) * len(chunk)], e[None, :], m[None, :], axis=1))
-            drawn = {t: np.concatenate(v) for t, v in out.items()}
-            if all(not np.all(np.isfinite(drawn[t])) or not np.isfinite(observed[t]) or
-                   null_settled(observed[t], drawn[t], len(null), "greater" if t == "sufficiency" else "less")
-                   for t in wanted):
+            if self.spec.controls.sequential:
+                open_ = [t for t in open_ if not self._settled(observed[t], np.concatenate(out[t]), len(null), t)]
+            if not open_:
                 break
         return {t: np.concatenate(v) for t, v in out.items()}
+
+    @staticmethod
+    def _settled(observed: float, drawn: np.ndarray, planned: int, test: str) -> bool:
+        # a non-finite faithfulness (m(M) = m(∅) on the control prompts) is so for every circuit: the claim
+        # is untestable, and more draws cannot change that
+        return (not np.all(np.isfinite(drawn)) or not np.isfinite(observed)
+                or null_settled(observed, drawn, planned, "greater" if test == "sufficiency" else "less"))
 
     def _faithfulness(self, name: str, claim: CircuitClaim, mc: np.ndarray, me: np.ndarray, mm: np.ndarray,
                       common: dict, null: np.ndarray | None, control_rows: np.ndarray,
@@ -354,10 +362,7 @@ class Circuit(ProbeKind[CircuitSpec]):
         m.control = ControlResult(
             name=name, effect=float(null.mean()), p_value=p,
             detail={"alternative": alternative, "alpha": ALPHA, f"p{q}": float(np.percentile(null, q)),
-                    "drawn": int(len(null)), "planned": planned,
-                    "sequential": ("stopped when the 95% Clopper-Pearson interval of the p-value was clear of alpha "
-                                   "(or the full count could no longer beat it)" if len(null) < planned else
-                                   "every planned circuit drawn"),
+                    **sequential_detail(len(null), planned, self.spec.controls.sequential, what="circuits"),
                     "prompts": int(len(control_rows))})
         m.beats_control = beats_control(p)
         m.plots.append(NullHistogram(title=f"{test}: {name}", x_label="faithfulness",

@@ -28,6 +28,7 @@ from .base import Measured, Outcome, ProbeKind, judge
 
 Component = Literal["mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 MIN_NULL = 19  # random units needed before an empirical p-value can reach 0.05
+NULL_STEP = 8  # random units drawn at a time once the first resumed forward's are in
 SelectedMax = 1 << 30  # an index larger than any model's width, so a huge number is a range error, not a crash
 
 
@@ -301,11 +302,28 @@ class Feature(ProbeKind[FeatureSpec]):
                                            "AUROC of the unit's activation, with vs without prompts",
                                            details=details, plots=plots))
 
+    @staticmethod
+    def _null_drops(claim: FeatureClaim, est: float, ci: tuple[float, float], clean: np.ndarray, head: np.ndarray,
+                    metric_after: Any, planned: int) -> tuple[np.ndarray, bool]:
+        """(metric drops of the random units drawn, whether the control can change the verdict): the units of
+        `head` first, then more until the full count's answer is settled (toolkit.controls.null_settled)."""
+        from ..toolkit.controls import alternative_for, control_decides, draw_sequentially, null_settled
+
+        first, comparison = len(head), claim.expect.threshold.comparison
+        decides = control_decides(ci, claim.expect.threshold.value, comparison)
+
+        def draw(a: int, b: int) -> np.ndarray:
+            after = head[1 + a:1 + b] if 1 + b <= first else metric_after(1 + a, 1 + b)
+            return (clean[None, :] - after).mean(1)
+
+        return draw_sequentially(draw, planned, first - 1, lambda d: not decides or null_settled(
+            est, d, planned, alternative_for(comparison))), decides
+
     def _causes(self, name: str, claim: FeatureClaim, units, acts, means: np.ndarray) -> ClaimResult:
         from ..stats import paired_difference
         from ..subject.resume import common_prefix
-        from ..toolkit.controls import beats_control, empirical_control
-        from ..toolkit.features import metric_with_units_set, token_set_metric
+        from ..toolkit.controls import beats_control, empirical_control, sequential_detail
+        from ..toolkit.features import ROWS_PER_FORWARD, metric_with_units_set, token_set_metric
 
         iv, what = claim.intervention, claim.metric.as_
         use = len(units) if claim.control != "none" else 1
@@ -321,29 +339,45 @@ class Feature(ProbeKind[FeatureSpec]):
         clean = np.zeros(n)
         for batch, _, logits in acts.clean:
             clean[batch.rows] = token_set_metric(logits, tokens, what).double().numpy()
-        after = metric_with_units_set(self.subject, acts.clean, chosen, targets,
-                                      lambda lg: token_set_metric(lg, tokens, what), n,
-                                      common_prefix(self.ids["with"]))
-        if not (np.isfinite(clean).all() and np.isfinite(after).all()):
+        prefix = common_prefix(self.ids["with"])
+
+        def metric_after(lo: int, hi: int) -> np.ndarray:
+            return metric_with_units_set(self.subject, acts.clean, chosen.subset(list(range(lo, hi))), targets[lo:hi],
+                                         lambda lg: token_set_metric(lg, tokens, what), n, prefix)
+
+        # The first call holds the claimed unit and at least one resumed forward's worth of random units, so
+        # that the claimed unit rides in the same rows as when every unit ran at once (the same numbers).
+        rows = min([len(b.rows) for b, _, _ in acts.clean], default=1)
+        first = min(use, max(NULL_STEP, ROWS_PER_FORWARD // max(1, rows)))
+        head = metric_after(0, first)
+        if not (np.isfinite(clean).all() and np.isfinite(head).all()):
             return judge(name, claim, Measured(None, None, n, "metric drop", untestable="the metric is not finite "
                                                "(a token's probability underflowed); try as: prob"))
-        est, lo, hi = paired_difference(clean, after[0], seed=self.spec.seed)
-        drops = (clean[None, :] - after[1:]).mean(1)
+        est, lo, hi = paired_difference(clean, head[0], seed=self.spec.seed)
         control, beats, untestable = None, None, None
         plots: list = []
         if claim.control != "none":
-            p = empirical_control(est, drops, claim.expect.threshold.comparison)
-            control = ControlResult(name=f"random_units: the same intervention on {len(drops)} random units",
+            planned, comparison = use - 1, claim.expect.threshold.comparison
+            drops, decides = self._null_drops(claim, est, (lo, hi), clean, head, metric_after, planned)
+            if not np.isfinite(drops).all():  # a random unit's metric underflowed: as the claimed unit's would
+                return judge(name, claim, Measured(None, None, n, "metric drop", untestable="the metric is not "
+                                                   "finite (a token's probability underflowed); try as: prob"))
+            p = empirical_control(est, drops, comparison)
+            control = ControlResult(name=f"random_units: the same intervention on {len(drops)} random units"
+                                         + (f" (sequential: {len(drops)} of {planned} drawn)" if len(drops) < planned
+                                            else ""),
                                     effect=float(np.median(drops)), p_value=p,
                                     detail={"null_mean": float(drops.mean()), "null_max": float(drops.max()),
-                                            "null_95th": float(np.quantile(drops, 0.95)), "k": len(drops)})
+                                            "null_95th": float(np.quantile(drops, 0.95)), "k": len(drops),
+                                            **sequential_detail(len(drops), planned, True, decides, "random units")})
             beats = beats_control(p)
-            if len(drops) < MIN_NULL:
-                untestable = (f"untestable: the pool holds only {len(drops)} other units; with fewer than {MIN_NULL} "
+            if planned < MIN_NULL:
+                untestable = (f"untestable: the pool holds only {planned} other units; with fewer than {MIN_NULL} "
                               "the random-unit p-value cannot reach 0.05")
             plots.append(NullHistogram(title=f"metric drop of random units ({iv.name})", x_label="metric drop",
                                        values=drops.tolist(), effect=est, effect_label=chosen.labels[0],
                                        threshold=claim.expect.threshold.value))
+        after = head
         toks = [self.subject.tokenizer.convert_ids_to_tokens([t])[0] for t in self.tokens[name]]
         plots.append(Table(title="per prompt (first 8)", columns=["line", "clean", "intervened", "drop"],
                            rows=[[line, round(float(c), 4), round(float(a), 4), round(float(c - a), 4)]

@@ -66,7 +66,16 @@ from ..toolkit.behaviour import (
     rate_summary,
     untestable_reason,
 )
-from ..toolkit.controls import ALPHA, alternative_for, beats_control, paired_control
+from ..toolkit.controls import (
+    ALPHA,
+    alternative_for,
+    beats_control,
+    control_decides,
+    draw_sequentially,
+    paired_control,
+    paired_settled,
+    sequential_detail,
+)
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
 from .graders import GraderSpec, build_grader, log_odds
@@ -429,19 +438,38 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
 
     def _control(self, m: Measured, claim: LocalisesClaim, top: list[int], per_prompt: Any, a: np.ndarray) -> None:
         sets, matched = self._control_sets(top, claim.draws)
-        flags = np.stack([self._behave([self.groups[i] for i in s], claim.perturbation,
-                                       f"weight_perturbation: control {k}").flags.astype(float)
-                          for k, s in enumerate(sets)])
-        mine, theirs = per_prompt(a), per_prompt(flags.mean(axis=0))
         comparison = claim.expect.threshold.comparison
+        mine, planned = per_prompt(a), len(sets)
+        decides = control_decides(m.ci, claim.expect.threshold.value, comparison)
+        ends = np.sort(np.stack([per_prompt(np.zeros_like(a)), per_prompt(np.ones_like(a))]), axis=0)
+
+        def settled(drawn: np.ndarray) -> bool:
+            # beaten needs p <= alpha over the planned draws' mean AND the effect past every draw's: one draw
+            # at least as strong settles "not beaten", and so does a p-value no completion brings to alpha
+            # (the drawn mean is one completion, so its p-value tells the side); "beaten" waits for every draw
+            effects = per_prompt(drawn).mean(axis=1)
+            if not decides or any(not (m.effect > e if comparison == "at_least" else m.effect < e) for e in effects):
+                return True
+            return (paired_settled(mine, per_prompt(drawn), planned, (ends[0], ends[1]), comparison, self.spec.seed)
+                    and not beats_control(paired_control(mine, per_prompt(drawn.mean(axis=0)), comparison,
+                                                         self.spec.seed)))
+
+        flags = draw_sequentially(lambda lo, hi: np.stack([
+            self._behave([self.groups[i] for i in sets[k]], claim.perturbation,
+                         f"weight_perturbation: control {k}").flags.astype(float) for k in range(lo, hi)]),
+            planned, 1, settled)
+        sets = sets[:len(flags)]
+        theirs = per_prompt(flags.mean(axis=0))
         p = paired_control(mine, theirs, comparison, self.spec.seed)
         effects = [float(per_prompt(f).mean()) for f in flags]
         agreements = [float(self._agreement([self.groups[i] for i in s], claim.perturbation).mean()) for s in sets]
         exceeds = all(m.effect > e for e in effects) if comparison == "at_least" else all(m.effect < e for e in effects)
-        name = f"matched random groups ({len(sets)} draws of {claim.top})"
+        name = f"matched random groups ({len(sets)} draws of {claim.top})" if len(sets) == planned else \
+            f"matched random groups ({len(sets)} of {planned} draws of {claim.top}, sequential)"
         m.control = ControlResult(name=name, effect=float(theirs.mean()), p_value=p, detail={
             "effects": effects, "groups": [[self.groups[i].name for i in s] for s in sets],
             "kinds_matched": matched, "effect_exceeds_every_draw": exceeds, "neutral_agreement": agreements,
+            **sequential_detail(len(sets), planned, True, decides, "draws"),
             "test": f"paired permutation over prompts against the draws' mean, one-sided "
                     f"({alternative_for(comparison)}), alpha {ALPHA}; and the effect must exceed every draw"})
         m.beats_control = beats_control(p) and exceeds

@@ -153,6 +153,9 @@ class RunRecord(_Record):
     # count as collected (modelprobe/selection.py): a deleted probe is missing, never out of scope.
     collected_files: list[str] | None = None
     deselected: list[str] = Field(default_factory=list)
+    # --probe-shard: {"index": i, "count": n, "files": [this shard's probe files], "costs_from": "..."};
+    # the other shards' claims are in `deselected` (modelprobe/shard.py joins the shards' reports)
+    shard: dict[str, Any] | None = None
     preflight: list[PreflightResult] = Field(default_factory=list)
     tokenization: dict[str, Any] = Field(default_factory=dict)  # chat template + example token ids
     probes: list[ProbeRecord] = Field(default_factory=list)

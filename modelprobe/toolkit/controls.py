@@ -8,17 +8,18 @@
 Convention: a one-sided p-value (empirical, or paired permutation over prompts) in the direction the
 claim expects; the effect beats its control when p <= ALPHA.
 
-Sequential controls: null samples cost forwards, so kinds draw them a few at a time and stop when the
-answer is settled (`paired_settled`: exactly, the verdict cannot change whatever the undrawn seeds give;
-`null_settled`: the Clopper-Pearson interval of the empirical p-value is clear of ALPHA;
+Sequential controls: null samples cost forwards, so kinds draw them a few at a time (`draw_sequentially`)
+and stop as soon as no completion of the planned draws can change whether the control is beaten
+(`null_settled` for an empirical null, `paired_settled` for a paired control over the draws' mean;
 `control_decides`: false when the claim's interval does not clear its threshold, so that no control can
-change the verdict). The number drawn is reported; a probe can ask for the full count.
+change the verdict). Every rule is exact: the verdict equals the full count's. The number drawn of the
+number planned is reported (`sequential_detail`); a probe can ask for the full count.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,32 +79,68 @@ def control_decides(ci: tuple[float, float] | None, threshold: float, comparison
     return decide(ci, threshold, comparison, True)[0] != decide(ci, threshold, comparison, False)[0]  # type: ignore[arg-type]
 
 
-def null_settled(observed: float, null: np.ndarray, planned: int, alternative: str,
-                 confidence: float = 0.95) -> bool:
-    """Whether an empirical control's answer (p <= ALPHA) is settled after the null draws so far.
+def hit_limit(planned: int) -> int:
+    """The most null draws at least as extreme as the observation with which the full count of `planned`
+    draws still beats ALPHA ((1 + hits) / (1 + planned) <= ALPHA); -1 when no count can."""
+    h = int(ALPHA * (1 + planned)) - 1
+    while beats_control((2 + h) / (1 + planned)):  # float rounding either way: the p-value itself decides
+        h += 1
+    while h >= 0 and not beats_control((1 + h) / (1 + planned)):
+        h -= 1
+    return h
 
-    Settled when every draw is in (k == planned); when no completion of the planned draws can bring the
-    full-count p-value to ALPHA or below; or when the two-sided Clopper-Pearson interval (`confidence`)
-    of the probability that a null draw is at least as extreme as `observed` lies wholly on one side of
-    ALPHA and the p-value of the draws so far is on the same side. `alternative`: greater or less.
+
+def null_settled(observed: float, null: np.ndarray, planned: int, alternative: str) -> bool:
+    """Whether an empirical control's answer (p <= ALPHA over all `planned` draws) is settled by the draws
+    so far, exactly: the null draws at least as extreme as `observed` (ties count against the claim, as in
+    the p-value) already exceed `hit_limit` (no completion can beat ALPHA), or would not reach it even if
+    every undrawn one were extreme. Besag-Clifford's sequential p-value stops on the first condition only.
+
+    The p-value of the drawn ones, (1 + hits) / (1 + drawn), is then on the full count's side of ALPHA:
+    above it when hits > limit (drawn <= planned), at most ALPHA when hits + undrawn <= limit.
     """
-    from scipy.stats import beta
-
     k = len(null)
     if k >= planned:
         return True
-    if k == 0:
-        return False
     null = np.asarray(null, dtype=float)
-    p = empirical_pvalue(observed, null, alternative)  # type: ignore[arg-type]
-    # null draws at least as extreme as the observation (ties count against the claim, as in the p-value)
-    extreme = int((null >= observed).sum() if alternative == "greater" else (null <= observed).sum())
-    if (1 + extreme) / (1 + planned) > ALPHA:  # even if no further draw were extreme
-        return True
-    tail = (1 - confidence) / 2
-    lower = 0.0 if extreme == 0 else float(beta.ppf(tail, extreme, k - extreme + 1))
-    upper = 1.0 if extreme == k else float(beta.ppf(1 - tail, extreme + 1, k - extreme))
-    return (upper < ALPHA and beats_control(p)) or (lower > ALPHA and not beats_control(p))
+    hits = int((null >= observed).sum() if alternative == "greater" else (null <= observed).sum())
+    limit = hit_limit(planned)
+    return hits > limit or hits + (planned - k) <= limit
+
+
+def draw_sequentially(draw: Callable[[int, int], np.ndarray], planned: int, step: int,
+                      settled: Callable[[np.ndarray], bool] | None) -> np.ndarray:
+    """Null draws [start, stop) of the `planned` ones, `step` at a time, until `settled(all drawn so far)`;
+    every planned draw at once when `settled` is None. `draw` returns [stop - start, ...]."""
+    if planned <= 0:
+        return np.zeros((0,))
+    if settled is None:
+        return np.asarray(draw(0, planned))
+    parts: list[np.ndarray] = []
+    done = 0
+    while done < planned:
+        stop = min(planned, done + max(1, step))
+        parts.append(np.asarray(draw(done, stop)))
+        done = stop
+        if settled(np.concatenate(parts)):
+            break
+    return np.concatenate(parts)
+
+
+def sequential_detail(drawn: int, planned: int, sequential: bool, decides: bool = True,
+                      what: str = "draws") -> dict[str, Any]:
+    """The report's account of a sequential null: how many were drawn of how many planned, and why."""
+    if not sequential:
+        why = f"off: every planned {what} drawn"
+    elif drawn >= planned:
+        why = f"every planned {what} drawn"
+    elif not decides:
+        why = (f"stopped after {drawn} of {planned} {what}: the claim's interval does not clear its threshold, "
+               "so no control can change the verdict")
+    else:
+        why = (f"stopped after {drawn} of {planned} {what}: whatever the undrawn ones give, the full count's "
+               f"answer (p <= {ALPHA}) is the same")
+    return {"drawn": int(drawn), "planned": int(planned), "sequential": why}
 
 
 def random_unit_directions(n: int, d: int, seed: int) -> torch.Tensor:
