@@ -22,7 +22,16 @@ from pydantic import Field, model_validator
 
 from .._lazy import torch
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
-from ..spec import ClaimSpec, FiniteFloat, OneExpectation, ProbeBase, RateThreshold, Strict, Threshold
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    FiniteFloat,
+    OneExpectation,
+    ProbeBase,
+    RateThreshold,
+    Strict,
+    Threshold,
+)
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -128,7 +137,7 @@ class FeatureSpec(ProbeBase):
     kind: Literal["feature"]
     unit: UnitSpec
     inputs: InputsSpec
-    claims: dict[str, FeatureClaim] = Field(min_length=1)
+    claims: dict[ClaimName, FeatureClaim] = Field(min_length=1)
 
 
 class Feature(ProbeKind[FeatureSpec]):

@@ -19,7 +19,16 @@ from pydantic import Field, field_validator, model_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    RateThreshold,
+    Seed,
+    Strict,
+)
 from ..spec.load import parse_jsonl
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection as intro
@@ -70,14 +79,14 @@ class JudgeSpec(Strict):
 class SplitSpec(Strict):
     dev: int = Field(10, ge=1, description="concepts used to choose layer and strength")
     test: int = Field(40, ge=2, description="held-out concepts the claims are measured on")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class InjectionExpect(OneExpectation):
-    rate: Threshold | None = Field(None, description="test trials: share that detect and name the concept first; "
+    rate: RateThreshold | None = Field(None, description="test trials: share that detect and name the concept first; "
                                    "control_trials: share claiming a detection with nothing injected")
-    coherence: Threshold | None = Field(None, description="share of injected test replies that are coherent")
-    yes_rate_rise: Threshold | None = Field(None, description="'yes' rate on no-questions, injected minus not")
+    coherence: RateThreshold | None = Field(None, description="share of injected test replies that are coherent")
+    yes_rate_rise: RateChangeThreshold | None = Field(None, description="'yes' rate on no-questions, injected minus not")
 
 
 class InjectionClaim(ClaimSpec):
@@ -111,7 +120,7 @@ class InjectionSpec(ProbeBase):
     split: SplitSpec = Field(default_factory=SplitSpec)
     control_trials: int = Field(80, ge=1, le=1000, description="uninjected trials (trial numbers 1..n)")
     max_new_tokens: int = Field(40, ge=4, le=256)
-    claims: dict[str, InjectionClaim] = Field(min_length=1)
+    claims: dict[ClaimName, InjectionClaim] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _needs_questions(self) -> InjectionSpec:
