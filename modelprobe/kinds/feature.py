@@ -152,7 +152,7 @@ class Feature(ProbeKind[FeatureSpec]):
     def check_data(cls, probe) -> dict[str, Any]:
         """Rows of both sets (their `rows` slice), and the unit's files checked without a model."""
         from ..errors import DataError
-        from ..subject.units import UnitFileError, read_direction, read_sae
+        from ..subject.units import UnitFileError, check_latent, read_direction, read_sae
         from ..toolkit.ablation_task import parse_rows
 
         spec: FeatureSpec = probe.spec
@@ -175,6 +175,7 @@ class Feature(ProbeKind[FeatureSpec]):
                 if unit.latent >= files.d_sae:
                     raise probe.error(f"latent {unit.latent} is out of range: the SAE {unit.sae} has d_sae "
                                       f"{files.d_sae} latents (0..{files.d_sae - 1})", ("unit", "latent"))
+                check_latent(files, unit.latent)
                 out["sae"] = files
             elif unit.direction is not None:
                 path = probe.data_path(unit.direction, ("unit", "direction"))

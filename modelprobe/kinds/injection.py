@@ -50,6 +50,10 @@ class VectorSpec(Strict):
     def _has_word(cls, v: str) -> str:
         if "{word}" not in v:
             raise ValueError("the vector template must contain {word}")
+        try:
+            v.format(word="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{word}} may appear in braces (use {{{{ }}}} for a brace): {e!r}") from None
         return v
 
 
@@ -168,9 +172,9 @@ class Injection(ProbeKind[InjectionSpec]):
         spec: InjectionSpec = probe.spec
         if spec.trial == "default":
             return [dict(m) for m in intro.DEFAULT_TRANSCRIPT]
-        path = probe.path.parent / spec.trial
+        path = probe.data_path(spec.trial, ("trial",))
         if not path.is_file():
-            raise probe.error(f"trial transcript '{path}' not found", ("trial",))
+            raise probe.error(f"trial transcript '{path}' is not a file", ("trial",))
         msgs = parse_jsonl(path, ("role", "content"))
         if not msgs:
             raise probe.error(f"trial transcript '{path}' holds no messages", ("trial",))
