@@ -133,6 +133,15 @@ class InjectionSpec(ProbeBase):
         return self
 
 
+def judge_location(probe, judge: str, loc: tuple) -> str:
+    """What to load as the judge: a path (absolute, starting with '.', or present in the probe's folder)
+    obeys the data-path rule like any data file; anything else is an alias or a cached hub id."""
+    import os
+
+    local = os.path.isabs(judge) or judge.startswith(".") or (probe.path.parent / judge).exists()
+    return str(probe.data_path(judge, loc)) if local else judge
+
+
 class Injection(ProbeKind[InjectionSpec]):
     name = "injection"
     Spec = InjectionSpec
@@ -165,6 +174,8 @@ class Injection(ProbeKind[InjectionSpec]):
         if spec.no_questions:
             out["questions"] = read_rows(probe, spec.no_questions, ("no_questions",), ("question",))
         out["transcript"] = cls._transcript(probe)
+        if isinstance(spec.grader, JudgeSpec):
+            out["judge"] = judge_location(probe, spec.grader.judge, ("grader", "judge"))
         return out
 
     @staticmethod
@@ -239,10 +250,16 @@ class Injection(ProbeKind[InjectionSpec]):
             from ..errors import ModelLoadError
             from ..subject import load_subject
 
+            loc = ("grader", "judge")
             try:
-                return load_subject(self.spec.grader.judge, progress=False)
+                judge = load_subject(judge_location(self.probe, self.spec.grader.judge, loc), progress=False)
             except ModelLoadError as e:
-                raise self.probe.error(f"the judge model does not load: {e}", ("grader", "judge")) from None
+                raise self.probe.error(f"the judge model does not load: {e}", loc) from None
+            try:
+                intro.judge_answer_tokens(judge)
+            except SiteError as e:
+                raise self.probe.error(f"the judge cannot grade: {e.message}", loc) from None
+            return judge
         return None
 
     def trial_ids(self, questions: list[str], numbers: list[int]) -> tuple[list[list[int]], list[int]]:
