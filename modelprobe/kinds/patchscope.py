@@ -89,6 +89,9 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         rows = read_rows(probe, spec.source.prompts, ("source", "prompts"), need,
                          ("entity",) if spec.source.position == "bridge_entity_last" else ())
         path = probe.path.parent / spec.source.prompts
+        if len(rows) < 2:  # the random-source control patches another prompt's state
+            raise probe.error(f"'{path}' holds {len(rows)} row; the random-source control needs at least 2",
+                              ("source", "prompts"))
         for i, row in enumerate(rows):
             if spec.source.position == "bridge_entity_last" and "entity" not in row:
                 raise DataError(f"{path}:{i + 1}: missing field 'entity' (source.position: bridge_entity_last)")
