@@ -1,0 +1,211 @@
+"""Issue 23, as tables: a second hostile trial on the newer kinds, `modelprobe find` / `discover` and the gate.
+
+Every row runs a real entry point (`modelprobe.cli.main`, or pytester for `pytest probes`) and checks the
+exit status, the one located line that says why, and that nothing passed. Probe rows start from the
+fresh `modelprobe new KIND` skeleton and change one thing, as a careless user would.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import BaseModel
+
+from modelprobe.cli import main
+from modelprobe.kinds import KINDS
+from modelprobe.spec import ClaimName, Threshold
+
+# --------------------------------------------------------------------------- one rule for every kind
+
+# Statistics with no fixed range, each with why; any other threshold must be bounded (rates in [0, 1],
+# differences of rates and correlations in [-1, 1]) so that a threshold that can never fail is refused.
+UNBOUNDED = {
+    ("circuit", "faithfulness"): "a ratio of metric differences: any real number",
+    ("circuit", "min_drop"): "a difference of faithfulness: any real number",
+    ("feature", "metric_drop"): "a difference of log-probabilities",
+    ("logit_lens", "median_first_layer"): "a layer fraction, ranged by its own validator",
+    ("icl_update", "max_rel_error"): "a relative error, ranged by IclExpect (0 < at_most < 1)",
+    ("icl_update", "gain_recovered"): "a share of a gain that can be negative or above 1, ranged by IclExpect",
+}
+RATE_WORDS = ("rate", "accuracy", "auroc", "coherence", "share", "agreement")
+
+
+def _models(annotation: typing.Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models(arg)]
+
+
+def _walk(model: type[BaseModel], seen: set) -> typing.Iterator[tuple[type[BaseModel], str, typing.Any]]:
+    if model in seen:
+        return
+    seen.add(model)
+    for name, info in model.model_fields.items():
+        yield model, name, info
+        for sub in _models(info.annotation):
+            yield from _walk(sub, seen)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_kind_uses_the_shared_types(kind):
+    spec = KINDS[kind].Spec
+    claims = spec.model_fields["claims"].annotation
+    assert typing.get_origin(claims) is dict and typing.get_args(claims)[0] == ClaimName, \
+        f"{kind}: claims must be dict[ClaimName, ...]"
+    for model, name, info in _walk(spec, set()):
+        if name == "seed" or name.endswith("_seed"):
+            assert any(getattr(m, "ge", None) == 0 for m in info.metadata), f"{kind}.{model.__name__}.{name}: not a Seed"
+        for th in (m for m in _models(info.annotation) if issubclass(m, Threshold)):
+            low, high = th.bounds
+            if (kind, name) in UNBOUNDED:
+                continue
+            assert np.isfinite(low) and np.isfinite(high), f"{kind}.{name}: {th.__name__} is unbounded"
+            if any(w in name for w in RATE_WORDS):
+                assert -1 <= low and high <= 1, f"{kind}.{name}: a rate threshold outside [-1, 1]"
+
+
+def test_the_unbounded_list_names_real_statistics():
+    fields = {(k, n) for k in KINDS for _, n, _ in _walk(KINDS[k].Spec, set())}
+    assert set(UNBOUNDED) <= fields
+
+
+# --------------------------------------------------------------------------- probe files, no model
+
+def _safetensors(path: Path, **tensors: np.ndarray) -> Path:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _truncated(path: Path) -> Path:
+    _safetensors(path, direction=np.ones(64))
+    path.write_bytes(path.read_bytes()[:-40])
+    return path
+
+
+def _sae(folder: Path, w_enc: np.ndarray) -> None:
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 3, "hook_name": "blocks.0.hook_resid_post"}))
+    _safetensors(folder / "sae_weights.safetensors", W_enc=w_enc, b_enc=np.zeros(3), W_dec=np.ones((3, 4)),
+                 b_dec=np.zeros(4))
+
+
+SAE_ZERO_LATENT = np.ones((4, 3))
+SAE_ZERO_LATENT[:, 1] = 0
+SAE_NAN = np.ones((4, 3))
+SAE_NAN[2, 0] = np.nan
+DIRECTION_UNIT = ('unit: {layer: 10, component: mlp.post, neuron: 1234}',
+                  'unit: {direction: d.safetensors, layer: 0, component: resid_post}')
+FILES = {
+    "zero_direction": lambda d: _safetensors(d / "d.safetensors", direction=np.zeros(64)),
+    "nan_direction": lambda d: _safetensors(d / "d.safetensors", direction=np.r_[np.ones(63), np.nan]),
+    "truncated_direction": lambda d: _truncated(d / "d.safetensors"),
+    "sae_zero_latent": lambda d: _sae(d / "sae", SAE_ZERO_LATENT),
+    "sae_nan": lambda d: _sae(d / "sae", SAE_NAN),
+}
+SAE_UNIT = ('unit: {layer: 10, component: mlp.post, neuron: 1234}', 'unit: {sae: sae, latent: 1}')
+
+# (case id, kind, [(old, new) text edits of the skeleton], files to add, the line's fragment)
+VALIDATE_CASES = [
+    ("injection_rate_above_one", "injection", [("{rate: {at_most: 0.05}}", "{rate: {at_most: 1.5}}")], None,
+     "claims.no_false_alarms.expect.rate: at_most: 1.5 is outside the statistic's range [0, 1]"),
+    ("injection_rate_below_zero", "injection", [("{rate: {at_least: 0.05}}", "{rate: {at_least: -1}}")], None,
+     "claims.detects_and_names.expect.rate: at_least: -1 is outside the statistic's range [0, 1]"),
+    ("injection_coherence_cannot_fail", "injection", [("{at_least: 0.8}", "{at_least: 0}")], None,
+     "expect.coherence: at_least: 0 can never fail"),
+    ("injection_yes_rate_rise_cannot_fail", "injection", [("{yes_rate_rise: {at_most: 0.05}}",
+                                                           "{yes_rate_rise: {at_most: 1}}")], None,
+     "expect.yes_rate_rise: at_most: 1 can never fail"),
+    ("backpatch_break_rate_above_one", "backpatch", [("{at_most: 0.1}", "{at_most: 1.5}")], None,
+     "claims.few_breaks.expect.break_rate: at_most: 1.5 is outside the statistic's range [0, 1]"),
+    ("backpatch_fix_rate_negative", "backpatch", [("{fix_rate: {at_least: 0.1}}", "{fix_rate: {at_least: -1}}")],
+     None, "expect.fix_rate: at_least: -1 is outside"),
+    ("patchscope_decode_rate_cannot_fail", "patchscope", [("{at_least: 0.3}", "{at_least: 0}")], None,
+     "expect.decode_rate: at_least: 0 can never fail"),
+    ("icl_spearman_cannot_fail", "icl_update", [("{at_most: -0.5}", "{at_least: -1}")], None,
+     "expect.spearman_rho: at_least: -1 can never fail"),
+    ("injection_claim_name", "injection", [("  stays_coherent:", "  stays::coherent:")], None,
+     "claim name 'stays::coherent' may hold only"),
+    ("backpatch_claim_name", "backpatch", [("  few_breaks:", "  few[1]:")], None, "claim name 'few[1]' may hold only"),
+    ("patchscope_claim_name", "patchscope", [("  bridge_decodable_mid_depth:", "  a b:")], None,
+     "claim name 'a b' may hold only"),
+    ("feature_claim_name", "feature", [("  correlates:", "  co::rr:")], None, "claim name 'co::rr' may hold only"),
+    ("icl_claim_name", "icl_update", [("  converges:", "  con-verges:")], None, "claim name 'con-verges' may hold"),
+    ("circuit_unbeatable_control", "circuit", [("random_circuits: 100", "random_circuits: 10")], None,
+     "controls.random_circuits: with 10 random circuits the empirical p-value is at least 1/11"),
+    ("injection_split_seed_negative", "injection", [("seed: 0}", "seed: -1}")], None,
+     "split.seed: Input should be greater than or equal to 0"),
+    ("backpatch_split_seed_negative", "backpatch", [("seed: 0}", "seed: -1}")], None,
+     "split.seed: Input should be greater than or equal to 0"),
+    ("injection_unknown_placeholder", "injection", [('"Tell me about {word}"', '"Tell me about {word} and {topic}"')],
+     None, "vector.template: only {word} may appear in braces"),
+    ("regex_catastrophic", "weight_perturbation", [("grader: refusal ", "grader: {regex: '(?:(a|aa)+)+\\1\\1b'} ")],
+     None, "behaviour.grader.regex: the grader's regex does not finish within"),
+    ("judge_outside", "injection", [("grader: rules ", "grader: {judge: /etc} ")], None,
+     "grader.judge: data file '/etc' is outside the probe's folder"),
+    ("judge_climbs_out", "injection", [("grader: rules ", "grader: {judge: ../../../../../../usr/lib} ")], None,
+     "grader.judge: data file '../../../../../../usr/lib' is outside"),
+    ("task_missing_outside", "function_vector", [("data/icl_first_country_capital.jsonl", "/no/such/file.jsonl")],
+     None, "data file '/no/such/file.jsonl' is outside the probe's folder"),
+    ("task_existing_outside", "function_vector", [("data/icl_first_country_capital.jsonl", "/etc/hostname")],
+     None, "data file '/etc/hostname' is outside the probe's folder"),
+    ("direction_all_zeros", "feature", [DIRECTION_UNIT], "zero_direction",
+     "p/d.safetensors: tensor 'direction' is all zeros"),
+    ("direction_nan", "feature", [DIRECTION_UNIT], "nan_direction",
+     "p/d.safetensors: tensor 'direction' holds 1 values that are not finite"),
+    ("direction_truncated", "feature", [DIRECTION_UNIT], "truncated_direction",
+     "p/d.safetensors: truncated: its tensors need"),
+    ("sae_latent_zero", "feature", [SAE_UNIT], "sae_zero_latent",
+     "p/sae/sae_weights.safetensors: latent 1's encoder column W_enc[:, 1] is all zeros"),
+    ("sae_nan", "feature", [SAE_UNIT], "sae_nan", "tensor 'W_enc' holds 1 values that are not finite"),
+]
+
+
+@pytest.mark.parametrize("case, kind, edits, files, fragment", VALIDATE_CASES, ids=[c[0] for c in VALIDATE_CASES])
+def test_validate(tmp_path, monkeypatch, capsys, case, kind, edits, files, fragment):
+    monkeypatch.chdir(tmp_path)
+    assert main(["new", kind, "x", "--directory", "p"]) == 0
+    probe = tmp_path / "p" / "x.probe.yaml"
+    text = probe.read_text()
+    for old, new in edits:
+        assert old in text, old
+        text = text.replace(old, new)
+    probe.write_text(text)
+    if files:
+        FILES[files](tmp_path / "p")
+    capsys.readouterr()
+    assert main(["validate", "p"]) == 1
+    out = capsys.readouterr().out
+    line = next((ln for ln in out.splitlines() if fragment in ln), None)
+    assert line is not None, out
+    assert line.startswith("p/x.probe.yaml:") and "Traceback" not in out and "x.probe.yaml: ok" not in out
+
+
+def test_outside_is_decided_before_existence(tmp_path, monkeypatch, capsys):
+    """A probe file cannot tell a missing path outside from an existing one: both answers are the same."""
+    monkeypatch.chdir(tmp_path)
+    answers = []
+    assert main(["new", "logit_lens", "x", "--directory", "p"]) == 0
+    probe = tmp_path / "p" / "x.probe.yaml"
+    skeleton = probe.read_text()
+    for target in ("/etc/hostname", "/etc/no-such-file-here"):
+        probe.write_text(skeleton.replace("data/capitals.jsonl", target))
+        capsys.readouterr()
+        assert main(["validate", "p"]) == 1
+        answers.append(capsys.readouterr().out.replace(target, "TARGET"))
+    assert answers[0] == answers[1] and "is outside the probe's folder" in answers[0]
+
+
+def test_a_link_inside_that_leads_outside_is_outside(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["new", "logit_lens", "x", "--directory", "p"]) == 0
+    (tmp_path / "p" / "data" / "capitals.jsonl").unlink()
+    (tmp_path / "p" / "data" / "capitals.jsonl").symlink_to("/etc/hostname")
+    assert main(["validate", "p"]) == 1
+    out = capsys.readouterr().out
+    assert "p/x.probe.yaml:" in out and "data file 'data/capitals.jsonl' is outside" in out and ": ok" not in out
