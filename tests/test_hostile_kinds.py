@@ -209,3 +209,140 @@ def test_a_link_inside_that_leads_outside_is_outside(tmp_path, monkeypatch, caps
     assert main(["validate", "p"]) == 1
     out = capsys.readouterr().out
     assert "p/x.probe.yaml:" in out and "data file 'data/capitals.jsonl' is outside" in out and ": ok" not in out
+
+
+# --------------------------------------------------------------------------- `pytest probes` on tiny models
+
+USAGE = pytest.ExitCode.USAGE_ERROR
+FAILED = pytest.ExitCode.TESTS_FAILED
+ICV = """\
+kind: icv
+demos: {pairs: data/pairs.jsonl}
+queries: {prompts: data/queries.jsonl, chat_template: false}
+behaviour: {grader: {substrings: [t1]}, max_new_tokens: 4}
+claims:
+  c:
+    expect: {rate_rise: {at_least: 0.5}}
+"""
+QUERIES = "".join(json.dumps({"prompt": f"t{i} t{i + 1}"}) + "\n" for i in range(8))
+
+
+def _pairs(*pairs: tuple[str, str]) -> str:
+    return "".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs)
+
+
+def _icl(claims: str) -> dict[str, str]:
+    rows = "".join(json.dumps({"input": f"t{i}", "output": f" t{i + 20}"}) + "\n" for i in range(14))
+    other = "".join(json.dumps({"input": f"t{i + 20}", "output": f" t{i}"}) + "\n" for i in range(14))
+    return {"data/task.jsonl": rows, "data/other.jsonl": other, "icl.probe.yaml":
+            'kind: icl_update\ntask: data/task.jsonl\ncontrol_task: data/other.jsonl\n'
+            'format: {example: "{input}{output} . ", query: "{input}"}\nshots: 4\nprompts: 8\nclaims:\n' + claims}
+
+
+# (case id, {path under probes/: text}, extra args, exit status, fragment, the verdict its claims must not have)
+PYTEST_CASES = [
+    ("probe_device_mps", {}, ["--probe-device=mps"], USAGE, "--probe-device=mps: this build of torch cannot use mps"),
+    ("probe_device_missing_cuda", {}, ["--probe-device=cuda:3"], USAGE, "--probe-device=cuda:3: "),
+    ("weights_top_leaves_too_few_for_the_control", "weights5", [], FAILED,
+     "claims.c.top: top 5 leaves 3 other groups of 'block_sublayer' on this model, and the control draws 5"),
+    ("icv_pairs_tokenize_identically", {"icv.probe.yaml": ICV, "data/queries.jsonl": QUERIES,
+                                        "data/pairs.jsonl": _pairs(("t1 zebra", "t1 giraffe"), ("t2", "t3"))}, [],
+     FAILED, "data/pairs.jsonl:1: source and target are the same tokens for model"),
+    ("icv_words_all_unknown", {"icv.probe.yaml": ICV, "data/queries.jsonl": QUERIES,
+                               "data/pairs.jsonl": _pairs(("zebra", "giraffe"), ("t2", "t3"))}, [],
+     FAILED, "data/pairs.jsonl:1: every word of the prompt is the unknown token '<unk>'"),
+]
+
+
+@pytest.fixture(scope="module")
+def copy_model(tmp_path_factory) -> Path:
+    from tests.helpers.toy_models import save_copy_model
+    return save_copy_model(tmp_path_factory.mktemp("hostile_kinds") / "toy")
+
+
+@pytest.fixture
+def probes(pytester) -> Path:
+    from tests.helpers.toy_models import copy_task_rows, write_jsonl
+    from tests.test_hostile import GOOD
+    write_jsonl(pytester.path / "probes" / "data" / "copy.jsonl", copy_task_rows())
+    (pytester.path / "probes" / "good.probe.yaml").write_text(GOOD)
+    return pytester.path / "probes"
+
+
+def _run(pytester, model: Path, *args: str):
+    return pytester.runpytest("probes", f"--model={model}", "--probe-report-dir=out", "-p", "no:cacheprovider",
+                              "-p", "no:randomly", "--probe-threads=1", *args)
+
+
+def _claims(pytester, file: str) -> list[dict]:
+    rec = json.loads((pytester.path / "out" / "toy" / "report.json").read_text())
+    return [c for p in rec["probes"] if p["file"] == file for c in p["claims"]]
+
+
+@pytest.mark.parametrize("case, files, args, status, fragment", PYTEST_CASES, ids=[c[0] for c in PYTEST_CASES])
+def test_pytest_run(pytester, probes, copy_model, case, files, args, status, fragment):
+    from tests.test_hostile import _materialise, weights
+    if files == "weights5":
+        files = weights(top=5)
+    _materialise(probes, files)
+    result = _run(pytester, copy_model, *args)
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret == status, out
+    assert fragment in out and "Traceback" not in out
+    if status == FAILED:  # the bad probe is an error with no claim passed; the good probe still ran
+        bad = next(f for f in files if f.endswith(".probe.yaml"))
+        rec = json.loads((pytester.path / "out" / "toy" / "report.json").read_text())
+        probe = next(p for p in rec["probes"] if p["file"] == f"probes/{bad}")
+        assert fragment.split(": ", 1)[-1][:40] in probe["error"]
+        assert not any(c["verdict"] == "pass" for c in probe["claims"])
+        assert _claims(pytester, "probes/good.probe.yaml")
+
+
+def test_identity_in_bfloat16_is_a_dtype_matter_not_a_failure(pytester, probes, tmp_path_factory):
+    """The identity is exact but for rounding: in bfloat16 an error within the dtype's rounding is
+    inconclusive with the reason, never 'identity fails'."""
+    from tests.helpers.toy_models import save_random_model
+    model = save_random_model(tmp_path_factory.mktemp("bf16") / "toy")
+    from tests.test_hostile import _materialise
+    _materialise(probes, _icl("  identity:\n    expect: {max_rel_error: {at_most: 1.0e-6}}\n"))
+    result = _run(pytester, model, "--probe-dtype=bfloat16", "-k", "identity")
+    out = result.stdout.str()
+    assert result.ret == FAILED and "Traceback" not in out
+    (claim,) = _claims(pytester, "probes/icl.probe.yaml")
+    assert claim["details"]["dtype"] == "bfloat16" and claim["details"]["dtype_rounding_tolerance"] == 0.05
+    assert claim["effect"] > 1e-6  # bfloat16 rounds: the claimed 1e-6 cannot be checked in it
+    assert claim["verdict"] == "inconclusive", claim
+    assert "within what bfloat16 rounding alone gives (0.05)" in claim["reason"] and "--probe-dtype=float32" in claim["reason"]
+
+
+def test_transfers_at_most_tests_its_control_in_its_own_direction(tmp_path, tiny_subject, monkeypatch):
+    from modelprobe.kinds import check_data_files, instantiate, load
+    from modelprobe.toolkit import icl_measure
+    seen = []
+    real = icl_measure.paired_control
+    monkeypatch.setattr(icl_measure, "paired_control", lambda a, b, comparison, seed: seen.append(comparison)
+                        or real(a, b, comparison, seed))
+    files = _icl("  transfers:\n    layer: [0, 1]\n    expect: {gain_recovered: {at_most: 0.3}}\n"
+                 "    control: other_task\n")
+    from tests.test_hostile import _materialise
+    _materialise(tmp_path, files)
+    probe = load(tmp_path / "icl.probe.yaml")
+    check_data_files(probe)
+    (claim,) = instantiate(probe, tiny_subject("qwen2")).run().claims
+    assert seen == ["at_most"]  # one-sided "less", as the claim reads, not the hard-coded "greater"
+    assert claim.control is not None and claim.comparison == "at_most"
+
+
+def test_a_judge_that_cannot_tell_yes_from_no_is_an_error(pytester, copy_model):
+    """A judge whose tokenizer maps 'Yes' and 'No' to the unknown token would answer 'no' to every reply."""
+    import shutil
+
+    from tests.test_injection import ORGANISM, probe_text
+    shutil.copytree(copy_model, pytester.path / "probes" / "judge")
+    (pytester.path / "probes" / "inj.probe.yaml").write_text(probe_text(grader="{judge: judge}"))
+    result = pytester.runpytest("probes", f"--model={ORGANISM}", "--probe-report-dir=out", "-p", "no:cacheprovider",
+                                "-p", "no:randomly", "--probe-threads=1", f"--probe-data-root={Path(__file__).parent.parent}")
+    out = result.stdout.str()
+    assert result.ret == FAILED and "Traceback" not in out
+    assert "grader.judge: the judge cannot grade: 'Yes' is not in the vocabulary of model" in out
+    result.assert_outcomes(passed=0, failed=4)
