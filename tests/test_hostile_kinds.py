@@ -346,3 +346,118 @@ def test_a_judge_that_cannot_tell_yes_from_no_is_an_error(pytester, copy_model):
     assert result.ret == FAILED and "Traceback" not in out
     assert "grader.judge: the judge cannot grade: 'Yes' is not in the vocabulary of model" in out
     result.assert_outcomes(passed=0, failed=4)
+
+
+# --------------------------------------------------------------------------- `modelprobe find` / `discover`
+
+FIND = ["find", "--model", "m", "--with", "w.jsonl", "--without", "o.jsonl"]
+DISCOVER = ["discover", "circuit", "--model", "m", "--prompts", "p.jsonl", "--ablation", "zero"]
+CLI_CASES = [
+    # (case id, files, argv, exit status, fragment): all refused before any model is loaded
+    ("find_batch_size_negative", {}, [*FIND, "--batch-size", "-1"], 2,
+     "modelprobe find: argument --batch-size: '-1': must be between 1 and 65536"),
+    ("find_batch_size_zero", {}, [*FIND, "--batch-size", "0"], 2, "argument --batch-size: '0': must be between 1"),
+    ("find_threads_negative", {}, [*FIND, "--threads", "-1"], 2, "argument --threads: '-1': must be between 0"),
+    ("find_seed_negative", {}, [*FIND, "--seed", "-1"], 2, "argument --seed: '-1': must be between 0 and 4294967295"),
+    ("find_top_zero", {}, [*FIND, "--top", "0"], 2, "argument --top: '0': must be between 1"),
+    ("find_overwrites_without_force", {"mine.probe.yaml": "kind: logit_lens  # hand-written\n"},
+     [*FIND, "-o", "mine.probe.yaml"], 2, "modelprobe find: mine.probe.yaml exists: give --force to overwrite it"),
+    ("find_layer_with_sae", {}, [*FIND, "--sae", "sae", "--layer", "3"], 2,
+     "--sae takes its layer and component from the SAE's cfg.json: drop --layer / --component"),
+    ("find_component_with_sae", {}, [*FIND, "--sae", "sae", "--component", "resid_post"], 2, "drop --layer"),
+    ("find_missing_model", {}, ["find", "--with", "w.jsonl", "--without", "o.jsonl"], 2,
+     "modelprobe find: the following arguments are required: --model"),
+    ("discover_threads_negative", {}, [*DISCOVER, "--threads", "-1"], 2,
+     "modelprobe discover: argument --threads: '-1': must be between 0"),
+    ("discover_batch_size_zero", {}, [*DISCOVER, "--batch-size", "0"], 2, "argument --batch-size: '0': must be between 1"),
+    ("discover_score_prompts_negative", {}, [*DISCOVER, "--score-prompts", "-3"], 2,
+     "argument --score-prompts: '-3': must be between 1"),
+    ("discover_device_mps", {}, [*DISCOVER, "--device", "mps"], 2,
+     "argument --device: 'mps': this build of torch cannot use mps here"),
+    ("discover_dtype_unknown", {}, [*DISCOVER, "--dtype", "float8"], 2, "argument --dtype: 'float8': expected one of"),
+    ("discover_seed_negative", {}, [*DISCOVER, "--seed", "-1"], 2, "argument --seed: '-1': must be between 0"),
+    ("discover_unbeatable_control", {}, [*DISCOVER, "--random-circuits", "10"], 2,
+     "argument --random-circuits: '10': with 10 random circuits the empirical p-value is at least 1/11"),
+    ("discover_target_nan", {}, [*DISCOVER, "--target", "nan"], 2, "argument --target: 'nan': must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("case, files, argv, status, fragment", CLI_CASES, ids=[c[0] for c in CLI_CASES])
+def test_cli(tmp_path, monkeypatch, capsys, case, files, argv, status, fragment):
+    monkeypatch.chdir(tmp_path)
+    for rel, text in files.items():
+        (tmp_path / rel).write_text(text)
+    before = {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(argv) == status
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert {p: p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_find_writes_no_probe_without_a_measurement(tmp_path, monkeypatch, capsys, copy_model):
+    """Activations that never vary between prompts measured nothing: no AUROC 0.5 probe of neuron 0."""
+    from modelprobe.toolkit import features
+    from tests.helpers.toy_models import copy_task_rows, write_jsonl
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "w.jsonl", copy_task_rows(8, seed=1))
+    write_jsonl(tmp_path / "o.jsonl", copy_task_rows(8, seed=2))
+    real = features.unit_activations
+
+    def flat(*args, **kwargs):
+        got = real(*args, **kwargs)
+        got.per_prompt = [np.zeros_like(a) for a in got.per_prompt]
+        return got
+    monkeypatch.setattr(features, "unit_activations", flat)
+    argv = ["find", "--model", str(copy_model), "--with", "w.jsonl", "--without", "o.jsonl", "--layer", "0",
+            "--quiet", "-o", "out.probe.yaml"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nothing was measured, so no probe is written" in err and "Traceback" not in err
+    assert not (tmp_path / "out.probe.yaml").exists()
+
+
+# --------------------------------------------------------------------------- the gate's "asked for" rule
+
+def _symlinked(root: Path) -> None:
+    (root / "b.probe.yaml").unlink()
+
+
+def _directory(root: Path) -> None:
+    (root / "b.probe.yaml").unlink()
+    (root / "b.probe.yaml").mkdir()
+
+
+def _collect_ignore(root: Path) -> None:
+    (root / "conftest.py").write_text('collect_ignore = ["b.probe.yaml"]\n')
+
+
+def _everything(root: Path) -> None:
+    for p in root.glob("*.probe.yaml"):
+        p.unlink()
+
+
+HIDE = {"deleted_through_a_symlinked_folder": _symlinked, "replaced_by_a_directory": _directory,
+        "hidden_by_collect_ignore": _collect_ignore, "every_probe_deleted": _everything}
+
+
+@pytest.mark.parametrize("how", list(HIDE))
+def test_a_probe_hidden_from_the_gate_is_missing(pytester, copy_model, how):
+    from tests.helpers.toy_models import copy_task_rows, write_jsonl
+    from tests.test_hostile import GOOD
+    real = pytester.path / ("real" if how == "deleted_through_a_symlinked_folder" else "probes")
+    write_jsonl(real / "data" / "copy.jsonl", copy_task_rows())
+    for name in ("a", "b"):
+        (real / f"{name}.probe.yaml").write_text(GOOD)
+    if real.name == "real":
+        (pytester.path / "probes").symlink_to(real, target_is_directory=True)
+    _run(pytester, copy_model, "--probe-save=base").assert_outcomes(passed=2)
+    HIDE[how](real)
+    result = _run(pytester, copy_model, "--probe-compare=base")
+    out = result.stdout.str()
+    assert result.ret == FAILED, out
+    assert "baseline: probes/b.probe.yaml::early MISSING" in out and "Traceback" not in out
+    rec = json.loads((pytester.path / "out" / "toy" / "report.json").read_text())
+    assert not any(c["verdict"] == "pass" for p in rec["probes"] if p["file"] == "probes/b.probe.yaml"
+                   for c in p["claims"])
+    report_md = (pytester.path / "out" / "toy" / "report.md").read_text()
+    assert "probes/b.probe.yaml" in report_md and "missing" in report_md.lower()
