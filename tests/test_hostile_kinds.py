@@ -461,3 +461,82 @@ def test_a_probe_hidden_from_the_gate_is_missing(pytester, copy_model, how):
                    for c in p["claims"])
     report_md = (pytester.path / "out" / "toy" / "report.md").read_text()
     assert "probes/b.probe.yaml" in report_md and "missing" in report_md.lower()
+
+
+# --------------------------------------------------------------------------- fresh skeletons run
+
+MODEL_CACHE = Path.home() / ".cache" / "modelprobe"  # read at import: pytester moves HOME
+
+
+def _bpe_model(directory: Path) -> Path:
+    """A random 4-layer model with the default model's byte-level tokenizer: every skeleton word is real
+    tokens on it, so a skeleton gets as far as its measurements."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    cached = sorted(MODEL_CACHE.glob("smollm2-135m-instruct-*/tokenizer.json"))
+    if not cached:
+        pytest.skip("the default model's tokenizer is not converted in ~/.cache/modelprobe")
+    tok = AutoTokenizer.from_pretrained(cached[0].parent)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def test_every_fresh_skeleton_runs(pytester, tmp_path_factory, monkeypatch):
+    """Not only validates: `pytest` on every fresh skeleton ends each claim in a verdict, or the probe in one
+    located line (a skeleton names the default model's layers), never a traceback or an internal error."""
+    from modelprobe.skeletons import SKELETONS
+    model = _bpe_model(tmp_path_factory.mktemp("bpe") / "tiny")
+    monkeypatch.chdir(pytester.path)
+    for kind in SKELETONS:
+        assert main(["new", kind, kind, "--directory", "probes"]) == 0
+    result = pytester.runpytest("probes", f"--model={model}", "--probe-report-dir=out", "-p", "no:cacheprovider",
+                                "-p", "no:randomly", "--probe-threads=1", "--probe-batch-size=8")
+    out = result.stdout.str() + result.stderr.str()
+    assert result.ret in (pytest.ExitCode.OK, FAILED) and "Traceback" not in out, out
+    rec = json.loads((pytester.path / "out" / "tiny" / "report.json").read_text())
+    assert {p["kind"] for p in rec["probes"]} == set(SKELETONS)
+    for p in rec["probes"]:
+        if p["error"]:
+            assert p["error"].startswith(str(pytester.path / p["file"]) + ":") and "internal error" not in p["error"], p
+        else:
+            assert p["claims"] and all(c["verdict"] in ("pass", "fail", "inconclusive") for c in p["claims"]), p
+
+
+# --------------------------------------------------------------------------- single rules
+
+def test_a_reply_the_regex_cannot_finish_on_is_an_error_not_a_hang():
+    import regex
+
+    from modelprobe.kinds.graders import Grader, GraderTimeout
+    grader = Grader("regex", "custom", pattern=regex.compile(r"(?:(a|aa)+)+\1\1b"))
+    with pytest.raises(GraderTimeout) as e:
+        grader.grade("a" * 40)
+    assert "did not finish within 2 s on a 40-character reply" in str(e.value) and e.value.loc == ("regex",)
+    assert grader.grade("aab") is False and Grader("regex", "custom", pattern=regex.compile("b$")).grade("ab")
+
+
+def test_rankings_that_disagree_are_flagged():
+    from modelprobe.kinds.weight_perturbation import ranking_disagreement
+    agreement = {"random vs gradient": -0.2, "random vs activation": 0.1, "gradient vs activation": 0.94}
+    flag = ranking_disagreement(agreement, "random")
+    assert flag and "random vs gradient rho -0.20" in flag and "random vs activation rho 0.10" in flag
+    assert "gradient vs activation" not in flag
+    assert ranking_disagreement(agreement, "gradient") == "rankings disagree (random vs gradient rho -0.20): the " \
+        "claim's groups come from the gradient ranking, which measures something else than the others on this model"
+    assert ranking_disagreement({"gradient vs activation": 0.94, "gradient vs random": None}, "gradient") is None
+
+
+def test_preflight_tolerance_follows_the_dtype_and_says_so(tiny_subject):
+    from modelprobe.model_facts import dtype_tolerance
+    from modelprobe.subject.preflight import check_padding_invariance
+    subject = tiny_subject("llama")
+    ids = [subject.encode_all(["how do i make a cake"])[0], subject.encode_all(["tell me"])[0]]
+    result = check_padding_invariance(subject, ids)
+    assert f"{dtype_tolerance('float32'):g} of the largest logit, following the dtype float32" in result.detail
+    assert dtype_tolerance("bfloat16") > dtype_tolerance("float32")
