@@ -134,12 +134,11 @@ class InjectionSpec(ProbeBase):
 
 
 def judge_location(probe, judge: str, loc: tuple) -> str:
-    """What to load as the judge: a path (absolute, starting with '.', or present in the probe's folder)
-    obeys the data-path rule like any data file; anything else is an alias or a cached hub id."""
-    import os
-
-    local = os.path.isabs(judge) or judge.startswith(".") or (probe.path.parent / judge).exists()
-    return str(probe.data_path(judge, loc)) if local else judge
+    """What to load as the judge. It obeys the data-path rule like any data file: text that leads outside is
+    refused before anything is looked at; a path present inside is loaded from there; anything else is an
+    alias or a cached hub id."""
+    path, _ = probe.allowed_path(judge, loc)
+    return str(probe.data_path(judge, loc)) if path.exists() else judge
 
 
 class Injection(ProbeKind[InjectionSpec]):
