@@ -91,7 +91,8 @@ _NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
 
 def tensor_values(path: Path, name: str) -> Any:
-    """A tensor of a safetensors file as a float32 numpy array, read without torch (memory-mapped)."""
+    """A tensor of a safetensors file as a numpy array, without torch: memory-mapped, so that a check reads
+    what it looks at (bfloat16 is widened to float32)."""
     import numpy as np
 
     dtype, shape, (start, end) = _header(path)[name]
@@ -102,7 +103,7 @@ def tensor_values(path: Path, name: str) -> Any:
     if count == 0:
         return np.zeros(shape, np.float32)
     raw = np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=start, shape=(count,))
-    values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32)
+    values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw
     return values.reshape(shape)
 
 
