@@ -95,6 +95,12 @@ def _sae(folder: Path, w_enc: np.ndarray) -> None:
                  b_dec=np.zeros(4))
 
 
+def _sae_truncated(folder: Path) -> None:
+    _sae(folder, np.ones((4, 3)))
+    weights = folder / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+
+
 SAE_ZERO_LATENT = np.ones((4, 3))
 SAE_ZERO_LATENT[:, 1] = 0
 SAE_NAN = np.ones((4, 3))
@@ -107,6 +113,7 @@ FILES = {
     "truncated_direction": lambda d: _truncated(d / "d.safetensors"),
     "sae_zero_latent": lambda d: _sae(d / "sae", SAE_ZERO_LATENT),
     "sae_nan": lambda d: _sae(d / "sae", SAE_NAN),
+    "sae_truncated": lambda d: _sae_truncated(d / "sae"),
 }
 SAE_UNIT = ('unit: {layer: 10, component: mlp.post, neuron: 1234}', 'unit: {sae: sae, latent: 1}')
 
@@ -163,6 +170,7 @@ VALIDATE_CASES = [
     ("sae_latent_zero", "feature", [SAE_UNIT], "sae_zero_latent",
      "p/sae/sae_weights.safetensors: latent 1's encoder column W_enc[:, 1] is all zeros"),
     ("sae_nan", "feature", [SAE_UNIT], "sae_nan", "tensor 'W_enc' holds 1 values that are not finite"),
+    ("sae_truncated", "feature", [SAE_UNIT], "sae_truncated", "p/sae/sae_weights.safetensors: truncated: its tensors"),
 ]
 
 
