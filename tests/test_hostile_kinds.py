@@ -323,22 +323,21 @@ def test_identity_in_bfloat16_is_a_dtype_matter_not_a_failure(pytester, probes, 
     assert "within what bfloat16 rounding alone gives (0.05)" in claim["reason"] and "--probe-dtype=float32" in claim["reason"]
 
 
-def test_transfers_at_most_tests_its_control_in_its_own_direction(tmp_path, tiny_subject, monkeypatch):
+def test_transfers_at_most_tests_its_control_in_its_own_direction(tmp_path, tiny_subject):
     from modelprobe.kinds import check_data_files, instantiate, load
-    from modelprobe.toolkit import icl_measure
-    seen = []
-    real = icl_measure.paired_control
-    monkeypatch.setattr(icl_measure, "paired_control", lambda a, b, comparison, seed: seen.append(comparison)
-                        or real(a, b, comparison, seed))
-    files = _icl("  transfers:\n    layer: [0, 1]\n    expect: {gain_recovered: {at_most: 0.3}}\n"
-                 "    control: other_task\n")
     from tests.test_hostile import _materialise
-    _materialise(tmp_path, files)
-    probe = load(tmp_path / "icl.probe.yaml")
-    check_data_files(probe)
-    (claim,) = instantiate(probe, tiny_subject("qwen2")).run().claims
-    assert seen == ["at_most"]  # one-sided "less", as the claim reads, not the hard-coded "greater"
-    assert claim.control is not None and claim.comparison == "at_most"
+    claims = {}
+    for comparison in ("at_least", "at_most"):
+        _materialise(tmp_path, _icl("  transfers:\n    layer: [0, 1]\n"
+                                    f"    expect: {{gain_recovered: {{{comparison}: 0.3}}}}\n    control: other_task\n"))
+        probe = load(tmp_path / "icl.probe.yaml")
+        check_data_files(probe)
+        (claims[comparison],) = instantiate(probe, tiny_subject("qwen2")).run().claims
+    # one-sided in the claim's own direction ("less" for at_most), not the hard-coded "greater"
+    assert claims["at_most"].control.detail["test"].endswith("one-sided (less)")
+    assert claims["at_least"].control.detail["test"].endswith("one-sided (greater)")
+    low, high = claims["at_least"].control.p_value, claims["at_most"].control.p_value
+    assert low != high and claims["at_most"].effect == claims["at_least"].effect
 
 
 def test_a_judge_that_cannot_tell_yes_from_no_is_an_error(pytester, copy_model):
@@ -404,8 +403,10 @@ def test_cli(tmp_path, monkeypatch, capsys, case, files, argv, status, fragment)
 
 def test_find_writes_no_probe_without_a_measurement(tmp_path, monkeypatch, capsys, copy_model):
     """Activations that never vary between prompts measured nothing: no AUROC 0.5 probe of neuron 0."""
-    from modelprobe.toolkit import features
+    import importlib
+
     from tests.helpers.toy_models import copy_task_rows, write_jsonl
+    features = importlib.import_module("modelprobe.toolkit.features")  # the module `find` imports from
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "w.jsonl", copy_task_rows(8, seed=1))
     write_jsonl(tmp_path / "o.jsonl", copy_task_rows(8, seed=2))

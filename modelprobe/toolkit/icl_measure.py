@@ -21,7 +21,7 @@ from ..errors import SiteError
 from ..model_facts import dtype_tolerance
 from ..report.record import Bars, ControlResult, LinePlot, Series
 from ..stats import bootstrap_ci, paired_bootstrap
-from .controls import beats_control, paired_control, random_unit_directions
+from .controls import alternative_for, beats_control, paired_control, random_unit_directions
 from .icl import Draw, draw_prompts, identity, last_states, query_inputs, render, shuffled
 from .metrics import faithfulness
 from .prompts import answer_tokens, data_error, encode_rows
@@ -282,7 +282,8 @@ def transfers_claim(runs: Runs, layers: Sequence[int], control: str, seed: int, 
                 metric="share of the context's mean gain in the unseen query's answer log-probability recovered "
                        "by the rank-1 updates of the MLP input matrices (no bias) from another query's context",
                 control=ControlResult(name=names[control], effect=float(faithfulness(ctrl[control], zero, ctx)),
-                                      p_value=p),
+                                      p_value=p, detail={"test": "paired permutation over queries, one-sided "
+                                                                 f"({alternative_for(comparison)})"}),
                 beats_control=beats_control(p), untestable=untestable,
                 details={"layers": list(layers), "mean_context_gain": float(gain.mean()),
                          **{f"{k}_recovered": float(faithfulness(v, zero, ctx)) for k, v in ctrl.items()}},
