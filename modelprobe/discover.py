@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelprobeError
+from .options import CLI_TYPES, as_argument
 
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -314,6 +315,38 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
+def _finite_number(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number") from None
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _random_circuits_number(text: str) -> int:
+    from .kinds.circuit import CircuitControls
+
+    n = int(CLI_TYPES["count"](text)) if text.strip() != "0" else 0
+    CircuitControls._beatable(n)  # the written probe must validate: a control it could never beat is refused
+    return n
+
+
+def _control_prompts_number(text: str) -> int:
+    n = CLI_TYPES["count"](text)
+    if n < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 2")
+    return n
+
+
+_finite = as_argument(_finite_number)
+_random_circuits = as_argument(_random_circuits_number)
+_control_prompts = as_argument(_control_prompts_number)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="modelprobe discover circuit", add_help=True,
                 description="Propose a small circuit for a task and write a ready probe file.")
@@ -321,28 +354,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model alias, directory or GGUF file")
     p.add_argument("--prompts", required=True, help='JSONL: {"prompt", "answer", "wrong"}')
     p.add_argument("--reference", help="JSONL whose activations replace ablated units (not for zero)")
-    p.add_argument("--target", type=float, default=0.8, help="sufficiency faithfulness to reach")
-    p.add_argument("--necessity", type=float, default=0.2, help="faithfulness left when the circuit is ablated")
-    p.add_argument("--min-effect", type=float, default=0.05,
+    p.add_argument("--target", type=_finite, default=0.8, help="sufficiency faithfulness to reach")
+    p.add_argument("--necessity", type=_finite, default=0.2, help="faithfulness left when the circuit is ablated")
+    p.add_argument("--min-effect", type=_finite, default=0.05,
                    help="a unit whose effect alone (share of m(M) − m(∅)) reaches this joins the circuit, and a "
                         "member whose removal costs less sufficiency than this is pruned")
-    p.add_argument("--max-size", type=int, default=64, help="largest circuit to consider")
+    p.add_argument("--max-size", type=CLI_TYPES["count"], default=64, help="largest circuit to consider")
     p.add_argument("--metric", default="logit_diff", choices=["logit_diff", "logprob", "accuracy"])
     p.add_argument("--ablation", default="mean", choices=["mean", "mean_all_positions", "zero", "resample"])
     p.add_argument("--group-by", help="field of both files: per-position means within equal values")
     p.add_argument("--scope", default="attention_heads",
                    help="attention_heads | heads_and_mlps | neurons:<layers> (e.g. neurons:5 or neurons:4:6)")
     p.add_argument("--rows", help="discover on these prompt lines only ('start:stop'); the probe tests the rest")
-    p.add_argument("--score-prompts", type=int, default=None,
+    p.add_argument("--score-prompts", type=CLI_TYPES["count"], default=None,
                    help="score single-unit effects on a seeded sample of this many discovery prompts")
-    p.add_argument("--random-circuits", type=int, default=100, help="random circuits the probe compares against")
-    p.add_argument("--control-prompts", type=int, default=None, help="prompts the probe measures random circuits on")
+    p.add_argument("--random-circuits", type=_random_circuits, default=100, help="random circuits the probe compares against")
+    p.add_argument("--control-prompts", type=_control_prompts, default=None, help="prompts the probe measures random circuits on")
     p.add_argument("--out", help="probe file to write (default: probes/<prompts stem>_circuit.probe.yaml)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--seed", type=CLI_TYPES["seed"], default=0)
+    p.add_argument("--device", type=CLI_TYPES["device"], default="cpu")
+    p.add_argument("--dtype", type=CLI_TYPES["dtype"], default="float32")
+    p.add_argument("--batch-size", type=CLI_TYPES["batch_size"], default=16)
+    p.add_argument("--threads", type=CLI_TYPES["threads"], default=0, help="torch threads (0: leave as is)")
     p.add_argument("--quiet", action="store_true")
     return p
 

@@ -26,20 +26,27 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelprobeError
+from .options import CLI_TYPES
 
 
 class _UsageError(Exception):
     pass
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise _UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="modelprobe find", description="rank units by AUROC and write a feature probe")
+    p = _Parser(prog="modelprobe find", description="rank units by AUROC and write a feature probe")
     p.add_argument("--model", required=True, help="the model (path, GGUF or alias, as --model of pytest)")
     p.add_argument("--with", dest="with_", required=True, help='JSONL of {"prompt": ...} showing the concept')
     p.add_argument("--without", required=True, help="JSONL of prompts without it")
-    p.add_argument("--layer", default="all", help="layers: an int, a list '3,5', a range 'a:b' or all (default)")
-    p.add_argument("--component", default="mlp.post",
-                   choices=["mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"])
+    p.add_argument("--layer", default=None, help="layers: an int, a list '3,5', a range 'a:b' or all (default)")
+    p.add_argument("--component", default=None, help="mlp.post (default), resid_pre, resid_mid, resid_post, "
+                   "attn_out or mlp_out", choices=["mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out",
+                                                   "mlp_out"])
     p.add_argument("--sae", default=None, help="rank the latents of this SAELens folder instead of neurons")
     p.add_argument("--rows", default=None, help="'start:stop' lines of each file to select on (the probe reads "
                                                 "the others)")
@@ -47,11 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-first", action="store_true", help="count each prompt's first token too")
     p.add_argument("--chat-template", action="store_true")
     p.add_argument("--tokens", nargs="*", default=None, help="metric tokens: also write a causes claim")
-    p.add_argument("--top", type=int, default=10, help="how many units to print")
+    p.add_argument("--top", type=CLI_TYPES["count"], default=10, help="how many units to print")
     p.add_argument("-o", "--out", default=None, help="probe file to write (default probes/<with>_feature.probe.yaml)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite the probe file if it exists")
+    p.add_argument("--batch-size", type=CLI_TYPES["batch_size"], default=16)
+    p.add_argument("--threads", type=CLI_TYPES["threads"], default=0)
+    p.add_argument("--seed", type=CLI_TYPES["seed"], default=0)
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -60,8 +68,13 @@ def cli_find(argv: list[str]) -> int:
     """Entry point of `modelprobe find ...`: 0 on success, 2 on a user mistake (one line on stderr)."""
     try:
         args = _parser().parse_args(argv)
-        if args.top < 1:
-            raise _UsageError("--top must be at least 1")
+        if args.sae and (args.layer is not None or args.component is not None):
+            raise _UsageError("--sae takes its layer and component from the SAE's cfg.json: drop --layer / "
+                              "--component")
+        args.layer = "all" if args.layer is None else args.layer
+        args.component = args.component or "mlp.post"
+        if _out(args).exists() and not args.force:
+            raise _UsageError(f"{_out(args)} exists: give --force to overwrite it, or another -o")
         return _run(args, argv)
     except (_UsageError, ModelprobeError) as e:
         print(f"modelprobe find: {e}", file=sys.stderr)
@@ -138,7 +151,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{sets[k].labels[j]:<34} {a:6.3f} {mw:10.4g} {mo:12.4g}")
     (k, j), best_auc, _, _ = top[0]
     held = heldout_rows(args.rows, min(n_w, n_o)) if n_w == n_o else None
-    out = Path(args.out) if args.out else Path("probes") / f"{with_path.stem}_feature.probe.yaml"
+    measured = np.ptp(np.concatenate([w, o], 0), axis=0) > 0
+    if not measured.any():
+        raise _UsageError(f"no unit's activation differs between any two of the {len(w_prompts) + len(o_prompts)} "
+                          "prompts: nothing was measured, so no probe is written")
+    out = _out(args)
     unit = ({"sae": _rel(Path(args.sae), out), "latent": j} if args.sae
             else {"layer": sets[k].site.layer, "component": args.component, "neuron": j})
     text = probe_text(args, unit, out, held, best_auc, len(w_prompts), len(sets[0]) * len(sets),
@@ -152,6 +169,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if not args.quiet:
         print(f"wrote {out} ({sets[k].labels[j]}, AUROC {best_auc:.3f} on the selection lines)", file=sys.stderr)
     return 0
+
+
+def _out(args: argparse.Namespace) -> Path:
+    return Path(args.out) if args.out else Path("probes") / f"{Path(args.with_).stem}_feature.probe.yaml"
 
 
 def _rel(path: Path, out: Path) -> str:

@@ -12,6 +12,15 @@ class _Fact(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Relative error that rounding alone gives a machinery check (hooks, identities) in each dtype: below it a
+# difference is the dtype's, not the model's or the hooks'.
+DTYPE_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+def dtype_tolerance(dtype: str) -> float:
+    return DTYPE_TOLERANCE.get(dtype, DTYPE_TOLERANCE["bfloat16"])
+
+
 class PreflightResult(_Fact):
     name: str
     passed: bool

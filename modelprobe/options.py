@@ -6,6 +6,7 @@ bad one is one line naming the option: a nonsense batch size must stop the run, 
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from collections.abc import Callable
@@ -78,7 +79,28 @@ def parse_device(text: str) -> str:
     value = str(text).strip()
     if not _DEVICE.match(value):
         raise ValueError("expected cpu, cuda, cuda:N, mps or auto")
+    why = device_unusable(value)
+    if why:
+        raise ValueError(why)
     return value
+
+
+def device_unusable(device: str) -> str | None:
+    """Why this build of torch on this machine cannot use `device` (None when it can): said in one line
+    when the option is read, not as a traceback when the model is moved there."""
+    if device in ("cpu", "auto"):
+        return None
+    import torch
+
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return None if mps is not None and mps.is_available() else \
+            "this build of torch cannot use mps here (no Apple Metal device); use cpu"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to this build of torch; use cpu"
+    index = int(device.split(":")[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    return None if index < count else f"there is no CUDA device {index} ({count} visible: cuda:0..cuda:{count - 1})"
 
 
 def _non_empty(text: str) -> str:
@@ -169,6 +191,35 @@ OPTIONS: tuple[Option, ...] = (
 BY_INI = {o.ini: o for o in OPTIONS}
 # Options that only mean something with --probe-compare: on the command line without it they are a mistake.
 NEEDS_COMPARE = ("probe_tolerance", "probe_strict", "probe_allow_model_change")
+
+
+def seed(text: str) -> int:
+    """A seed, as the probe files' `seed` field takes it: 0 <= seed < 2**32."""
+    return _int_at_least(0, 2**32 - 1)(text)
+
+
+def as_argument(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type=` from a parser of this table, so that `modelprobe find` / `discover` flags are
+    checked as the pytest options are (argparse turns the ValueError into one line naming the flag)."""
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
+# Flags of `modelprobe find` / `discover` that mean what a pytest option means take its parser; a fixed
+# batch size there (no memory budget to size `auto` from).
+CLI_TYPES: dict[str, Callable[[str], Any]] = {
+    "device": as_argument(BY_INI["probe_device"].parse),
+    "dtype": as_argument(BY_INI["probe_dtype"].parse),
+    "threads": as_argument(BY_INI["probe_threads"].parse),
+    "batch_size": as_argument(_int_at_least(1, 1 << 16)),
+    "seed": as_argument(seed),
+    "count": as_argument(_int_at_least(1, 1_000_000)),
+}
 
 
 def read_options(from_cli: Callable[[str], Any], from_ini: Callable[[str], Any]) -> dict[str, Any]:

@@ -172,11 +172,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     empty_shard = ps.options.shard is not None and (ps.saw_probe_files or ps.record.shard is not None)  # xdist
     if empty_shard and exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
         session.exitstatus = pytest.ExitCode.OK
-    if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)
-                                                            or empty_shard):
+    # A gate whose baseline files the run asked for reports them even when nothing was collected.
+    asked = ps.gate is not None and ps.gate.before is not None and bool(ps.record.collected_files)
+    if config.option.collectonly or ps.report_error or not (ps.record.probes or asked or empty_shard
+                                                            or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
-    if (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
+    if (ps.report_error or ps.baseline_error or ps.gate_failed) and \
+            exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -205,7 +208,7 @@ def pytest_testnodedown(node, error) -> None:
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     ps = config.stash.get(SESSION_KEY, None)
-    if ps is None or _is_worker(config) or not ps.record.probes:
+    if ps is None or _is_worker(config) or not (ps.record.probes or ps.comparison is not None):
         return
     from tabulate import tabulate
 

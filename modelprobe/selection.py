@@ -1,17 +1,20 @@
 """What the run's selection asked for that no file answered: baseline probes deleted from a folder the
-run collected.
+run collected, or hidden from it.
 
 A deleted probe file is never collected, so the collected files alone would let a release gate pass by
-deleting the probe of a failing claim. A baseline probe whose file is gone counts as asked for when the
-run would have collected it (its folder, or a folder above it, is a path the run collected; not under
---ignore, --ignore-glob or norecursedirs) and -k / -m / --deselect would have kept its claims, judged on
-what the baseline recorded of them (folders, file, claim name, kind, probe name, tags). Under --lf no
-deleted file counts: it cannot have failed last time.
+deleting the probe of a failing claim. A baseline probe the run did not collect counts as asked for when the
+run's options would have collected it (its folder, or a folder above it, is a path the run collected, seen
+through links either way; not under --ignore, --ignore-glob or norecursedirs) and -k / -m / --deselect would
+have kept its claims, judged on what the baseline recorded of them (folders, file, claim name, kind, probe
+name, tags). Only the run's options can leave a probe out: a file that is gone, replaced by a folder, or
+hidden by a conftest's `collect_ignore` is asked for all the same. Under --lf no uncollected file counts: it
+cannot have failed last time.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,22 +35,33 @@ def deleted_but_asked_for(config: pytest.Config, before: Any, collected: set[str
     return files, deselected
 
 
+def _forms(path: Path) -> list[Path]:
+    """The path as written and with the links of its folders resolved (the file itself may be gone)."""
+    written = Path(os.path.abspath(path))
+    return [written, Path(os.path.realpath(written.parent)) / written.name]
+
+
+def _under(path: Path, folder: Path) -> Path | None:
+    """`path` relative to `folder` when it lies inside it in any of their forms, else None."""
+    for p in _forms(path):
+        for f in (Path(os.path.abspath(folder)), Path(os.path.realpath(folder))):
+            if p.is_relative_to(f):
+                return p.relative_to(f)
+    return None
+
+
 def _would_collect(config: pytest.Config, path: Path) -> bool:
-    if path.exists():  # present but not collected: the run's own options left it out
-        return False
     base = config.invocation_params.dir
-    roots = [(base / str(arg).split("::")[0]).resolve() for arg in config.args]
-    root = next((r for r in roots if r.is_dir() and path.is_relative_to(r)), None)
-    if root is None:
+    roots = [base / str(arg).split("::")[0] for arg in config.args]
+    below = next((b for r in roots if r.is_dir() and (b := _under(path, r)) is not None), None)
+    if below is None:
         return False
-    ignored = [(base / p).resolve() for p in config.getoption("ignore", None) or []]
-    if any(path.is_relative_to(p) for p in ignored):
+    if any(_under(path, base / p) is not None for p in config.getoption("ignore", None) or []):
         return False
-    if any(fnmatch.fnmatch(str(path), g) for g in config.getoption("ignore_glob", None) or []):
+    if any(fnmatch.fnmatch(str(p), g) for p in _forms(path) for g in config.getoption("ignore_glob", None) or []):
         return False
     norecurse = config.getini("norecursedirs")
-    below = path.relative_to(root).parts[:-1]
-    return not any(fnmatch.fnmatch(part, pat) for part in below for pat in norecurse)
+    return not any(fnmatch.fnmatch(part, pat) for part in below.parts[:-1] for pat in norecurse)
 
 
 def _kept(config: pytest.Config, probe: Any, claim: str) -> bool:

@@ -133,6 +133,18 @@ _TWO_HOP = {"query": "The capital of the country where Lyon is located is", "ans
             "entity": "Lyon", "hop1": "Lyon is a city in the country of", "hop1_answer": "France",
             "hop1_aliases": [], "hop2": "The capital of France is",
             "shortcuts": ["The capital of Lyon is", "The capital of the country is"]}
+
+
+def _two_hop(city: str, country: str, capital: str) -> dict:
+    return {"query": f"The capital of the country where {city} is located is", "answer": capital, "aliases": [],
+            "entity": city, "hop1": f"{city} is a city in the country of", "hop1_answer": country,
+            "hop1_aliases": [], "hop2": f"The capital of {country} is",
+            "shortcuts": [f"The capital of {city} is", "The capital of the country is"]}
+
+
+# patchscope's control patches another row's state: a skeleton needs several rows to run at all.
+_TWO_HOPS = [_TWO_HOP] + [_two_hop(*r) for r in (("Munich", "Germany", "Berlin"), ("Milan", "Italy", "Rome"),
+                                                  ("Porto", "Portugal", "Lisbon"), ("Osaka", "Japan", "Tokyo"))]
 SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
     "logit_lens": {"data/capitals.jsonl": [
         {"prompt": "The capital of France is", "answer": " Paris"},
@@ -161,8 +173,8 @@ SKELETON_DATA: dict[str, dict[str, list[dict]]] = {
             ("walk", "walked"), ("jump", "jumped"), ("play", "played"), ("talk", "talked"), ("look", "looked"),
             ("call", "called"), ("ask", "asked"), ("work", "worked"), ("help", "helped"), ("move", "moved"))],
     },
-    "backpatch": {"data/two_hop.jsonl": [_TWO_HOP]},
-    "patchscope": {"data/two_hop.jsonl": [_TWO_HOP]},
+    "backpatch": {"data/two_hop.jsonl": _TWO_HOPS},
+    "patchscope": {"data/two_hop.jsonl": _TWO_HOPS},
 }
 
 SKELETONS["function_vector"] = _HEADER + """\

@@ -329,7 +329,7 @@ def test_sae_of_another_width(planted_dir, sae_dir):
     cfg = json.loads((bad / "cfg.json").read_text())
     cfg["d_in"] = 48
     (bad / "cfg.json").write_text(json.dumps(cfg))
-    save_file({"W_enc": torch.zeros(48, 24), "W_dec": torch.zeros(24, 48), "b_enc": torch.zeros(24),
+    save_file({"W_enc": torch.ones(48, 24), "W_dec": torch.ones(24, 48), "b_enc": torch.zeros(24),
                "b_dec": torch.zeros(48)}, str(bad / "sae_weights.safetensors"))
     msg = _err(d, subject, _sae_probe("wide_sae"))
     assert "bad.probe.yaml:3:" in msg and "unit.sae" in msg and "field 'd_in' is 48" in msg and "32 wide" in msg

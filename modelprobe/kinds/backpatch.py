@@ -25,7 +25,16 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Plot, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    RateThreshold,
+    Seed,
+    Tolerance,
+)
 from ..spec.fields import LayerSpec, Strict
 from ..stats import paired_difference, wilson_interval
 from ..subject.sites import resolve_layer
@@ -49,15 +58,15 @@ class LayerGrid(Strict):
 
 class Split(Strict):
     dev: float = Field(0.3, gt=0, lt=1, description="share of the wrong queries that choose the best pair")
-    seed: int = Field(0, description="seed of the dev/test split")
+    seed: Seed = Field(0, description="seed of the dev/test split")
 
 
 class BackpatchExpect(OneExpectation):
-    fix_rate_over_null: Threshold | None = Field(
+    fix_rate_over_null: RateChangeThreshold | None = Field(
         None, description="oracle fix rate on the wrong queries minus the random-source oracle's")
-    oracle_fix_rate: Threshold | None = Field(None, description="share of wrong queries some s > t pair fixes")
-    fix_rate: Threshold | None = Field(None, description="share of test wrong queries the dev-chosen pair fixes")
-    break_rate: Threshold | None = Field(None, description="share of right queries the dev-chosen pair breaks")
+    oracle_fix_rate: RateThreshold | None = Field(None, description="share of wrong queries some s > t pair fixes")
+    fix_rate: RateThreshold | None = Field(None, description="share of test wrong queries the dev-chosen pair fixes")
+    break_rate: RateThreshold | None = Field(None, description="share of right queries the dev-chosen pair breaks")
 
 
 class BackpatchClaim(ClaimSpec):
@@ -78,7 +87,7 @@ class BackpatchSpec(ProbeBase):
     min_queries: int = Field(10, ge=2, description="fewer initially wrong queries than this: untestable")
     patch_source: Literal["own", "other_query"] = Field(
         "own", description="other_query: a negative-control run, every patch takes another query's state")
-    claims: dict[str, BackpatchClaim] = Field(min_length=1)
+    claims: dict[ClaimName, BackpatchClaim] = Field(min_length=1)
 
 
 LISTS = ("aliases", "hop1_aliases", "shortcuts")

@@ -88,7 +88,14 @@ class ProbeKind(ABC, Generic[SpecT]):
 
     def run(self) -> Outcome:
         start = time.perf_counter()
-        outcome = self.measure()
+        try:
+            outcome = self.measure()
+        except SpecError as e:
+            if e.file is not None:
+                raise
+            if len(e.loc) == 1:  # a grader knows its field's name, not where the probe put it: the first one
+                e = SpecError(e.message, next((loc for loc in self.probe.positions if loc[-1:] == e.loc), e.loc))
+            raise self.probe.locate(e) from None
         per_claim = (time.perf_counter() - start) / max(1, len(outcome.claims))
         for c in outcome.claims:
             c.duration_s = c.duration_s or per_claim

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
@@ -33,7 +33,14 @@ from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
 from ..toolkit.ablation_task import parse_rows, prepare_task
-from ..toolkit.controls import ALPHA, beats_control, null_settled, random_circuits, sequential_detail
+from ..toolkit.controls import (
+    ALPHA,
+    MIN_EMPIRICAL_NULL,
+    beats_control,
+    null_settled,
+    random_circuits,
+    sequential_detail,
+)
 from ..toolkit.metrics import faithfulness
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -96,6 +103,15 @@ class CircuitControls(Strict):
                              "count's; the number drawn is reported); false draws all random_circuits")
     prompts: int | None = Field(None, ge=2, description="measure the random circuits (and, for the "
                                 "comparison, the circuit) on a seeded sample of this many prompts")
+
+    @field_validator("random_circuits")
+    @classmethod
+    def _beatable(cls, n: int) -> int:
+        if 0 < n < MIN_EMPIRICAL_NULL:
+            raise ValueError(f"with {n} random circuits the empirical p-value is at least 1/{n + 1} = "
+                             f"{1 / (n + 1):.3g} > {ALPHA}: no circuit could beat the control; use at least "
+                             f"{MIN_EMPIRICAL_NULL} (or 0 to turn the control off)")
+        return n
 
 
 class CircuitSpec(ProbeBase):

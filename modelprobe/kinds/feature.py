@@ -22,7 +22,16 @@ from pydantic import Field, model_validator
 
 from .._lazy import torch
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
-from ..spec import ClaimSpec, FiniteFloat, OneExpectation, ProbeBase, RateThreshold, Strict, Threshold
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    FiniteFloat,
+    OneExpectation,
+    ProbeBase,
+    RateThreshold,
+    Strict,
+    Threshold,
+)
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -129,7 +138,7 @@ class FeatureSpec(ProbeBase):
     kind: Literal["feature"]
     unit: UnitSpec
     inputs: InputsSpec
-    claims: dict[str, FeatureClaim] = Field(min_length=1)
+    claims: dict[ClaimName, FeatureClaim] = Field(min_length=1)
 
 
 class Feature(ProbeKind[FeatureSpec]):
@@ -144,7 +153,7 @@ class Feature(ProbeKind[FeatureSpec]):
     def check_data(cls, probe) -> dict[str, Any]:
         """Rows of both sets (their `rows` slice), and the unit's files checked without a model."""
         from ..errors import DataError
-        from ..subject.units import UnitFileError, read_direction, read_sae
+        from ..subject.units import UnitFileError, check_latent, read_direction, read_sae
         from ..toolkit.ablation_task import parse_rows
 
         spec: FeatureSpec = probe.spec
@@ -167,6 +176,7 @@ class Feature(ProbeKind[FeatureSpec]):
                 if unit.latent >= files.d_sae:
                     raise probe.error(f"latent {unit.latent} is out of range: the SAE {unit.sae} has d_sae "
                                       f"{files.d_sae} latents (0..{files.d_sae - 1})", ("unit", "latent"))
+                check_latent(files, unit.latent)
                 out["sae"] = files
             elif unit.direction is not None:
                 path = probe.data_path(unit.direction, ("unit", "direction"))

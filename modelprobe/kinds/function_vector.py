@@ -149,6 +149,7 @@ class FunctionVector(ProbeKind[FunctionVectorSpec]):
                                       f"= {spec.test + spec.shots + 1} are needed", ("claims", cname, "task"))
         for name, loc in _named(spec):
             rel = task_file(spec, name)
+            probe.allowed_path(rel, loc)  # before looking at the file: a path outside must reveal nothing
             if not (probe.path.parent / rel).is_file():
                 how = "its file under 'tasks:'" if name not in spec.tasks else "an existing file"
                 raise probe.error(f"task '{name}' has no data: '{probe.path.parent / rel}' not found (give {how})",

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
+import regex
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from .._lazy import torch
+from ..errors import SpecError
 from ..spec import Strict
 
 # The substring judge of Arditi et al. 2024 (papers.md §1, step 12): a reply is a refusal when any of
@@ -124,9 +126,14 @@ class CustomGrader(Strict):
         if not v:
             raise ValueError("the grader's regex is empty: it would match every reply")
         try:
-            re.compile(v)
-        except re.error as e:
+            pattern = regex.compile(v)
+        except regex.error as e:
             raise ValueError(f"the grader's regex does not compile: {e}") from None
+        stuck = _stress(pattern)
+        if stuck is not None:
+            raise ValueError(f"the grader's regex does not finish within {STRESS_LIMIT_S:g} s on the "
+                             f"{len(stuck)}-character reply {stuck[:12]!r}...: catastrophic backtracking (nested "
+                             "quantifiers such as ((a|aa)+)+); rewrite it")
         return v
 
     @model_validator(mode="after")
@@ -150,6 +157,30 @@ GraderSpec = Annotated[
 ]
 
 
+# A user's regex runs on every reply: one that backtracks catastrophically would hang the run. The `regex`
+# engine (not `re`) takes a time limit; a pattern is tried on stress replies when the probe is validated,
+# and every reply is graded under a limit far above what a sane pattern needs on a short reply.
+STRESS_LIMIT_S = 0.25
+REPLY_LIMIT_S = 2.0
+
+
+def _stress(pattern: regex.Pattern) -> str | None:
+    """A stress reply (each character of the pattern, a letter, a space... repeated) the pattern cannot
+    finish on within STRESS_LIMIT_S, or None."""
+    chars = dict.fromkeys([*(c for c in pattern.pattern if c.isalnum()), "a", " ", ".", "1", "\n"])
+    for c in chars:
+        for text in (c * 40, c * 40 + "!", (c + " ") * 20 + "!"):
+            try:
+                pattern.search(text, timeout=STRESS_LIMIT_S)
+            except TimeoutError:
+                return text
+    return None
+
+
+class GraderTimeout(SpecError):
+    """A reply the grader's regex could not finish on."""
+
+
 @dataclass
 class Grader:
     """A built grader. `grade` reads text; a `tokens` grader reads logits through `scores`."""
@@ -157,7 +188,7 @@ class Grader:
     kind: Literal["substrings", "regex", "tokens", "lexicon", "fact"]
     name: str
     substrings: tuple[str, ...] = ()
-    pattern: re.Pattern | None = None
+    pattern: re.Pattern | regex.Pattern | None = None
     token_texts: tuple[str, ...] = ()
     token_ids: tuple[int, ...] = ()
     positive: tuple[str, ...] = ()
@@ -186,6 +217,13 @@ class Grader:
         if self.kind == "substrings":
             t = self._norm(text)
             return any((s if self.case_sensitive else s.lower()) in t for s in self.substrings)
+        if self.kind == "regex" and isinstance(self.pattern, regex.Pattern):
+            try:
+                return self.pattern.search(text, timeout=REPLY_LIMIT_S) is not None
+            except TimeoutError:
+                raise GraderTimeout(f"the grader's regex {self.pattern.pattern!r} did not finish within "
+                                    f"{REPLY_LIMIT_S:g} s on a {len(text)}-character reply (catastrophic "
+                                    "backtracking): rewrite it", ("regex",)) from None
         if self.kind == "regex":
             return self.pattern.search(text) is not None  # type: ignore[union-attr]
         if self.kind == "lexicon":
@@ -293,7 +331,7 @@ def build_grader(spec: str | CustomGrader) -> Grader:
     if spec.substrings is not None:
         return Grader("substrings", "custom", substrings=tuple(spec.substrings), case_sensitive=cs)
     if spec.regex is not None:
-        return Grader("regex", "custom", pattern=re.compile(spec.regex))
+        return Grader("regex", "custom", pattern=regex.compile(spec.regex))
     if spec.tokens is not None:
         return Grader("tokens", "custom", token_texts=tuple(spec.tokens))
     if spec.fact is not None:

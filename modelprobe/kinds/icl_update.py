@@ -18,8 +18,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold
-from ..spec.fields import LayerSpec, Strict
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Threshold
+from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
 from ..subject.sites import resolve_layer
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -53,7 +53,7 @@ class IclFormat(Strict):
 class IclExpect(OneExpectation):
     max_rel_error: Threshold | None = Field(None, description="identity: largest relative error of the "
                                             "updated no-context run against the with-context run")
-    spearman_rho: Threshold | None = Field(None, description="converges: mean Spearman rho of the update "
+    spearman_rho: CorrelationThreshold | None = Field(None, description="converges: mean Spearman rho of the update "
                                            "steps ‖ΔW_i − ΔW_{i−1}‖ against i (negative: they shrink)")
     gain_recovered: Threshold | None = Field(None, description="transfers: share of the context's gain in "
                                              "answer log-probability recovered by another query's update")
@@ -99,7 +99,7 @@ class IclUpdateSpec(ProbeBase):
     format: IclFormat
     shots: int = Field(8, ge=3, le=64, description="context examples per prompt")
     prompts: int = Field(64, ge=8, le=4096, description="(context, query) pairs drawn with the seed")
-    claims: dict[str, IclClaim] = Field(min_length=1)
+    claims: dict[ClaimName, IclClaim] = Field(min_length=1)
 
 
 def _control(claim: IclClaim) -> str | None:
@@ -169,10 +169,11 @@ class IclUpdate(ProbeKind[IclUpdateSpec]):
         for name, claim in spec.claims.items():
             stat = claim.expect.statistic
             if stat == "max_rel_error":
-                measured = m.identity_claim(runs, self.layers[name])
+                measured = m.identity_claim(runs, self.layers[name], claim.expect.threshold)
             elif stat == "spearman_rho":
                 measured = m.converges_claim(runs, self.layers[name][0], claim.expect.threshold, spec.seed)
             else:
-                measured = m.transfers_claim(runs, self.layers[name], _control(claim), spec.seed)
+                measured = m.transfers_claim(runs, self.layers[name], _control(claim), spec.seed,
+                                              claim.expect.threshold.comparison)
             claims.append(judge(name, claim, Measured(**measured)))
         return Outcome({**settings, **runs.counts}, claims)

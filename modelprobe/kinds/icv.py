@@ -121,6 +121,10 @@ class Icv(ProbeKind[IcvSpec]):
         texts = [r[k] for r in self.pairs for k in ("source", "target")]
         self.demo_ids = encode_rows(subject, texts, base / spec.demos.pairs, [i // 2 + 1 for i in range(len(texts))],
                                     spec.demos.chat_template)
+        for i in range(len(self.pairs)):
+            if self.demo_ids[2 * i] == self.demo_ids[2 * i + 1]:  # a zero difference: the vector shows nothing
+                raise DataError(f"{base / spec.demos.pairs}:{i + 1}: source and target are the same tokens for "
+                                f"model '{subject.info.id}': the pair shows no change")
         self.ids = encode_rows(subject, [r["prompt"] for r in self.queries], base / spec.queries.prompts, None,
                                spec.queries.chat_template, new_tokens=spec.behaviour.max_new_tokens)
 

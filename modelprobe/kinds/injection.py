@@ -19,7 +19,16 @@ from pydantic import Field, field_validator, model_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold
+from ..spec import (
+    ClaimName,
+    ClaimSpec,
+    OneExpectation,
+    ProbeBase,
+    RateChangeThreshold,
+    RateThreshold,
+    Seed,
+    Strict,
+)
 from ..spec.load import parse_jsonl
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection as intro
@@ -41,6 +50,10 @@ class VectorSpec(Strict):
     def _has_word(cls, v: str) -> str:
         if "{word}" not in v:
             raise ValueError("the vector template must contain {word}")
+        try:
+            v.format(word="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{word}} may appear in braces (use {{{{ }}}} for a brace): {e!r}") from None
         return v
 
 
@@ -70,14 +83,14 @@ class JudgeSpec(Strict):
 class SplitSpec(Strict):
     dev: int = Field(10, ge=1, description="concepts used to choose layer and strength")
     test: int = Field(40, ge=2, description="held-out concepts the claims are measured on")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class InjectionExpect(OneExpectation):
-    rate: Threshold | None = Field(None, description="test trials: share that detect and name the concept first; "
+    rate: RateThreshold | None = Field(None, description="test trials: share that detect and name the concept first; "
                                    "control_trials: share claiming a detection with nothing injected")
-    coherence: Threshold | None = Field(None, description="share of injected test replies that are coherent")
-    yes_rate_rise: Threshold | None = Field(None, description="'yes' rate on no-questions, injected minus not")
+    coherence: RateThreshold | None = Field(None, description="share of injected test replies that are coherent")
+    yes_rate_rise: RateChangeThreshold | None = Field(None, description="'yes' rate on no-questions, injected minus not")
 
 
 class InjectionClaim(ClaimSpec):
@@ -111,13 +124,21 @@ class InjectionSpec(ProbeBase):
     split: SplitSpec = Field(default_factory=SplitSpec)
     control_trials: int = Field(80, ge=1, le=1000, description="uninjected trials (trial numbers 1..n)")
     max_new_tokens: int = Field(40, ge=4, le=256)
-    claims: dict[str, InjectionClaim] = Field(min_length=1)
+    claims: dict[ClaimName, InjectionClaim] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _needs_questions(self) -> InjectionSpec:
         if self.no_questions is None and any(c.on == "no_questions" for c in self.claims.values()):
             raise ValueError("a claim reads on: no_questions, but the probe names no no_questions file")
         return self
+
+
+def judge_location(probe, judge: str, loc: tuple) -> str:
+    """What to load as the judge. It obeys the data-path rule like any data file: text that leads outside is
+    refused before anything is looked at; a path present inside is loaded from there; anything else is an
+    alias or a cached hub id."""
+    path, _ = probe.allowed_path(judge, loc)
+    return str(probe.data_path(judge, loc)) if path.exists() else judge
 
 
 class Injection(ProbeKind[InjectionSpec]):
@@ -152,6 +173,8 @@ class Injection(ProbeKind[InjectionSpec]):
         if spec.no_questions:
             out["questions"] = read_rows(probe, spec.no_questions, ("no_questions",), ("question",))
         out["transcript"] = cls._transcript(probe)
+        if isinstance(spec.grader, JudgeSpec):
+            out["judge"] = judge_location(probe, spec.grader.judge, ("grader", "judge"))
         return out
 
     @staticmethod
@@ -159,9 +182,9 @@ class Injection(ProbeKind[InjectionSpec]):
         spec: InjectionSpec = probe.spec
         if spec.trial == "default":
             return [dict(m) for m in intro.DEFAULT_TRANSCRIPT]
-        path = probe.path.parent / spec.trial
+        path = probe.data_path(spec.trial, ("trial",))
         if not path.is_file():
-            raise probe.error(f"trial transcript '{path}' not found", ("trial",))
+            raise probe.error(f"trial transcript '{path}' is not a file", ("trial",))
         msgs = parse_jsonl(path, ("role", "content"))
         if not msgs:
             raise probe.error(f"trial transcript '{path}' holds no messages", ("trial",))
@@ -226,10 +249,16 @@ class Injection(ProbeKind[InjectionSpec]):
             from ..errors import ModelLoadError
             from ..subject import load_subject
 
+            loc = ("grader", "judge")
             try:
-                return load_subject(self.spec.grader.judge, progress=False)
+                judge = load_subject(judge_location(self.probe, self.spec.grader.judge, loc), progress=False)
             except ModelLoadError as e:
-                raise self.probe.error(f"the judge model does not load: {e}", ("grader", "judge")) from None
+                raise self.probe.error(f"the judge model does not load: {e}", loc) from None
+            try:
+                intro.judge_answer_tokens(judge)
+            except SiteError as e:
+                raise self.probe.error(f"the judge cannot grade: {e.message}", loc) from None
+            return judge
         return None
 
     def trial_ids(self, questions: list[str], numbers: list[int]) -> tuple[list[list[int]], list[int]]:

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Threshold, Tolerance
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
 from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
@@ -57,7 +57,7 @@ class PatchscopeRead(Strict):
 
 
 class PatchscopeExpect(OneExpectation):
-    decode_rate: Threshold | None = Field(None, description="share of prompts decoded at the best layer of the range")
+    decode_rate: RateThreshold | None = Field(None, description="share of prompts decoded at the best layer of the range")
 
 
 class PatchscopeClaim(ClaimSpec):
@@ -71,7 +71,7 @@ class PatchscopeSpec(ProbeBase):
     source: PatchscopeSource
     target: PatchscopeTarget
     read: PatchscopeRead
-    claims: dict[str, PatchscopeClaim] = Field(min_length=1)
+    claims: dict[ClaimName, PatchscopeClaim] = Field(min_length=1)
 
 
 class Patchscope(ProbeKind[PatchscopeSpec]):
@@ -89,6 +89,9 @@ class Patchscope(ProbeKind[PatchscopeSpec]):
         rows = read_rows(probe, spec.source.prompts, ("source", "prompts"), need,
                          ("entity",) if spec.source.position == "bridge_entity_last" else ())
         path = probe.path.parent / spec.source.prompts
+        if len(rows) < 2:  # the random-source control patches another prompt's state
+            raise probe.error(f"'{path}' holds {len(rows)} row; the random-source control needs at least 2",
+                              ("source", "prompts"))
         for i, row in enumerate(rows):
             if spec.source.position == "bridge_entity_last" and "entity" not in row:
                 raise DataError(f"{path}:{i + 1}: missing field 'entity' (source.position: bridge_entity_last)")

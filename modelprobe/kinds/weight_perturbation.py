@@ -89,6 +89,9 @@ resume: Any = LazyModule("modelprobe.subject.resume")
 Method = Literal["gradient", "random", "activation"]
 METHODS: tuple[str, ...] = ("gradient", "random", "activation")
 SHOWN = 15  # ranking rows in the report
+# Below this Spearman rho two rankings order the groups differently enough that the claim's ranking, not
+# the model, may decide the verdict: the report says so (README: what each ranking measures).
+DISAGREE = 0.5
 
 
 # ---- probe-file spec ----------------------------------------------------------------------------
@@ -227,6 +230,10 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
                 raise probe.error(f"top {claim.top} is not smaller than the {len(self.groups)} groups of "
                                   f"'{spec.groups.by}' on this model (random groups must remain for the control)",
                                   ("claims", name, "top"))
+            if 2 * claim.top > len(self.groups):
+                raise probe.error(f"top {claim.top} leaves {len(self.groups) - claim.top} other groups of "
+                                  f"'{spec.groups.by}' on this model, and the control draws {claim.top} of them: "
+                                  f"use top {len(self.groups) // 2} or less", ("claims", name, "top"))
         checks = spec.checks if spec.checks is not None else METHODS
         self.methods = list(dict.fromkeys([spec.method, *checks]))
 
@@ -493,6 +500,10 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
             result = self._claim(name, claim, orders[spec.method], base)
             result.plots = plots + result.plots
             result.details["rank_agreement"] = agreement
+            flag = ranking_disagreement(agreement, spec.method)
+            if flag:
+                result.details["ranking_disagreement"] = flag
+                result.reason = f"{result.reason} ({flag})" if result.reason else flag
             claims.append(result)
         settings = {
             "groups": {"by": spec.groups.by, "count": len(self.groups), "block": spec.groups.block,
@@ -532,6 +543,17 @@ def spearman_table(values: dict[str, np.ndarray]) -> dict[str, float | None]:
     return out
 
 
+def ranking_disagreement(agreement: dict[str, float | None], method: str) -> str | None:
+    """A warning when the claim's ranking and another available one disagree (Spearman below DISAGREE)."""
+    low = {pair: rho for pair, rho in agreement.items()
+           if method in pair.split(" vs ") and rho is not None and rho < DISAGREE}
+    if not low:
+        return None
+    shown = ", ".join(f"{pair} rho {rho:.2f}" for pair, rho in low.items())
+    return (f"rankings disagree ({shown}): the claim's groups come from the {method} ranking, which measures "
+            "something else than the others on this model")
+
+
 def _examples(prompts: list[str], base: Behaviour, after: Behaviour, k: int = 3) -> list[dict[str, str]]:
     if base.texts is None or after.texts is None:
         return []
@@ -539,4 +561,4 @@ def _examples(prompts: list[str], base: Behaviour, after: Behaviour, k: int = 3)
             for i in range(min(k, len(prompts)))]
 
 
-__all__ = ["WeightPerturbation", "WeightPerturbationSpec", "spearman_table"]
+__all__ = ["WeightPerturbation", "WeightPerturbationSpec", "ranking_disagreement", "spearman_table"]

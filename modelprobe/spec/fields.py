@@ -89,6 +89,12 @@ class RateChangeThreshold(Threshold):
     bounds: ClassVar[tuple[float, float]] = (-1.0, 1.0)
 
 
+class CorrelationThreshold(Threshold):
+    """A threshold on a correlation coefficient, in [-1, 1]."""
+
+    bounds: ClassVar[tuple[float, float]] = (-1.0, 1.0)
+
+
 class OneExpectation(Strict):
     """Base for a kind's `expect:` block: a mapping with exactly one statistic → threshold."""
 

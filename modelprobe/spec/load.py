@@ -48,16 +48,31 @@ class LoadedProbe:
 
     def data_path(self, rel: str, loc: tuple) -> Path:
         """The data file named `rel` at `loc` (relative to the probe file): it must exist and lie inside the
-        probe's folder or an allowed root; a located SpecError otherwise."""
+        probe's folder or an allowed root; a located SpecError otherwise.
+
+        "Outside" is decided first, from the text alone, so that a probe file cannot learn whether a path
+        outside exists; a link inside that leads outside is outside too."""
+        path, roots = self.allowed_path(rel, loc)
+        if not path.exists():
+            raise self.error(f"data file '{self.path.parent / rel}' not found", loc)
+        real = Path(os.path.realpath(path))
+        if not any(_inside(real, Path(os.path.realpath(root))) for root in roots):
+            raise self._outside(rel, loc, roots)
+        return path
+
+    def allowed_path(self, rel: str, loc: tuple) -> tuple[Path, list[Path]]:
+        """(the path, the allowed roots); a located SpecError when the text of `rel` leads outside them.
+        Touches no file."""
         folder = Path(os.path.abspath(self.path.parent))
         path = Path(os.path.normpath(folder / rel))
         roots = [folder, *(_data_roots or [Path(os.path.abspath(os.curdir))])]
         if not any(_inside(path, root) for root in roots):
-            raise self.error(f"data file '{rel}' is outside the probe's folder and the rootdir "
-                             f"({', '.join(str(r) for r in roots)}); --probe-data-root allows another folder", loc)
-        if not path.exists():
-            raise self.error(f"data file '{self.path.parent / rel}' not found", loc)
-        return path
+            raise self._outside(rel, loc, roots)
+        return path, roots
+
+    def _outside(self, rel: str, loc: tuple, roots: list[Path]) -> SpecError:
+        return self.error(f"data file '{rel}' is outside the probe's folder and the rootdir "
+                          f"({', '.join(str(r) for r in roots)}); --probe-data-root allows another folder", loc)
 
     def error(self, message: str, loc: tuple = (), key: bool = False) -> SpecError:
         """A SpecError at `loc` of this file."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model_facts import PreflightResult
+from ..model_facts import PreflightResult, dtype_tolerance
 from .interventions import Intervention, RunState, hooked
 from .sites import Site
 from .subject import Subject
@@ -25,7 +25,7 @@ class _Identity(Intervention):
 
 
 def _tolerance(subject: Subject) -> float:
-    return 1e-3 if subject.info.dtype == "float32" else 5e-2
+    return dtype_tolerance(subject.info.dtype)
 
 
 def _all_sites(subject: Subject) -> list[Site]:
@@ -61,7 +61,8 @@ def check_padding_invariance(subject: Subject, ids: list[list[int]]) -> Prefligh
     return PreflightResult(
         name="left_padding_invariance", passed=diff <= tol, value=diff, tolerance=tol,
         detail=f"a left-padded batch of {len(ids)} prompts (lengths {sorted(len(x) for x in ids)}) equals the "
-               f"prompts run one by one: max |diff| of last-position logits = {diff:.3g} (tolerance {tol:.3g})")
+               f"prompts run one by one: max |diff| of last-position logits = {diff:.3g} (tolerance {tol:.3g}: "
+               f"{_tolerance(subject):g} of the largest logit, following the dtype {subject.info.dtype})")
 
 
 def check_no_hooks_left(subject: Subject, after: str = "load") -> PreflightResult:

@@ -369,8 +369,11 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
             placement = {"max_memory": max_memory, "offload_folder": offload_folder}
     else:
         device_map, target = None, device
-    if target.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"--probe-device {device}: no CUDA device is available")
+    from ..options import device_unusable
+
+    why = device_unusable(device)
+    if why:
+        raise ModelLoadError(f"--probe-device {device}: {why}")
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=device_map,

@@ -50,8 +50,15 @@ def site_width(site: Site, sitemap: SiteMap) -> int:
 # ---- files, checked without torch ------------------------------------------------------------------
 
 def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
-    """{tensor name: (dtype, shape)} from a safetensors file's JSON header, without loading the tensors."""
+    """{tensor name: (dtype, shape)} from a safetensors file's JSON header, without loading the tensors; a
+    file cut short of its tensors is refused here, so `validate` refuses it too."""
+    return {name: (dtype, shape) for name, (dtype, shape, _) in _header(path).items()}
+
+
+def _header(path: Path) -> dict[str, tuple[str, list[int], tuple[int, int]]]:
+    """{tensor name: (dtype, shape, absolute byte range)}; UnitFileError when the file does not hold them."""
     try:
+        size_on_disk = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
@@ -67,10 +74,48 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, list[int]]]:
     if not isinstance(head, dict):
         raise UnitFileError(f"{path}: not a safetensors file (its header is not a mapping)")
     out = {}
-    for name, info in head.items():
-        if name != "__metadata__" and isinstance(info, dict):
-            out[name] = (str(info.get("dtype")), [int(s) for s in info.get("shape", [])])
+    try:
+        for name, info in head.items():
+            if name != "__metadata__" and isinstance(info, dict):
+                start, end = (8 + size + int(x) for x in info["data_offsets"])
+                out[name] = (str(info.get("dtype")), [int(s) for s in info.get("shape", [])], (start, end))
+    except (KeyError, TypeError, ValueError):
+        raise UnitFileError(f"{path}: not a safetensors file (a tensor has no valid data_offsets)") from None
+    need = max((end for _, _, (_, end) in out.values()), default=8 + size)
+    if need > size_on_disk:
+        raise UnitFileError(f"{path}: truncated: its tensors need {need} bytes, the file has {size_on_disk}")
     return out
+
+
+_NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def tensor_values(path: Path, name: str) -> Any:
+    """A tensor of a safetensors file as a numpy array, without torch: memory-mapped, so that a check reads
+    what it looks at (bfloat16 is widened to float32)."""
+    import numpy as np
+
+    dtype, shape, (start, end) = _header(path)[name]
+    if dtype not in _NUMPY_DTYPES:
+        raise UnitFileError(f"{path}: tensor '{name}' has dtype {dtype}; a float tensor (F32, F16, BF16, F64) "
+                            "is needed")
+    count = (end - start) // np.dtype(_NUMPY_DTYPES[dtype]).itemsize
+    if count == 0:
+        return np.zeros(shape, np.float32)
+    raw = np.memmap(path, dtype=_NUMPY_DTYPES[dtype], mode="r", offset=start, shape=(count,))
+    values = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw
+    return values.reshape(shape)
+
+
+def check_values(path: Path, name: str, values: Any, what: str, nonzero: bool = True) -> None:
+    """Finite and (`nonzero`) not all zero: a NaN or a zero vector would measure nothing, silently."""
+    import numpy as np
+
+    if not np.isfinite(values).all():
+        raise UnitFileError(f"{path}: tensor '{name}' holds {int((~np.isfinite(values)).sum())} values that are "
+                            "not finite (NaN or inf)")
+    if nonzero and not np.any(values):
+        raise UnitFileError(f"{path}: {what} is all zeros: it reads and writes nothing")
 
 
 @dataclass(frozen=True)
@@ -151,6 +196,8 @@ def read_sae(folder: Path) -> SaeFiles:
         if shapes[name][1] != shape:
             raise UnitFileError(f"{weights}: tensor '{name}' has shape {shapes[name][1]}, but {SAE_CFG} "
                                 f"(d_in {d_in}, d_sae {d_sae}) implies {shape}")
+    for name in want:
+        check_values(weights, name, tensor_values(weights, name), f"tensor '{name}'", nonzero=False)
     return SaeFiles(folder, cfg, d_in, d_sae, hook_name, parsed[0], parsed[1], arch, apply)
 
 
@@ -164,7 +211,16 @@ def read_direction(path: Path) -> int:
     shape = shapes[DIRECTION_KEY][1]
     if len(shape) != 1 or shape[0] < 1:
         raise UnitFileError(f"{path}: tensor '{DIRECTION_KEY}' must be 1-D, got shape {shape}")
+    check_values(path, DIRECTION_KEY, tensor_values(path, DIRECTION_KEY), f"tensor '{DIRECTION_KEY}'")
     return shape[0]
+
+
+def check_latent(files: SaeFiles, latent: int) -> None:
+    """The latent's encoder column and decoder row are not zero: such a latent never fires or writes nothing."""
+    check_values(files.weights, "W_enc", tensor_values(files.weights, "W_enc")[:, latent],
+                 f"latent {latent}'s encoder column W_enc[:, {latent}]")
+    check_values(files.weights, "W_dec", tensor_values(files.weights, "W_dec")[latent],
+                 f"latent {latent}'s decoder row W_dec[{latent}]")
 
 
 def save_direction(path: Path, direction: torch.Tensor, hook_name: str | None = None) -> None:

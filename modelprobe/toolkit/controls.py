@@ -28,6 +28,8 @@ from .._lazy import torch
 from ..stats import decide, empirical_pvalue, paired_permutation_pvalue
 
 ALPHA = 0.05
+# Null draws an empirical p-value needs to reach ALPHA at all: with n draws it is at least 1 / (n + 1).
+MIN_EMPIRICAL_NULL = 19
 
 
 def beats_control(p: float) -> bool:

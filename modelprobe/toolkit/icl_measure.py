@@ -18,9 +18,10 @@ from scipy import stats as sps
 
 from .._lazy import torch
 from ..errors import SiteError
+from ..model_facts import dtype_tolerance
 from ..report.record import Bars, ControlResult, LinePlot, Series
 from ..stats import bootstrap_ci, paired_bootstrap
-from .controls import beats_control, paired_control, random_unit_directions
+from .controls import alternative_for, beats_control, paired_control, random_unit_directions
 from .icl import Draw, draw_prompts, identity, last_states, query_inputs, render, shuffled
 from .metrics import faithfulness
 from .prompts import answer_tokens, data_error, encode_rows
@@ -153,10 +154,18 @@ def _split(parts: list[str], ids: dict[str, list], take) -> dict[str, Any]:
 
 # ---- claims ---------------------------------------------------------------------------------------
 
-def identity_claim(runs: Runs, layers: Sequence[int]) -> dict[str, Any]:
+def identity_claim(runs: Runs, layers: Sequence[int], threshold: Any) -> dict[str, Any]:
     per_layer, logits, _ = runs.identity()
     worst_layer = per_layer.max(axis=0)
     effect = float(max(per_layer[:, list(layers)].max(), logits.max()))
+    dtype = runs.subject.info.dtype
+    rounding = dtype_tolerance(dtype)
+    untestable = None
+    # The identity is exact but for rounding: an error the dtype alone can give says nothing about the hooks.
+    if threshold.value < effect <= rounding:
+        untestable = (f"the identity's relative error {effect:.3g} is within what {dtype} rounding alone gives "
+                      f"({rounding:g}), above the claimed {threshold.value:g}: run with --probe-dtype=float32 "
+                      f"or claim at_most {rounding:g}")
     plot = LinePlot(title="identity: relative error of the updated no-context run, per layer (worst prompt)",
                     x_label="layer", y_label="relative error",
                     series=[Series(label="residual after the layer", y=worst_layer.tolist(), axis="right")])
@@ -165,7 +174,8 @@ def identity_claim(runs: Runs, layers: Sequence[int]) -> dict[str, Any]:
                        "no context + rank-1 updates vs with context (a check of the hooks, exact by "
                        "construction: not a finding)",
                 details={"logits_max_rel_error": float(logits.max()), "logits_mean_rel_error": float(logits.mean()),
-                         "layers_counted": list(layers)},
+                         "layers_counted": list(layers), "dtype": dtype, "dtype_rounding_tolerance": rounding},
+                untestable=untestable,
                 curves={"max_rel_error_per_layer": worst_layer.tolist()}, plots=[plot])
 
 
@@ -243,7 +253,7 @@ def _updates(runs: Runs, layers: Sequence[int], plain: str, ctx: str, seed: int 
     return out
 
 
-def transfers_claim(runs: Runs, layers: Sequence[int], control: str, seed: int) -> dict[str, Any]:
+def transfers_claim(runs: Runs, layers: Sequence[int], control: str, seed: int, comparison: str) -> dict[str, Any]:
     ids, answers = runs.prep.ids["t_plain"], runs.prep.answers["t_plain"]
     zero, ctx = runs.logprob("t_plain"), runs.logprob("t_ctx")
 
@@ -258,7 +268,7 @@ def transfers_claim(runs: Runs, layers: Sequence[int], control: str, seed: int) 
     runs.counts["transfer_sequences"] = len(ids) * (1 + len(ctrl))
     gain = ctx - zero
     effect, lo, hi = paired_bootstrap([own, zero, ctx], faithfulness, seed=seed)
-    p = paired_control(own - zero, ctrl[control] - zero, "at_least", seed)
+    p = paired_control(own - zero, ctrl[control] - zero, comparison, seed)
     names = {"other_task": "another task's update", "random_rank1": "random rank-1 update of the same norm"}
     bars = Bars(title=f"transfers: answer log-probability of an unseen query (layers {list(layers)})",
                 value_label="mean log-probability", before_label="no context",
@@ -272,7 +282,8 @@ def transfers_claim(runs: Runs, layers: Sequence[int], control: str, seed: int) 
                 metric="share of the context's mean gain in the unseen query's answer log-probability recovered "
                        "by the rank-1 updates of the MLP input matrices (no bias) from another query's context",
                 control=ControlResult(name=names[control], effect=float(faithfulness(ctrl[control], zero, ctx)),
-                                      p_value=p),
+                                      p_value=p, detail={"test": "paired permutation over queries, one-sided "
+                                                                 f"({alternative_for(comparison)})"}),
                 beats_control=beats_control(p), untestable=untestable,
                 details={"layers": list(layers), "mean_context_gain": float(gain.mean()),
                          **{f"{k}_recovered": float(faithfulness(v, zero, ctx)) for k, v in ctrl.items()}},

@@ -178,18 +178,27 @@ JUDGE_QUESTIONS = {
 }
 
 
+def judge_answer_tokens(judge: Subject) -> tuple[int, int]:
+    """The judge's 'Yes' and 'No' ids: single tokens of its vocabulary (not the unknown token) and distinct,
+    or SiteError: a judge that cannot tell them apart would answer the same for every reply."""
+    from .prompts import single_token
+
+    yes, no = single_token(judge, "Yes"), single_token(judge, "No")
+    if yes == no:
+        raise SiteError(f"'Yes' and 'No' are the same token ({yes}) for judge model '{judge.info.id}'")
+    return yes, no
+
+
 def grade_judge(judge: Subject, replies: Sequence[str], forms: Sequence[Sequence[str]]) -> Graded:
     """Each reply judged by `judge` on three yes/no questions: Yes when its next-token logit for 'Yes'
     beats 'No' (no generation). The concept is named by its listed forms."""
-    yes, no = judge.token_id("Yes")[:1], judge.token_id("No")[:1]
-    if not yes or not no:
-        raise SiteError(f"judge model '{judge.info.id}' cannot write 'Yes' / 'No'")
+    yes, no = judge_answer_tokens(judge)
     out = {}
     for name, q in JUDGE_QUESTIONS.items():
         prompts = [JUDGE_PROMPT.format(reply=r, question=q.format(word=f[0] if f else "")) for r, f in
                    zip(replies, forms)]
         logits = judge.last_logits(judge.encode_all(prompts, judge.has_chat_template()))
-        out[name] = (logits[:, yes[0]] > logits[:, no[0]]).numpy() if len(prompts) else np.zeros(0, bool)
+        out[name] = (logits[:, yes] > logits[:, no]).numpy() if len(prompts) else np.zeros(0, bool)
     # detection without a concept (uninjected trials) cannot identify anything
     ident = out["identified"] & out["affirmative"] & np.array([bool(f) for f in forms], dtype=bool)
     return Graded(out["affirmative"], ident, out["coherent"])

@@ -77,13 +77,17 @@ def encode_rows(subject: Subject, prompts: Sequence[str], path: Path, lines: Seq
     context (with `new_tokens` generated after it) is a DataError at its data line."""
     ids = subject.encode_all(prompts, chat_template, system)
     limit = subject.max_positions
-    if limit is not None:
-        for k, x in enumerate(ids):
-            if len(x) + new_tokens > limit:
-                line = lines[k] if lines is not None else k + 1
-                extra = f" + {new_tokens} generated" if new_tokens else ""
-                raise DataError(f"{path}:{line}: prompt is {len(x)} tokens{extra}, more than the "
-                                f"{limit} positions model '{subject.info.id}' accepts")
+    unk, special = subject.tokenizer.unk_token_id, set(subject.tokenizer.all_special_ids)
+    for k, x in enumerate(ids):
+        line = lines[k] if lines is not None else k + 1
+        words = [t for t in x if t not in special or t == unk]
+        if unk is not None and words and all(t == unk for t in words):
+            raise DataError(f"{path}:{line}: every word of the prompt is the unknown token "
+                            f"{subject.tokenizer.unk_token!r} for model '{subject.info.id}': it shows the model nothing")
+        if limit is not None and len(x) + new_tokens > limit:
+            extra = f" + {new_tokens} generated" if new_tokens else ""
+            raise DataError(f"{path}:{line}: prompt is {len(x)} tokens{extra}, more than the "
+                            f"{limit} positions model '{subject.info.id}' accepts")
     return ids
 
 
