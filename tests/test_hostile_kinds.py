@@ -30,6 +30,7 @@ UNBOUNDED = {
     ("logit_lens", "median_first_layer"): "a layer fraction, ranged by its own validator",
     ("icl_update", "max_rel_error"): "a relative error, ranged by IclExpect (0 < at_most < 1)",
     ("icl_update", "gain_recovered"): "a share of a gain that can be negative or above 1, ranged by IclExpect",
+    ("injection_protocol", "think_rise"): "a difference of projections, in units of the concept vector's norm",
 }
 RATE_WORDS = ("rate", "accuracy", "auroc", "coherence", "share", "agreement")
 

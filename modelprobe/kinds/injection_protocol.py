@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase, Strict
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict
 from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
@@ -80,7 +80,7 @@ class InjectionProtocolSpec(ProbeBase):
     trials: int = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "
                                                    "concept")
     max_new_tokens: int = Field(32, ge=4, le=256)
-    claims: dict[str, ProtocolClaim] = Field(min_length=1)
+    claims: dict[ClaimName, ProtocolClaim] = Field(min_length=1)
 
 
 class InjectionProtocol(Injection):
