@@ -122,13 +122,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if session is None:
         return []
     o = session.options
-    from .errors import ModelprobeError
-    from .subject.resolve import resolve  # path work only: no torch
-    try:
-        r = resolve(o.model)
+    r = session.resolved
+    if session.resolve_error:
+        where = f"(unresolved: {session.resolve_error})"
+    elif r.fingerprint:
         where = f"path={r.path / r.gguf_file if r.gguf_file else r.path} hash={r.fingerprint}"
-    except ModelprobeError as e:
-        where = f"(unresolved: {e})"
+    else:
+        where = "(not in the local Hugging Face cache yet: downloaded when the first claim runs)"
     return [f"modelprobe: model={o.model} {where} dtype={o.dtype} device={o.device} reports={o.report_dir}"]
 
 
@@ -155,7 +155,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if config.option.collectonly or ps.report_error or not (ps.record.probes or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
-    if (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
+    if ps.report_interrupted:
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
+    elif (ps.report_error or ps.baseline_error or ps.gate_failed) and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -207,6 +209,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"report: {path}")
     if ps.report_error:
         terminalreporter.write_line(f"report NOT written: {ps.report_error}", red=True)
+    if ps.report_interrupted:
+        terminalreporter.write_line(f"reports {ps.report_interrupted}", red=True)
     if ps.baseline_error:
         terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)
 

@@ -85,3 +85,14 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
     yield
     if _active(enabled):
         print(f"modelprobe: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def line(text: str, enabled: bool = True) -> None:
+    """One plain progress line (a file being downloaded): through the plugin's writer in CI logs, to stderr on a
+    terminal; nothing under -q."""
+    if not (enabled and _enabled):
+        return
+    if _writer is not None and not sys.stderr.isatty():
+        _writer(text)
+    else:
+        print(text, file=sys.stderr, flush=True)

@@ -132,14 +132,40 @@ def test_fmt_num_three_significant_digits():
 
 def test_summary_rows():
     rows = summary_rows(make_record())
-    assert SUMMARY_HEADERS == ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"]
+    assert SUMMARY_HEADERS == ["probe", "claim", "verdict", "effect", "CI", "threshold", "control", "why"]
     assert all(len(r) == len(SUMMARY_HEADERS) for r in rows)
     assert rows[0] == ["lens_capitals", "top1_at_layer_4", "pass", "0.812", "[0.705, 0.901]", "≥ 0.5",
-                       "random direction: 0.031 (p=0.001)"]
-    assert rows[1][5] == "≤ 0.1" and rows[1][6] == "—"
+                       "random direction: 0.031 (p=0.001)", ""]
+    assert rows[1][5] == "≤ 0.1" and rows[1][6] == "—" and rows[1][7] == "CI straddles the threshold"
     assert rows[2][4] == "—"  # no CI
-    assert rows[3] == ["broken", "(probe error)", "error", "—", "—", "—", "—"]
+    assert rows[3] == ["broken", "(probe error)", "error", "—", "—", "—", "—", "ValueError: layer 40 out of range"]
     assert verdict_counts(make_record()) == {"pass": 1, "fail": 1, "inconclusive": 1, "error": 1}
+
+
+@pytest.mark.parametrize("reason, shown", [
+    ("interval [0.422, 0.721] straddles at_least 0.5", "interval straddles threshold"),
+    ("interval [0.287, 0.591] straddles at_least 0.5; does not beat control",
+     "interval straddles threshold; control not beaten"),
+    ("interval [0.525, 0.809] clears at_least 0.5, but the effect does not beat its control", "control not beaten"),
+    ("interval [0, 0.0713] misses at_least 0.5", "interval misses threshold"),
+    ("untestable: the base rate on the test prompts is 0.0312 (1/32), below 0.1: there is nothing to suppress",
+     "untestable: the base rate on the test prompts is 0.0312 (1/32), below 0…"),
+    ("no candidate direction passed selection (144 candidates: 36 past the layer cap)",
+     "no candidate direction passed selection (144 candidates: 36 past the la…"),
+    ("", "—"),
+])
+def test_summary_says_why_a_claim_did_not_pass(reason, shown, tmp_path):
+    """The table shows the reason a claim is inconclusive (or failed) in all three outputs, not a bare "—"."""
+    rec = make_record()
+    claim = rec.probes[0].claims[1]
+    claim.reason, claim.verdict = reason, "inconclusive"
+    assert summary_rows(rec)[1][7] == shown
+    paths = write_all(rec, tmp_path, github_summary=False)
+    md, html = paths[1].read_text(), paths[2].read_text()
+    summary_md = md.split("## Summary")[1].split("##")[0]
+    assert shown in summary_md and "| why " in summary_md
+    import html as html_mod
+    assert html_mod.escape(shown, quote=False) in html and "<th>why</th>" in html
 
 
 # ---------------------------------------------------------------- json / markdown

@@ -24,7 +24,7 @@ from ._fmt import (
 from ._io import ensure_dir, write_text
 from .plots import EFFECT_COLOUR, bars, heat_map, line_plot, null_histogram
 from .record import Bars, ClaimResult, HeatMap, LinePlot, NullHistogram, ProbeRecord, RunRecord, Table
-from .summary import summary_rows, verdict_counts
+from .summary import SUMMARY_HEADERS, summary_rows, verdict_counts
 
 if TYPE_CHECKING:
     from .baseline import Comparison
@@ -147,7 +147,7 @@ def _context(record: RunRecord, comparison: Comparison | None) -> dict[str, Any]
         "title": f"modelprobe report — {record.model.id}",
         "counts": verdict_counts(record),
         "meta": _meta(record),
-        "headers": ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"],
+        "headers": SUMMARY_HEADERS,
         "summary": summary,
         "comparison": _comparison_ctx(comparison),
         "preflight": [
@@ -188,6 +188,8 @@ def _meta(record: RunRecord) -> list[tuple[str, str]]:
 
 
 def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
+    from .baseline import numerics_line
+
     if comparison is None:
         return None
     rows = [
@@ -203,7 +205,8 @@ def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
         }
         for r in comparison.rows
     ]
-    return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows}
+    return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows,
+            "error": comparison.error, "numerics": numerics_line(comparison)}
 
 
 def render_html(record: RunRecord, comparison: Comparison | None = None) -> str:
