@@ -7,9 +7,12 @@ HF_HUB_OFFLINE, HF_TOKEN and HF_HOME / HF_HUB_CACHE set by a CI step or an ini-d
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from ..progress import line as progress_line
 
 HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(.+))?$")
 # What a causal LM needs, weights as safetensors only: a pickle (.bin) can run code when it is loaded.
-SAFE_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
+SAFE_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken", "*.txt"]
 PICKLE_FILES = ["*.bin"]
 
 
@@ -57,14 +60,19 @@ def endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def cached(repo: str, revision: str | None) -> HubSnapshot | None:
-    """The complete cached snapshot of `repo` at `revision`, or None; never touches the network."""
+def cached(repo: str, revision: str | None, allow_pickle: bool = False) -> HubSnapshot | None:
+    """The cached snapshot of `repo` at `revision` when it holds every file a run fetches, or None; never touches
+    the network."""
     from huggingface_hub import snapshot_download
-    try:
-        path = Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache(), local_files_only=True))
-    except Exception:  # any failure means "not (completely) in the cache"
-        return None
-    return HubSnapshot(path, path.name)
+    for patterns in [SAFE_FILES] + ([SAFE_FILES + PICKLE_FILES] if allow_pickle else []):
+        try:
+            path = Path(snapshot_download(repo, revision=revision, cache_dir=hub_cache(), local_files_only=True,
+                                          allow_patterns=patterns))
+        except Exception:  # any failure means "not (completely) in the cache"
+            continue
+        if any(path.glob("*.safetensors")) or (allow_pickle and any(path.glob("*.bin"))):
+            return HubSnapshot(path, path.name)
+    return None
 
 
 def _named(repo: str, revision: str | None) -> str:
@@ -74,8 +82,9 @@ def _named(repo: str, revision: str | None) -> str:
 def fetch(repo: str, revision: str | None, allow_pickle: bool = False, progress: bool = True) -> HubSnapshot:
     """The snapshot of `repo` at `revision` (default branch when None), downloaded when missing.
 
-    Offline (HF_HUB_OFFLINE) or with the hub out of reach, the cached snapshot is used; a cut download leaves
-    its partial file in the cache, and the next run resumes it."""
+    Offline (HF_HUB_OFFLINE) or with the hub out of reach, the cached snapshot is used. A cut download keeps the
+    files it completed; huggingface_hub resumes a cut file a few times itself, then drops its partial copy, which
+    the next run fetches again."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         DryRunError,
@@ -89,26 +98,31 @@ def fetch(repo: str, revision: str | None, allow_pickle: bool = False, progress:
     name = _named(repo, revision)
     cache = hub_cache()
     if offline():
-        found = cached(repo, revision)
+        found = cached(repo, revision, allow_pickle)
         if found is None:
             raise ModelLoadError(f"model '{name}' is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE "
                                  "is set: unset it to download the model, or download it elsewhere first")
         return found
     kwargs = dict(revision=revision, cache_dir=cache, endpoint=endpoint(), token=os.environ.get("HF_TOKEN") or None)
     try:
-        plan = snapshot_download(repo, allow_patterns=SAFE_FILES + PICKLE_FILES, dry_run=True, **kwargs)
+        try:
+            with _bars(False):
+                plan = snapshot_download(repo, allow_patterns=SAFE_FILES + PICKLE_FILES, dry_run=True, **kwargs)
+        except DryRunError as e:
+            # The dry run hides why the hub did not answer; a refusal (missing, gated) is not "out of reach".
+            if isinstance(e.__cause__, HfHubHTTPError):
+                raise e.__cause__ from None
+            found = cached(repo, revision, allow_pickle)
+            if found is None:
+                raise ModelLoadError(f"model '{name}': the hub ({endpoint()}) cannot be reached and the model is not "
+                                     f"in the local Hugging Face cache ({cache})") from None
+            return found
         files = _chosen(name, [f.filename for f in plan], allow_pickle)
-        todo = [f for f in plan if f.filename in files and f.will_download]
-        for f in todo:  # CI logs get one line per file; a terminal gets huggingface_hub's progress bars
-            progress_line(f"modelprobe: downloading {name}: {f.filename} ({_size(f.file_size)})", progress)
-        with _bars(progress and sys.stderr.isatty()):
+        for f in plan:  # CI logs get one line per file; a terminal gets huggingface_hub's progress bars
+            if f.filename in files and f.will_download:
+                progress_line(f"modelprobe: downloading {name}: {f.filename} ({_size(f.file_size)})", progress)
+        with _bars(progress and sys.stderr.isatty()), _quiet_retries():
             path = Path(snapshot_download(repo, allow_patterns=files, **kwargs))
-    except DryRunError:  # the hub is out of reach: the cache may still hold the model
-        found = cached(repo, revision)
-        if found is None:
-            raise ModelLoadError(f"model '{name}': the hub ({endpoint()}) cannot be reached and the model is not in "
-                                 f"the local Hugging Face cache ({cache})") from None
-        return found
     except GatedRepoError:
         how = "the token in HF_TOKEN has no access to it" if os.environ.get("HF_TOKEN") else "set HF_TOKEN"
         raise ModelLoadError(f"model '{name}' is gated on the hub: accept its terms on the model page and {how}"
@@ -124,10 +138,10 @@ def fetch(repo: str, revision: str | None, allow_pickle: bool = False, progress:
         raise ModelLoadError(f"model '{name}': the hub answered HTTP {status}; try again later") from None
     except ValueError as e:  # huggingface_hub's own check of the repo id
         raise ModelLoadError(f"model '{name}' is not a valid hub id: {str(e).splitlines()[0][:200]}") from None
-    except (LocalEntryNotFoundError, OSError, _transport_errors()) as e:
+    except (LocalEntryNotFoundError, OSError, *_transport_errors()) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelLoadError(f"model '{name}': the download was cut off ({type(e).__name__}: {first}); run again to "
-                             "resume it") from None
+                             "fetch the rest") from None
     return HubSnapshot(path, path.name)
 
 
@@ -161,6 +175,18 @@ def _size(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return ""
+
+
+@contextlib.contextmanager
+def _quiet_retries() -> Iterator[None]:
+    """huggingface_hub logs every resumed attempt of a cut download; the user gets one line from us instead."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _bars:

@@ -117,7 +117,7 @@ def resolve(model: str, revision: str | None = None, *, fetch: bool = True, allo
                 raise ModelLoadError(f"--model={model}: revision '{rev}': {e}") from None
         # One slug for every revision of a repo: a release gate compares revisions of one model.
         slug = slugify(repo.replace("/", "--"))
-        snap = hub.fetch(repo, rev, allow_pickle, progress) if fetch else hub.cached(repo, rev)
+        snap = hub.fetch(repo, rev, allow_pickle, progress) if fetch else hub.cached(repo, rev, allow_pickle)
         if snap is None:
             return ResolvedModel(model, slug, Path(), None, "", rev or "")
         return ResolvedModel(model, slug, snap.path, None, snap.commit, rev or "")
