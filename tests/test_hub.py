@@ -143,8 +143,6 @@ def test_a_cut_download_is_one_line_and_the_next_run_fetches_the_rest(hub, hub_u
     with pytest.raises(ModelLoadError) as err:
         resolve("acme/tiny-lm", progress=False)
     assert "the download was cut off" in _one_line(err) and "run again to fetch the rest" in str(err.value)
-    resumed = [r for r in hub.requests if r.endswith("bytes=251168-")]
-    assert resumed  # huggingface_hub resumed the cut file where it stopped before giving up
     assert not list((tmp_path / "hf-cache").rglob("*.safetensors"))  # no half file passes for the weights
     hub.cut.clear()
     hub.requests.clear()
