@@ -365,3 +365,72 @@ def test_two_runs_writing_one_folder_never_mix_their_files(tmp_path):
         assert not any("run-0" in t and "run-1" in t for t in texts)
     assert sorted(p.name for p in directory.iterdir()) == [".modelprobe.lock", "report.html", "report.json",
                                                            "report.md"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------- a signal while writing
+
+
+def forty_probe_record():
+    """A finished 40-probe run with plots (every plot type), made up rather than measured."""
+    from tests.helpers.sample_report import sample_record
+
+    rec = sample_record()
+    probes = [p.model_copy(update={"name": f"{p.name}_{i}", "file": f"probes/{p.name}_{i}.probe.yaml"})
+              for i in range(14) for p in rec.probes][:40]
+    return rec.model_copy(update={"probes": probes})
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_drawing_the_html_keeps_a_complete_report_json(tmp_path, monkeypatch, signame):
+    import os
+    import signal
+
+    import matplotlib.figure
+
+    from modelprobe.report.errors import ReportInterrupted
+
+    rec = forty_probe_record()
+    assert len(rec.probes) == 40 and sum(len(c.plots) for _, c in rec.claims()) > 40
+    (tmp_path / "report.html").write_text("an older run's report")
+    before = signal.getsignal(getattr(signal, signame))
+    drawn: list[int] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def draw_then_signal(fig, *args, **kwargs):  # the signal arrives as the HTML's 5th plot is drawn
+        drawn.append(1)
+        if len(drawn) == 5:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", draw_then_signal)
+    with pytest.raises(ReportInterrupted) as err:
+        write_all(rec, tmp_path, github_summary=False)
+    assert "interrupted while writing report.html" in str(err.value)
+    assert [p.name for p in err.value.paths] == ["report.json", "report.md"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    back = RunRecord.model_validate(data)
+    assert back.interrupted and back.interrupted_writing == "report.html" and len(back.probes) == 40
+    assert back.model_copy(update={"interrupted": False, "interrupted_writing": ""}) == rec  # nothing lost
+    md = (tmp_path / "report.md").read_text()
+    assert "The report writing was stopped at `report.html`" in md and "not every probe was measured" not in md
+    assert not (tmp_path / "report.html").exists()  # no older run's HTML left beside this run's JSON
+    assert len(drawn) == 5  # the drawing stopped at the signal instead of running on
+    assert signal.getsignal(getattr(signal, signame)) == before  # the run's own handler is back
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_reports_are_written_json_first(tmp_path, monkeypatch):
+    """The cheap, complete record is on disk before the slow HTML drawing starts."""
+    import matplotlib.figure
+
+    seen: list[bool] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def note(fig, *args, **kwargs):
+        seen.append((tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file())
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", note)
+    paths = write_all(forty_probe_record(), tmp_path, github_summary=False)
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
+    assert seen and all(seen)
