@@ -41,6 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
     progress_mod.set_writer(_log_writer(config))
+    progress_mod.set_uncaptured(_uncaptured(config))
     config.stash[SESSION_KEY] = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
                                              worker=worker)
     _install_sigterm(config)
@@ -83,6 +84,8 @@ def _install_sigterm(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     from .spec.load import set_data_roots
     set_data_roots([])  # an in-process run (pytester) must not leave its rootdir behind
+    from . import progress as progress_mod
+    progress_mod.set_uncaptured(None)  # nor its finished capture
     previous = config.stash.get(_PREVIOUS_SIGTERM, None)
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
@@ -213,6 +216,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"reports {ps.report_interrupted}", red=True)
     if ps.baseline_error:
         terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)
+
+
+def _uncaptured(config: pytest.Config):
+    import contextlib
+
+    def factory():
+        capman = config.pluginmanager.getplugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    return factory
 
 
 def _log_writer(config: pytest.Config):

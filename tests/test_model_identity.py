@@ -161,3 +161,16 @@ def test_the_committed_baseline_still_matches_a_plain_default_run():
     assert compare(older, RunRecord(model=default_run, collected_files=[])).ok
     with pytest.raises(BaselineError, match="made in float32 on cpu, this run in bfloat16 on cpu"):
         compare(before, RunRecord(model=default_run.model_copy(update={"dtype": "bfloat16"}), collected_files=[]))
+
+
+def test_modelprobe_compare_refuses_other_numerics_unless_allowed(tmp_path, capsys):
+    from modelprobe.cli import main
+    from modelprobe.report.writers import write_json
+
+    info = ModelInfo(id="m", slug="m", hash="h", dtype="float32", device="cpu")
+    before = write_json(RunRecord(model=info), tmp_path / "a")
+    after = write_json(RunRecord(model=info.model_copy(update={"dtype": "float16"})), tmp_path / "b")
+    assert main(["compare", str(before), str(after)]) == 2
+    assert "the baseline was made in float32 on cpu, this run in float16 on cpu" in capsys.readouterr().err
+    assert main(["compare", str(before), str(after), "--allow-dtype-change"]) == 0
+    assert "numerics changed" in capsys.readouterr().out

@@ -175,6 +175,8 @@ def _meta(record: RunRecord) -> list[tuple[str, str]]:
         meta.append(("architecture", ", ".join(model_bits) + (f" on {m.device}" if m.device else "")))
     if m.hash:
         meta.append(("weights", m.hash))
+    if m.revision:
+        meta.append(("revision", f"{m.revision} (commit {m.hash or 'not resolved'})"))
     if m.path:
         meta.append(("path", m.path))
     meta.append(("seed", str(record.seed)))

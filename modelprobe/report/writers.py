@@ -100,6 +100,8 @@ def _header_list(record: RunRecord) -> str:
     rows: list[list[str]] = [["model", _model_line(record)]]
     if m.hash:
         rows.append(["weights", _code(m.hash)])
+    if m.revision:
+        rows.append(["revision", f"{_code(m.revision)} (commit {_code(m.hash) if m.hash else 'not resolved'})"])
     if m.path:
         rows.append(["path", _code(m.path)])
     rows.append(["seed", str(record.seed)])

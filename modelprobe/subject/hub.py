@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 from ..progress import line as progress_line
+from ..progress import uncaptured
 
 HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(.+))?$")
 # What a causal LM needs, weights as safetensors only: a pickle (.bin) can run code when it is loaded.
@@ -118,10 +119,12 @@ def fetch(repo: str, revision: str | None, allow_pickle: bool = False, progress:
                                      f"in the local Hugging Face cache ({cache})") from None
             return found
         files = _chosen(name, [f.filename for f in plan], allow_pickle)
+        with uncaptured():  # the real stderr decides, not pytest's capture of it
+            terminal = progress and sys.stderr.isatty()
         for f in plan:  # CI logs get one line per file; a terminal gets huggingface_hub's progress bars
-            if f.filename in files and f.will_download:
+            if f.filename in files and f.will_download and not terminal:
                 progress_line(f"modelprobe: downloading {name}: {f.filename} ({_size(f.file_size)})", progress)
-        with _bars(progress and sys.stderr.isatty()), _quiet_retries():
+        with _bars(terminal), _quiet_retries(), uncaptured() if terminal else contextlib.nullcontext():
             path = Path(snapshot_download(repo, allow_patterns=files, **kwargs))
     except GatedRepoError:
         how = "the token in HF_TOKEN has no access to it" if os.environ.get("HF_TOKEN") else "set HF_TOKEN"
