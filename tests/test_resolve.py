@@ -103,6 +103,7 @@ def test_hub_id_in_cache(monkeypatch, tmp_path):
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"")  # a snapshot without weights is not a cached model
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     got = resolve("some-org/Cached-Model")
