@@ -431,6 +431,8 @@ def test_reports_are_written_json_first(tmp_path, monkeypatch):
         return savefig(fig, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", note)
-    paths = write_all(forty_probe_record(), tmp_path, github_summary=False)
+    from tests.helpers.sample_report import sample_record
+
+    paths = write_all(sample_record(), tmp_path, github_summary=False)
     assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
     assert seen and all(seen)
