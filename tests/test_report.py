@@ -436,3 +436,39 @@ def test_reports_are_written_json_first(tmp_path, monkeypatch):
     paths = write_all(sample_record(), tmp_path, github_summary=False)
     assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
     assert seen and all(seen)
+
+
+def test_a_run_stopped_while_writing_exits_interrupted_and_saves_no_baseline(pytester, tmp_path):
+    from tests.helpers.toy_models import copy_task_rows, save_copy_model, write_jsonl
+    from tests.test_plugin import LENS_PROBE
+
+    model = save_copy_model(tmp_path / "toy")
+    write_jsonl(pytester.path / "probes" / "data" / "copy.jsonl", copy_task_rows(n=12))
+    (pytester.path / "probes" / "lens.probe.yaml").write_text(LENS_PROBE.split("  emerges_late:")[0])
+    pytester.makeconftest("""
+        import os, signal
+        import matplotlib.figure
+
+        real = matplotlib.figure.Figure.savefig
+
+        def savefig(fig, *args, **kwargs):  # CI's timeout arrives while report.html is being drawn
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(fig, *args, **kwargs)
+
+        matplotlib.figure.Figure.savefig = savefig
+
+        def pytest_unconfigure(config):  # this run is in-process: leave matplotlib as it was
+            matplotlib.figure.Figure.savefig = real
+    """)
+    result = pytester.runpytest("probes", f"--model={model}", "--probe-report-dir=out", "--probe-threads=1",
+                                "--probe-save=base", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["reports interrupted while writing report.html: report.json, report.md written, "
+                                 "marked interrupted"])
+    data = json.loads((pytester.path / "out" / "toy" / "report.json").read_text())
+    assert data["interrupted"] and data["interrupted_writing"] == "report.html"
+    assert data["probes"][0]["claims"][0]["verdict"] == "pass"
+    assert not (pytester.path / "out" / "toy" / "report.html").exists()
+    assert not (pytester.path / "out" / "baselines").exists()
+    import matplotlib.figure
+    assert matplotlib.figure.Figure.savefig.__module__ == "matplotlib.figure"
