@@ -41,10 +41,14 @@ def hub_url(hub, tmp_path, monkeypatch):
         yield url
 
 
+# The claims the copy model passes: a run that matches its baseline exits 0.
+PROBE = LENS_PROBE.replace("  emerges_late:\n    expect: {median_first_layer: {at_least: 0.9}}\n", "")
+
+
 @pytest.fixture
 def probes(pytester):
     write_jsonl(pytester.path / "probes" / "data" / "copy.jsonl", copy_task_rows())
-    (pytester.path / "probes" / "lens.probe.yaml").write_text(LENS_PROBE)
+    (pytester.path / "probes" / "lens.probe.yaml").write_text(PROBE)
     return pytester.path / "probes"
 
 
@@ -64,8 +68,9 @@ def _one_line(err: pytest.ExceptionInfo) -> str:
 
 
 def test_download_run_save_compare_then_offline(pytester, probes, hub, hub_url, monkeypatch):
+    assert "emerges_late" not in PROBE
     first = run(pytester, "acme/tiny-lm", "--probe-save=v1")
-    first.assert_outcomes(passed=2, failed=1)
+    assert first.ret == 0
     # CI logs (stderr is not a terminal here): one line per downloaded file, safetensors weights
     first.stderr.fnmatch_lines(["modelprobe: downloading acme/tiny-lm: model.safetensors (502.3 kB)"])
     rec = report(pytester)
@@ -74,7 +79,7 @@ def test_download_run_save_compare_then_offline(pytester, probes, hub, hub_url, 
 
     hub.requests.clear()
     again = run(pytester, "acme/tiny-lm", "--probe-compare=v1")
-    again.assert_outcomes(passed=2, failed=1)
+    assert again.ret == 0
     assert "regression" not in again.stdout.str() and "no baseline" not in again.stdout.str()
     assert not [r for r in hub.requests if r.startswith("GET /acme")]  # nothing downloaded twice
     assert "no regressions" in (pytester.path / "out" / "acme--tiny-lm" / "report.md").read_text()
@@ -82,29 +87,29 @@ def test_download_run_save_compare_then_offline(pytester, probes, hub, hub_url, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     hub.requests.clear()
     offline = run(pytester, "acme/tiny-lm", "--probe-compare=v1")
-    offline.assert_outcomes(passed=2, failed=1)
+    assert offline.ret == 0
     assert hub.requests == []  # HF_HUB_OFFLINE: not even a look-up
     assert report(pytester)["model"]["hash"] == hub.main
 
 
 def test_a_pinned_revision_is_in_the_report_and_gates_itself(pytester, probes, hub, hub_url):
-    run(pytester, "acme/tiny-lm@v1", "--probe-save=pinned").assert_outcomes(passed=2, failed=1)
+    assert run(pytester, "acme/tiny-lm@v1", "--probe-save=pinned").ret == 0
     rec = report(pytester)
     assert (rec["model"]["hash"], rec["model"]["revision"]) == (hub.v1, "v1") and hub.v1 != hub.main
     assert hub.v1 in (pytester.path / "out" / "acme--tiny-lm" / "report.md").read_text()
     same = run(pytester, "acme/tiny-lm", "--probe-revision=v1", "--probe-compare=pinned")
-    assert same.ret == 1 and "regression" not in same.stdout.str()  # exit 1: one claim fails on its own
+    assert same.ret == 0 and "regression" not in same.stdout.str()
     assert report(pytester)["model"]["hash"] == hub.v1
     # Another revision of the same model is what a release gate compares: a warning, not a refusal.
     newer = run(pytester, "acme/tiny-lm@main", "--probe-compare=pinned")
-    newer.assert_outcomes(passed=2, failed=1)
+    assert newer.ret == 0
     assert "weights changed since the baseline" in (pytester.path / "out" / "acme--tiny-lm" / "report.md").read_text()
 
 
 def test_offline_with_an_empty_cache_is_one_line(pytester, probes, hub_url, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run(pytester, "acme/tiny-lm")
-    result.assert_outcomes(failed=3)
+    result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*model 'acme/tiny-lm' is not in the local Hugging Face cache (*hf-cache) and "
                                  "HF_HUB_OFFLINE is set*"])
     assert "Traceback" not in result.stdout.str() + result.stderr.str()
