@@ -458,6 +458,8 @@ def format_comparison(comparison: Comparison) -> str:
     """The comparison as plain text: table, warnings, one-line verdict."""
     headers, rows = comparison_table(comparison)
     out = [tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) if rows else "(no claims)"]
+    if numerics_line(comparison):
+        out += ["", numerics_line(comparison)]
     if comparison.warnings:
         out.append("")
         out += [f"warning: {w}" for w in comparison.warnings]
