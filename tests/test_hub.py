@@ -126,7 +126,7 @@ def test_gated_missing_and_unknown_revision_are_one_line_each(hub_url, monkeypat
     assert resolve("acme/gated-lm", progress=False).fingerprint
     with pytest.raises(ModelLoadError) as err:
         resolve("acme/no-such-lm", progress=False)
-    assert "'acme/no-such-lm' does not exist on the hub" in _one_line(err)
+    assert "'acme/no-such-lm' is neither a local folder nor a model on the hub" in _one_line(err)
     with pytest.raises(ModelLoadError) as err:
         resolve("acme/tiny-lm@v9", progress=False)
     assert "has no revision 'v9'" in _one_line(err)

@@ -135,7 +135,8 @@ def fetch(repo: str, revision: str | None, allow_pickle: bool = False, progress:
                              ) from None
     except RepositoryNotFoundError:
         tip = "" if os.environ.get("HF_TOKEN") else " (a private repository needs HF_TOKEN)"
-        raise ModelLoadError(f"model '{name}' does not exist on the hub ({endpoint()}){tip}") from None
+        raise ModelLoadError(f"model '{name}' is neither a local folder nor a model on the hub ({endpoint()}){tip}"
+                             ) from None
     except HfHubHTTPError as e:
         status = e.response.status_code if e.response is not None else "?"
         raise ModelLoadError(f"model '{name}': the hub answered HTTP {status}; try again later") from None
