@@ -11,13 +11,15 @@ import pytest
 
 from modelprobe.report.baseline import BaselineError, compare, load_report
 from modelprobe.report.record import ModelInfo, RunRecord
-from modelprobe.subject.resolve import DEFAULT_ALIAS, resolve
+from modelprobe.subject.resolve import DEFAULT_ALIAS, cache_dir, resolve
 from tests.helpers.hub_server import Hub, HubServer, folder_files
 from tests.helpers.toy_models import copy_task_rows, save_copy_model, write_jsonl
 from tests.test_plugin import LENS_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "reports" / "baselines" / "smollm2-135m-instruct" / "default.json"
+# Read before pytester points HOME at a temporary folder: the alias's GGUF is converted there already.
+CONVERTED = cache_dir()
 # One claim on a dozen prompts: the identity is under test here, not the measurement.
 PROBE = LENS_PROBE.split("  emerges_late:")[0]
 
@@ -101,8 +103,10 @@ def test_save_then_compare_for_hub_ids(pytester, probes, model_files, form, monk
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["alias", "gguf"])
-def test_save_then_compare_for_the_alias_and_a_gguf_file(pytester, probes, form):
+def test_save_then_compare_for_the_alias_and_a_gguf_file(pytester, probes, form, monkeypatch):
     """The embedded default model, by its alias and by the path of its GGUF file (converted once, cached)."""
+    if form == "alias":
+        monkeypatch.setenv("MODELPROBE_CACHE", str(CONVERTED))
     gguf = resolve(DEFAULT_ALIAS, fetch=False)
     model = DEFAULT_ALIAS if form == "alias" else str(gguf.path / gguf.gguf_file)
     slug = resolve(model, fetch=False).slug
