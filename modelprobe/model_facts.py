@@ -33,8 +33,14 @@ class ModelInfo(_Fact):
     id: str  # what the user passed (alias, path or hub id)
     slug: str
     path: str = ""
-    hash: str = ""  # revision or content hash of the weights
+    hash: str = ""  # hub commit sha, or content hash of the weights
+    revision: str = ""  # the hub revision asked for (branch, tag or sha); "" for the default branch or no hub
     model_type: str = ""
     n_layers: int = 0
-    dtype: str = ""
-    device: str = ""
+    dtype: str = ""  # "" in records made before the gate checked it: float32, the only dtype then
+    device: str = ""  # "" likewise: cpu
+
+
+def device_class(device: str) -> str:
+    """cpu, cuda, mps ... without the index: cuda:0 and cuda:1 compute alike, cpu and cuda do not."""
+    return (device or "cpu").split(":")[0]

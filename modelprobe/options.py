@@ -120,6 +120,18 @@ def parse_baseline_name(text: str) -> str:
     return value
 
 
+# A branch, tag or commit sha as git allows them, short enough to print; no '..' (a path out of the cache).
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,127}(?<![/.])$")
+
+
+def parse_revision(text: str) -> str:
+    value = str(text).strip()
+    if not _REVISION.match(value):
+        raise ValueError("expected a branch, tag or commit sha (letters, digits, '.', '_', '-', '/'; at most 128 "
+                         "characters; no '..')")
+    return value
+
+
 def parse_tolerance(text: str) -> tuple[float | None, float | None]:
     """'0.05' or 'abs:0.05' or 'rel:0.1' or 'abs:0.05,rel:0.1' → (abs, rel), each finite and >= 0."""
     tol_abs = tol_rel = None
@@ -154,7 +166,13 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 OPTIONS: tuple[Option, ...] = (
     Option("--model", "probe_model", _non_empty, DEFAULT_MODEL,
-           f"model under test: alias, local HF directory, .gguf file or cached hub id (default {DEFAULT_MODEL})"),
+           f"model under test: alias, local HF directory, .gguf file or hub id org/name[@REVISION] (default "
+           f"{DEFAULT_MODEL})"),
+    Option("--probe-revision", "probe_revision", parse_revision, None,
+           "hub revision of a hub id --model: branch, tag or commit sha (default: the repo's default branch)"),
+    Option("--probe-allow-pickle", "probe_allow_pickle", parse_bool, False,
+           "let a hub model without .safetensors weights download and load its PyTorch pickles (.bin), which can "
+           "run code (off by default)"),
     Option("--probe-device", "probe_device", parse_device, "cpu",
            "cpu, cuda, cuda:N, mps or auto (device_map='auto' across GPUs)"),
     Option("--probe-dtype", "probe_dtype", _choice("float32", "bfloat16", "float16"), "float32",
@@ -186,11 +204,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--probe-shard", "probe_shard", _shard, None,
            "run shard i of n (e.g. 2/4): a deterministic share of the probe files balanced by the baseline's "
            "durations; join the shards' reports with `modelprobe merge`"),
+    Option("--probe-allow-dtype-change", "probe_allow_dtype_change", parse_bool, False,
+           "allow comparing with a baseline made in another dtype or on another device class (cpu, cuda, mps)"),
 )
 
 BY_INI = {o.ini: o for o in OPTIONS}
 # Options that only mean something with --probe-compare: on the command line without it they are a mistake.
-NEEDS_COMPARE = ("probe_tolerance", "probe_strict", "probe_allow_model_change")
+NEEDS_COMPARE = ("probe_tolerance", "probe_strict", "probe_allow_model_change", "probe_allow_dtype_change")
 
 
 def seed(text: str) -> int:

@@ -41,6 +41,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from . import progress as progress_mod
     progress_mod.set_enabled(progress)
     progress_mod.set_writer(_log_writer(config))
+    progress_mod.set_uncaptured(_uncaptured(config))
     config.stash[SESSION_KEY] = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
                                              worker=worker)
     _install_sigterm(config)
@@ -83,6 +84,8 @@ def _install_sigterm(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     from .spec.load import set_data_roots
     set_data_roots([])  # an in-process run (pytester) must not leave its rootdir behind
+    from . import progress as progress_mod
+    progress_mod.set_uncaptured(None)  # nor its finished capture
     previous = config.stash.get(_PREVIOUS_SIGTERM, None)
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)  # type: ignore[arg-type]
@@ -137,13 +140,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if session is None:
         return []
     o = session.options
-    from .errors import ModelprobeError
-    from .subject.resolve import resolve  # path work only: no torch
-    try:
-        r = resolve(o.model)
+    r = session.resolved
+    if session.resolve_error:
+        where = f"(unresolved: {session.resolve_error})"
+    elif r.fingerprint:
         where = f"path={r.path / r.gguf_file if r.gguf_file else r.path} hash={r.fingerprint}"
-    except ModelprobeError as e:
-        where = f"(unresolved: {e})"
+    else:
+        where = "(not in the local Hugging Face cache yet: downloaded when the first claim runs)"
     return [f"modelprobe: model={o.model} {where} dtype={o.dtype} device={o.device} reports={o.report_dir}"]
 
 
@@ -178,7 +181,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                                                             or (interrupted and ps.saw_probe_files)):
         return
     ps.write_reports()
-    if (ps.report_error or ps.baseline_error or ps.gate_failed) and \
+    if ps.report_interrupted:
+        session.exitstatus = pytest.ExitCode.INTERRUPTED
+    elif (ps.report_error or ps.baseline_error or ps.gate_failed) and \
             exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
@@ -232,8 +237,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write_line(f"report: {path}")
     if ps.report_error:
         terminalreporter.write_line(f"report NOT written: {ps.report_error}", red=True)
+    if ps.report_interrupted:
+        terminalreporter.write_line(f"reports {ps.report_interrupted}", red=True)
     if ps.baseline_error:
         terminalreporter.write_line(f"baseline NOT saved: {ps.baseline_error}", red=True)
+
+
+def _uncaptured(config: pytest.Config):
+    import contextlib
+
+    def factory():
+        capman = config.pluginmanager.getplugin("capturemanager")
+        return capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
+    return factory
 
 
 def _log_writer(config: pytest.Config):

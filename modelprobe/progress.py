@@ -85,3 +85,29 @@ def status(message: str, enabled: bool = True) -> Iterator[None]:
     yield
     if _active(enabled):
         print(f"modelprobe: done in {time.perf_counter() - start:.1f}s", file=sys.stderr, flush=True)
+
+
+def line(text: str, enabled: bool = True) -> None:
+    """One plain progress line (a file being downloaded): through the plugin's writer (which writes past pytest's
+    capture, in CI logs only), else to stderr; nothing under -q."""
+    if not (enabled and _enabled):
+        return
+    if _writer is not None:
+        _writer(text)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+_uncaptured: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+
+
+def set_uncaptured(factory: Callable[[], contextlib.AbstractContextManager[None]] | None) -> None:
+    """How to get past the test runner's output capture (the plugin passes pytest's); None: nothing to pass."""
+    global _uncaptured
+    _uncaptured = factory
+
+
+def uncaptured() -> contextlib.AbstractContextManager[None]:
+    """A context in which stderr reaches the terminal: a download's progress bars are drawn inside a test item,
+    whose output pytest captures."""
+    return _uncaptured() if _uncaptured is not None else contextlib.nullcontext()

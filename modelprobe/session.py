@@ -32,6 +32,9 @@ class Options:
     strict: bool
     allow_model_change: bool
     shard: tuple[int, int] | None = None  # (i, n) of --probe-shard
+    revision: str | None = None
+    allow_pickle: bool = False
+    allow_dtype_change: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> Options:
@@ -45,7 +48,8 @@ class Options:
             allow_inconclusive=v["probe_allow_inconclusive"], batch_size=v["probe_batch_size"],
             threads=v["probe_threads"], save=v["probe_save"], compare=v["probe_compare"],
             tolerance=v["probe_tolerance"], strict=v["probe_strict"],
-            allow_model_change=v["probe_allow_model_change"], shard=v["probe_shard"],
+            allow_model_change=v["probe_allow_model_change"], shard=v["probe_shard"], revision=v["probe_revision"],
+            allow_pickle=v["probe_allow_pickle"], allow_dtype_change=v["probe_allow_dtype_change"],
         )
 
 
@@ -75,8 +79,12 @@ class ProbeSession:
         self._subject: Any = None
         self.load_error: str | None = None
         self.preflight_failed: str | None = None
-        # The slug names the report folder before the model is loaded (collection errors, interrupts).
-        self.record = RunRecord(model=ModelInfo(id=options.model, slug=_slug_guess(options.model)),
+        # The slug names the report folder before the model is loaded (collection errors, interrupts); resolve
+        # decides it, as it does for the loaded model, the baselines and the GGUF cache.
+        from .subject.resolve import unfetched  # path work only: no torch, no download
+        self.resolved, self.resolve_error = unfetched(options.model, options.revision)
+        self.record = RunRecord(model=ModelInfo(id=options.model, slug=self.resolved.slug,
+                                                revision=self.resolved.revision),
                                 started=_now(), seed=0, probes_commit=_git_commit(rootdir))
         self.record.versions = {"python": platform.python_version()}
         self.saw_probe_files = False
@@ -86,6 +94,7 @@ class ProbeSession:
         self.report_paths: list[Path] = []
         self.report_error: str | None = None
         self.baseline_error: str | None = None  # --probe-save failed (the reports themselves were written)
+        self.report_interrupted: str | None = None  # a signal stopped the report writing (report.json is whole)
 
     @property
     def loaded(self) -> bool:
@@ -111,7 +120,8 @@ class ProbeSession:
         device = worker_device(self.options.device, os.environ.get("PYTEST_XDIST_WORKER"))
         try:
             subject = load_subject(self.options.model, device, self.options.dtype,
-                                   self.options.trust_remote_code, self.options.batch_size, self.progress)
+                                   self.options.trust_remote_code, self.options.batch_size, self.progress,
+                                   revision=self.options.revision, allow_pickle=self.options.allow_pickle)
         except ModelLoadError as e:
             self.load_error = str(e)
             raise
@@ -166,7 +176,7 @@ class ProbeSession:
     def write_reports(self) -> None:
         """report.{json,md,html} (+ baseline); a write failure is kept as one line, never a crash."""
         from .report.baseline import save_baseline
-        from .report.errors import BaselineError, ReportError
+        from .report.errors import BaselineError, ReportError, ReportInterrupted
         from .report.writers import write_all
 
         directory = self.options.report_dir / self.record.model.slug
@@ -175,7 +185,12 @@ class ProbeSession:
             from .report.history import report_trends
             trends = report_trends(self.options.report_dir, self.record)
         try:
-            self.report_paths = list(write_all(self.record, directory, comparison=self.comparison, trends=trends))
+            self.report_paths = list(write_all(self.record, directory, comparison=self.comparison,
+                                                   trends=trends))
+        except ReportInterrupted as e:  # the user or CI wants out: no baseline from a cut-off write
+            self.report_paths, self.report_interrupted = e.paths, str(e)
+            self.record.interrupted = True
+            return
         except ReportError as e:
             self.report_error = str(e)
             return
@@ -212,7 +227,7 @@ class BaselineGate:
         self.tol_abs, self.tol_rel = parse_tolerance(opts.tolerance) if opts.tolerance else (None, None)
         from .report.baseline import BaselineError, load_report
         try:
-            self.before = load_report(opts.compare, opts.report_dir, _slug_guess(opts.model))
+            self.before = load_report(opts.compare, opts.report_dir, session.record.model.slug)
         except BaselineError as e:
             self.error = str(e)
 
@@ -222,22 +237,27 @@ class BaselineGate:
             return
         empty = RunRecord(model=self.session.record.model)
         try:
-            compare(self.before, empty, allow_model_change=self.session.options.allow_model_change)
+            compare(self.before, empty, allow_model_change=self.session.options.allow_model_change,
+                    allow_dtype_change=self.session.options.allow_dtype_change)
         except BaselineError as e:
             self.error = str(e)
 
     def comparison(self, after: RunRecord) -> Any:
-        """The whole-run diff for the reports (None when there is no usable baseline)."""
-        from .report.baseline import BaselineError, compare
-        if self.before is None or self.error:
-            return None
+        """The whole-run diff for the reports; without a usable baseline, a diff that says why (report.md and
+        report.html show it as the terminal does)."""
+        from .report.baseline import BaselineError, Comparison, compare, numerics
         opts = self.session.options
-        try:
-            return compare(self.before, after, self.tol_abs, self.tol_rel, strict=opts.strict,
-                           allow_model_change=opts.allow_model_change)
-        except BaselineError as e:
-            self.error = str(e)
-            return None
+        if self.before is not None and not self.error:
+            try:
+                return compare(self.before, after, self.tol_abs, self.tol_rel, strict=opts.strict,
+                               allow_model_change=opts.allow_model_change,
+                               allow_dtype_change=opts.allow_dtype_change)
+            except BaselineError as e:
+                self.error = str(e)
+        known = self.before is not None and bool(after.model.model_type)  # numerics known on both sides
+        return Comparison(ok=False, error=self.error or "no baseline",
+                          before_numerics=numerics(self.before.model) if known else "",
+                          after_numerics=numerics(after.model) if known else "")
 
     def message(self, probe_file: str, claim: Any) -> str | None:
         from .report.baseline import compare
@@ -254,11 +274,6 @@ class BaselineGate:
         after = RunRecord(model=self.session.record.model, seed=b.seed,
                           probes=[before_probe.model_copy(update={"claims": [claim]})])
         result = compare(b, after, self.tol_abs, self.tol_rel, strict=self.session.options.strict,
-                         allow_model_change=True)
+                         allow_model_change=True, allow_dtype_change=True)
         failing = [r for r in result.rows if r.failing]
         return f"regression against baseline: {failing[0].message}" if failing else None
-
-
-def _slug_guess(model: str) -> str:
-    from .subject.resolve import slugify  # pure string work; no torch import
-    return slugify(model)

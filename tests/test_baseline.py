@@ -189,11 +189,13 @@ def test_same_file_name_in_two_folders_are_two_probes():
 def test_metadata_mismatch_gives_warnings():
     before = run({("p", "c"): ("pass", 0.8)}, seed=1, dtype="float32", file_hashes={"p": "aaaa"})
     after = run({("p", "c"): ("pass", 0.8)}, seed=2, dtype="bfloat16", file_hashes={"p": "bbbb"})
-    c = compare(before, after)
+    with pytest.raises(BaselineError, match="made in float32 on cpu, this run in bfloat16 on cpu"):
+        compare(before, after)  # another dtype is refused like another model (tests/test_model_identity.py)
+    c = compare(before, after, allow_dtype_change=True)
     assert c.ok
     text = "\n".join(c.warnings)
     assert "seed" in text and "1 → 2" in text
-    assert "dtype" in text and "float32 → bfloat16" in text
+    assert "numerics changed: baseline made in float32 on cpu, this run in bfloat16 on cpu" in text
     assert "probe p" in text and "aaaa → bbbb" in text
 
 

@@ -132,14 +132,40 @@ def test_fmt_num_three_significant_digits():
 
 def test_summary_rows():
     rows = summary_rows(make_record())
-    assert SUMMARY_HEADERS == ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"]
+    assert SUMMARY_HEADERS == ["probe", "claim", "verdict", "effect", "CI", "threshold", "control", "why"]
     assert all(len(r) == len(SUMMARY_HEADERS) for r in rows)
     assert rows[0] == ["lens_capitals", "top1_at_layer_4", "pass", "0.812", "[0.705, 0.901]", "≥ 0.5",
-                       "random direction: 0.031 (p=0.001)"]
-    assert rows[1][5] == "≤ 0.1" and rows[1][6] == "—"
+                       "random direction: 0.031 (p=0.001)", ""]
+    assert rows[1][5] == "≤ 0.1" and rows[1][6] == "—" and rows[1][7] == "CI straddles the threshold"
     assert rows[2][4] == "—"  # no CI
-    assert rows[3] == ["broken", "(probe error)", "error", "—", "—", "—", "—"]
+    assert rows[3] == ["broken", "(probe error)", "error", "—", "—", "—", "—", "ValueError: layer 40 out of range"]
     assert verdict_counts(make_record()) == {"pass": 1, "fail": 1, "inconclusive": 1, "error": 1}
+
+
+@pytest.mark.parametrize("reason, shown", [
+    ("interval [0.422, 0.721] straddles at_least 0.5", "interval straddles threshold"),
+    ("interval [0.287, 0.591] straddles at_least 0.5; does not beat control",
+     "interval straddles threshold; control not beaten"),
+    ("interval [0.525, 0.809] clears at_least 0.5, but the effect does not beat its control", "control not beaten"),
+    ("interval [0, 0.0713] misses at_least 0.5", "interval misses threshold"),
+    ("untestable: the base rate on the test prompts is 0.0312 (1/32), below 0.1: there is nothing to suppress",
+     "untestable: the base rate on the test prompts is 0.0312 (1/32), below 0…"),
+    ("no candidate direction passed selection (144 candidates: 36 past the layer cap)",
+     "no candidate direction passed selection (144 candidates: 36 past the la…"),
+    ("", "—"),
+])
+def test_summary_says_why_a_claim_did_not_pass(reason, shown, tmp_path):
+    """The table shows the reason a claim is inconclusive (or failed) in all three outputs, not a bare "—"."""
+    rec = make_record()
+    claim = rec.probes[0].claims[1]
+    claim.reason, claim.verdict = reason, "inconclusive"
+    assert summary_rows(rec)[1][7] == shown
+    paths = write_all(rec, tmp_path, github_summary=False)
+    md, html = paths[1].read_text(), paths[2].read_text()
+    summary_md = md.split("## Summary")[1].split("##")[0]
+    assert shown in summary_md and "| why " in summary_md
+    import html as html_mod
+    assert html_mod.escape(shown, quote=False) in html and "<th>why</th>" in html
 
 
 # ---------------------------------------------------------------- json / markdown
@@ -339,3 +365,110 @@ def test_two_runs_writing_one_folder_never_mix_their_files(tmp_path):
         assert not any("run-0" in t and "run-1" in t for t in texts)
     assert sorted(p.name for p in directory.iterdir()) == [".modelprobe.lock", "report.html", "report.json",
                                                            "report.md"]  # no temp file left behind
+
+
+# ---------------------------------------------------------------- a signal while writing
+
+
+def forty_probe_record():
+    """A finished 40-probe run with plots (every plot type), made up rather than measured."""
+    from tests.helpers.sample_report import sample_record
+
+    rec = sample_record()
+    probes = [p.model_copy(update={"name": f"{p.name}_{i}", "file": f"probes/{p.name}_{i}.probe.yaml"})
+              for i in range(14) for p in rec.probes][:40]
+    return rec.model_copy(update={"probes": probes})
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_while_drawing_the_html_keeps_a_complete_report_json(tmp_path, monkeypatch, signame):
+    import os
+    import signal
+
+    import matplotlib.figure
+
+    from modelprobe.report.errors import ReportInterrupted
+
+    rec = forty_probe_record()
+    assert len(rec.probes) == 40 and sum(len(c.plots) for _, c in rec.claims()) > 40
+    (tmp_path / "report.html").write_text("an older run's report")
+    before = signal.getsignal(getattr(signal, signame))
+    drawn: list[int] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def draw_then_signal(fig, *args, **kwargs):  # the signal arrives as the HTML's 5th plot is drawn
+        drawn.append(1)
+        if len(drawn) == 5:
+            os.kill(os.getpid(), getattr(signal, signame))
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", draw_then_signal)
+    with pytest.raises(ReportInterrupted) as err:
+        write_all(rec, tmp_path, github_summary=False)
+    assert "interrupted while writing report.html" in str(err.value)
+    assert [p.name for p in err.value.paths] == ["report.json", "report.md"]
+    data = json.loads((tmp_path / "report.json").read_text())
+    back = RunRecord.model_validate(data)
+    assert back.interrupted and back.interrupted_writing == "report.html" and len(back.probes) == 40
+    assert back.model_copy(update={"interrupted": False, "interrupted_writing": ""}) == rec  # nothing lost
+    md = (tmp_path / "report.md").read_text()
+    assert "The report writing was stopped at `report.html`" in md and "not every probe was measured" not in md
+    assert not (tmp_path / "report.html").exists()  # no older run's HTML left beside this run's JSON
+    assert len(drawn) == 5  # the drawing stopped at the signal instead of running on
+    assert signal.getsignal(getattr(signal, signame)) == before  # the run's own handler is back
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_reports_are_written_json_first(tmp_path, monkeypatch):
+    """The cheap, complete record is on disk before the slow HTML drawing starts."""
+    import matplotlib.figure
+
+    seen: list[bool] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def note(fig, *args, **kwargs):
+        seen.append((tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file())
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", note)
+    from tests.helpers.sample_report import sample_record
+
+    paths = write_all(sample_record(), tmp_path, github_summary=False)
+    assert [p.name for p in paths] == ["report.json", "report.md", "report.html"]
+    assert seen and all(seen)
+
+
+def test_a_run_stopped_while_writing_exits_interrupted_and_saves_no_baseline(pytester, tmp_path):
+    from tests.helpers.toy_models import copy_task_rows, save_copy_model, write_jsonl
+    from tests.test_plugin import LENS_PROBE
+
+    model = save_copy_model(tmp_path / "toy")
+    write_jsonl(pytester.path / "probes" / "data" / "copy.jsonl", copy_task_rows(n=12))
+    (pytester.path / "probes" / "lens.probe.yaml").write_text(LENS_PROBE.split("  emerges_late:")[0])
+    pytester.makeconftest("""
+        import os, signal
+        import matplotlib.figure
+
+        real = matplotlib.figure.Figure.savefig
+
+        def savefig(fig, *args, **kwargs):  # CI's timeout arrives while report.html is being drawn
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(fig, *args, **kwargs)
+
+        matplotlib.figure.Figure.savefig = savefig
+
+        def pytest_unconfigure(config):  # this run is in-process: leave matplotlib as it was
+            matplotlib.figure.Figure.savefig = real
+    """)
+    result = pytester.runpytest("probes", f"--model={model}", "--probe-report-dir=out", "--probe-threads=1",
+                                "--probe-save=base", "-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["reports interrupted while writing report.html: report.json, report.md written, "
+                                 "marked interrupted"])
+    data = json.loads((pytester.path / "out" / "toy" / "report.json").read_text())
+    assert data["interrupted"] and data["interrupted_writing"] == "report.html"
+    assert data["probes"][0]["claims"][0]["verdict"] == "pass"
+    assert not (pytester.path / "out" / "toy" / "report.html").exists()
+    assert not (pytester.path / "out" / "baselines").exists()
+    import matplotlib.figure
+    assert matplotlib.figure.Figure.savefig.__module__ == "matplotlib.figure"

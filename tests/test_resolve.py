@@ -1,5 +1,5 @@
-"""--model resolution and loading: every user mistake is one clear ModelLoadError line, nothing is
-downloaded, and a real (tiny) saved model directory loads into a working Subject."""
+"""--model resolution and loading: every user mistake is one clear ModelLoadError line, and a real (tiny) saved
+model directory loads into a working Subject. Downloads from a hub: tests/test_hub.py."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def test_hub_id_not_in_cache(monkeypatch, tmp_path):
     with pytest.raises(ModelLoadError) as err:
         resolve("some-org/some-model-that-is-not-cached")
     text = _one_line(err)
-    assert "offline" in text and "some-org/some-model-that-is-not-cached" in text and str(tmp_path) in text
+    assert "HF_HUB_OFFLINE" in text and "some-org/some-model-that-is-not-cached" in text and str(tmp_path) in text
 
 
 def test_hub_id_in_cache(monkeypatch, tmp_path):
@@ -103,11 +103,12 @@ def test_hub_id_in_cache(monkeypatch, tmp_path):
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"")  # a snapshot without weights is not a cached model
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     got = resolve("some-org/Cached-Model")
     assert got.path == snap and got.gguf_file is None
-    assert got.slug == "some-org--cached-model" and got.fingerprint == commit[:16]
+    assert got.slug == "some-org--cached-model" and got.fingerprint == commit
 
 
 def test_cache_dir(monkeypatch, tmp_path):

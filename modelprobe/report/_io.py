@@ -86,3 +86,55 @@ def report_lock(directory: str | os.PathLike[str], timeout_s: float = 300.0,
         yield d
     finally:
         os.close(fd)  # closing releases the lock
+
+
+class WriteStopped(BaseException):
+    """SIGINT / SIGTERM arrived while reports were being rendered. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` in the drawing code swallows it."""
+
+
+class SignalGuard:
+    """While reports are written, Ctrl-C and SIGTERM (what CI sends on a timeout, often seconds before SIGKILL)
+    stop the rendering at once but never a file write: inside `shielded()` a signal is only noted, and the write
+    completes. Only the main thread can take signals; elsewhere the guard does nothing."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._shield = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> SignalGuard:
+        import signal
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                num = getattr(signal, name, None)
+                if num is not None:
+                    self._previous[num] = signal.signal(num, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+        for num, handler in self._previous.items():
+            signal.signal(num, handler)  # type: ignore[arg-type]
+
+    def _handle(self, signum: int, frame: object) -> None:
+        first = self.signum is None
+        self.signum = self.signum or signum
+        if first and not self._shield:
+            raise WriteStopped(signum)
+
+    @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        self._shield += 1
+        try:
+            yield
+        finally:
+            self._shield -= 1
+
+    def check(self) -> None:
+        """Stop now if a signal was noted during a shielded write."""
+        if self.signum is not None and not self._shield:
+            raise WriteStopped(self.signum)

@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 from tabulate import tabulate
 
+from ..model_facts import ModelInfo, device_class
 from ._fmt import MISSING, fmt_delta, fmt_num, one_line
 from ._io import write_text
 from .errors import BaselineError
@@ -171,6 +172,9 @@ class ClaimDiff(BaseModel):
 class Comparison(BaseModel):
     before_model: str = ""
     after_model: str = ""
+    before_numerics: str = ""  # "float32 on cpu": the dtype and device class that made the baseline
+    after_numerics: str = ""
+    error: str = ""  # the comparison could not be made (no baseline, another model, other numerics)
     rows: list[ClaimDiff] = []
     warnings: list[str] = []
     ok: bool = True
@@ -280,12 +284,30 @@ def _check_models(before: RunRecord, after: RunRecord, allow_model_change: bool)
     return [f"model changed: {what}"]
 
 
+def numerics(m: ModelInfo) -> str:
+    """The dtype and device class a run computed in; a record that names neither predates the check and was made
+    in float32 on the cpu, the only numerics then."""
+    return f"{m.dtype or 'float32'} on {device_class(m.device)}"
+
+
+def _check_numerics(before: RunRecord, after: RunRecord, allow_dtype_change: bool) -> list[str]:
+    """A verdict can move with precision alone (a bf16 run is not a regression of the model): another dtype or
+    device class refuses like another model, unless allowed."""
+    b, a = numerics(before.model), numerics(after.model)
+    if b == a:
+        return []
+    if not allow_dtype_change:
+        raise BaselineError(
+            f"cannot compare runs of different numerics: the baseline was made in {b}, this run in {a}; run in "
+            f"{b} or allow it (--allow-dtype-change / --probe-allow-dtype-change)"
+        )
+    return [f"numerics changed: baseline made in {b}, this run in {a}"]
+
+
 def _metadata_warnings(before: RunRecord, after: RunRecord) -> list[str]:
     w: list[str] = []
     if before.seed != after.seed:
         w.append(f"seed differs: {before.seed} → {after.seed}")
-    if before.model.dtype and after.model.dtype and before.model.dtype != after.model.dtype:
-        w.append(f"model dtype differs: {before.model.dtype} → {after.model.dtype}")
     bprobes = {p.file: p for p in before.probes}
     for p in after.probes:
         q = bprobes.get(p.file)
@@ -311,6 +333,7 @@ def compare(
     tolerance_rel: float | None = None,
     strict: bool = False,
     allow_model_change: bool = False,
+    allow_dtype_change: bool = False,
 ) -> Comparison:
     """Diff two runs claim by claim, matched by probe identity (its file, relative to the rootdir) and name.
 
@@ -326,9 +349,11 @@ def compare(
       did not measure (a claim deleted from its probe file is missing too);
     - new since the baseline → "new" (failing only if `strict`);
     - different model slug / hash → BaselineError unless `allow_model_change` (then a warning);
-    - different probe file hash, seed, model dtype, package versions → warnings.
+    - different dtype or device class → BaselineError unless `allow_dtype_change` (then a warning);
+    - different probe file hash, seed, package versions → warnings.
     """
     warnings = _check_models(before, after, allow_model_change)
+    warnings += _check_numerics(before, after, allow_dtype_change)
     warnings += _metadata_warnings(before, after)
 
     aprobes: dict[str, ProbeRecord] = {p.file: p for p in after.probes}
@@ -352,10 +377,19 @@ def compare(
     return Comparison(
         before_model=before.model.slug,
         after_model=after.model.slug,
+        before_numerics=numerics(before.model),
+        after_numerics=numerics(after.model),
         rows=rows,
         warnings=warnings,
         ok=not any(r.failing for r in rows),
     )
+
+
+def numerics_line(comparison: Comparison) -> str:
+    """Which dtype and device made the baseline, and this run (a verdict can move with precision alone)."""
+    if not comparison.before_numerics:
+        return ""
+    return f"baseline made in {comparison.before_numerics}; this run in {comparison.after_numerics or '?'}"
 
 
 def _new_row(key: tuple[str, str], a: ClaimResult, strict: bool, known: bool) -> ClaimDiff:
@@ -424,6 +458,8 @@ def format_comparison(comparison: Comparison) -> str:
     """The comparison as plain text: table, warnings, one-line verdict."""
     headers, rows = comparison_table(comparison)
     out = [tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) if rows else "(no claims)"]
+    if numerics_line(comparison):
+        out += ["", numerics_line(comparison)]
     if comparison.warnings:
         out.append("")
         out += [f"warning: {w}" for w in comparison.warnings]
@@ -463,6 +499,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="claims new in the second report fail too (missing or errored ones always fail)")
     p.add_argument("--allow-model-change", action="store_true",
                    help="compare reports of different models (a warning instead of an error)")
+    p.add_argument("--allow-dtype-change", action="store_true",
+                   help="compare reports made in different dtypes or on different device classes")
     p.add_argument("--report-dir", default=DEFAULT_REPORT_DIR,
                    help=f"where baseline NAMEs are looked up (default: {DEFAULT_REPORT_DIR})")
     return p
@@ -496,6 +534,7 @@ def cli_compare(argv: list[str]) -> int:
             tolerance_rel=args.tolerance_rel,
             strict=args.strict,
             allow_model_change=args.allow_model_change,
+            allow_dtype_change=args.allow_dtype_change,
         )
     except BaselineError as e:
         print(f"modelprobe compare: error: {e}", file=sys.stderr)

@@ -15,3 +15,11 @@ class ReportWriteError(ReportError):
 
 class BaselineError(ReportError):
     """A baseline could not be loaded, saved or compared."""
+
+
+class ReportInterrupted(ReportError):
+    """Ctrl-C or SIGTERM stopped the report writing; `paths` were written whole, marked interrupted."""
+
+    def __init__(self, paths: list, message: str):
+        super().__init__(message)
+        self.paths = list(paths)

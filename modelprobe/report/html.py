@@ -24,7 +24,7 @@ from ._fmt import (
 from ._io import ensure_dir, write_text
 from .plots import EFFECT_COLOUR, bars, heat_map, line_plot, null_histogram
 from .record import Bars, ClaimResult, HeatMap, LinePlot, NullHistogram, ProbeRecord, RunRecord, Table
-from .summary import summary_rows, verdict_counts
+from .summary import SUMMARY_HEADERS, summary_rows, verdict_counts
 
 if TYPE_CHECKING:
     from .baseline import Comparison
@@ -150,7 +150,7 @@ def _context(record: RunRecord, comparison: Comparison | None,
         "title": f"modelprobe report — {record.model.id}",
         "counts": verdict_counts(record),
         "meta": _meta(record),
-        "headers": ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"],
+        "headers": SUMMARY_HEADERS,
         "summary": summary,
         "comparison": _comparison_ctx(comparison),
         "preflight": [
@@ -178,6 +178,8 @@ def _meta(record: RunRecord) -> list[tuple[str, str]]:
         meta.append(("architecture", ", ".join(model_bits) + (f" on {m.device}" if m.device else "")))
     if m.hash:
         meta.append(("weights", m.hash))
+    if m.revision:
+        meta.append(("revision", f"{m.revision} (commit {m.hash or 'not resolved'})"))
     if m.path:
         meta.append(("path", m.path))
     meta.append(("seed", str(record.seed)))
@@ -191,6 +193,8 @@ def _meta(record: RunRecord) -> list[tuple[str, str]]:
 
 
 def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
+    from .baseline import numerics_line
+
     if comparison is None:
         return None
     rows = [
@@ -206,7 +210,8 @@ def _comparison_ctx(comparison: Comparison | None) -> dict[str, Any] | None:
         }
         for r in comparison.rows
     ]
-    return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows}
+    return {"ok": comparison.ok, "plot": comparison_plot(comparison), "warnings": comparison.warnings, "rows": rows,
+            "error": comparison.error, "numerics": numerics_line(comparison)}
 
 
 def render_html(record: RunRecord, comparison: Comparison | None = None,

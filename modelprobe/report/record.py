@@ -147,6 +147,7 @@ class RunRecord(_Record):
     finished: str = ""
     interrupted: bool = False
     interrupted_probe: str | None = None  # identity of the probe being measured when the run was stopped
+    interrupted_writing: str = ""  # the report file being written when a signal stopped the writing
     # The run's selection: the probe files it collected (or failed to collect; None: not recorded) and the
     # claims of those that -k, -m, --lf ... deselected ("file::claim"). A baseline claim of a collected file
     # that was not deselected must be measured now. Baseline probes deleted from a folder the run collected

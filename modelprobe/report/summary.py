@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
-from ._fmt import MISSING, fmt_ci, fmt_control, fmt_num, fmt_threshold
-from .record import RunRecord
+from ._fmt import MISSING, fmt_ci, fmt_control, fmt_num, fmt_threshold, one_line
+from .record import ClaimResult, RunRecord
 
-SUMMARY_HEADERS = ["probe", "claim", "verdict", "effect", "CI", "threshold", "control"]
+SUMMARY_HEADERS = ["probe", "claim", "verdict", "effect", "CI", "threshold", "control", "why"]
+
+# stats.decide's reasons repeat the interval and threshold, which have their own columns.
+_DECIDED = re.compile(r"^interval \[[^\]]*\] (clears|misses|straddles) at_(?:least|most) \S+(.*)$")
+WHY_WIDTH = 72
+
+
+def why(claim: ClaimResult) -> str:
+    """Why a claim did not pass, short enough for a table cell ("" for a pass): the claim's own reason (an
+    untestable base rate, no direction passing selection ...) or what its interval did."""
+    if claim.verdict == "pass":
+        return ""
+    reason = one_line(claim.reason)
+    m = _DECIDED.match(reason)
+    if m:
+        what, rest = m.groups()
+        parts = [] if what == "clears" else [f"interval {what} threshold"]
+        if "not beat" in rest or "does not beat" in reason:
+            parts.append("control not beaten")
+        return "; ".join(parts) or one_line(reason, WHY_WIDTH)
+    return one_line(reason, WHY_WIDTH) if reason else MISSING
 
 
 def summary_rows(record: RunRecord) -> list[list[str]]:
@@ -23,7 +44,8 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
         if not probe.claims:
             verdict = "error" if probe.error else MISSING
             claim = "(probe error)" if probe.error else "(no claims)"
-            rows.append([shown, claim, verdict, MISSING, MISSING, MISSING, MISSING])
+            rows.append([shown, claim, verdict, MISSING, MISSING, MISSING, MISSING,
+                         one_line(probe.error or "", WHY_WIDTH) or MISSING])
             continue
         for c in probe.claims:
             rows.append(
@@ -35,6 +57,7 @@ def summary_rows(record: RunRecord) -> list[list[str]]:
                     fmt_ci(c.ci),
                     fmt_threshold(c),
                     fmt_control(c.control),
+                    why(c),
                 ]
             )
     return rows

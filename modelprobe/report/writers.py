@@ -21,8 +21,8 @@ from ._fmt import (
     fmt_value,
     one_line,
 )
-from ._io import report_lock, write_text
-from .errors import ReportWriteError
+from ._io import SignalGuard, WriteStopped, report_lock, write_text
+from .errors import ReportInterrupted, ReportWriteError
 from .record import ClaimResult, ProbeRecord, RunRecord
 from .summary import SUMMARY_HEADERS, summary_rows, verdict_counts
 
@@ -100,6 +100,8 @@ def _header_list(record: RunRecord) -> str:
     rows: list[list[str]] = [["model", _model_line(record)]]
     if m.hash:
         rows.append(["weights", _code(m.hash)])
+    if m.revision:
+        rows.append(["revision", f"{_code(m.revision)} (commit {_code(m.hash) if m.hash else 'not resolved'})"])
     if m.path:
         rows.append(["path", _code(m.path)])
     rows.append(["seed", str(record.seed)])
@@ -191,12 +193,18 @@ def _probe_md(p: ProbeRecord) -> list[str]:
 
 
 def _comparison_md(comparison: Comparison) -> list[str]:
-    from .baseline import comparison_table
+    from .baseline import comparison_table, numerics_line
 
-    status = "✅ no regressions" if comparison.ok else "❌ regressions against the baseline"
+    if comparison.error:
+        status = f"❌ no comparison: {one_line(comparison.error)}"
+    else:
+        status = "✅ no regressions" if comparison.ok else "❌ regressions against the baseline"
     out = ["## Baseline comparison", "", f"**{status}**", ""]
+    if numerics_line(comparison):
+        out += [f"_{numerics_line(comparison)}_", ""]
     headers, rows = comparison_table(comparison)
-    out += [_table(rows, headers), ""]
+    if rows:
+        out += [_table(rows, headers), ""]
     out += [f"- ⚠️ {one_line(w)}" for w in comparison.warnings]
     if comparison.warnings:
         out.append("")
@@ -213,7 +221,12 @@ def render_markdown(record: RunRecord, comparison: Comparison | None = None, ful
     out += [f"**{line}**", ""]
     if record.interrupted:
         cut = f" while measuring {_code(record.interrupted_probe)}" if record.interrupted_probe else ""
-        out += ["> [!WARNING]", f"> This run was interrupted{cut}: not every probe was measured.", ""]
+        notes = [] if record.interrupted_writing and not cut else [
+            f"> This run was interrupted{cut}: not every probe was measured."]
+        if record.interrupted_writing:
+            notes.append(f"> The report writing was stopped at {_code(record.interrupted_writing)}: the reports "
+                         "after report.md were not written.")
+        out += ["> [!WARNING]", *notes, ""]
     out += [_header_list(record), ""]
     out += ["## Summary", ""]
     rows = summary_rows(record)
@@ -272,7 +285,12 @@ def write_all(
     comparison: Comparison | None = None,
     trends: dict[tuple[str, str], str] | None = None,
 ) -> list[Path]:
-    """Write report.json, report.md and report.html into `directory`; return their paths.
+    """Write report.json, report.md and report.html into `directory`, in that order; return their paths.
+
+    The cheap, complete record goes first, so that the slow HTML drawing (seconds for a full library) risks
+    nothing else. Ctrl-C or SIGTERM while writing lets the file being written finish, stops the rest, and leaves
+    report.json and report.md marked interrupted (ReportInterrupted carries the paths written); a report.html of
+    an older run is removed rather than left beside them.
 
     With `github_summary` and env GITHUB_STEP_SUMMARY set, the markdown is also appended there
     (that file is not in the returned list). `comparison` (from `baseline.compare`) adds a
@@ -280,14 +298,36 @@ def write_all(
     """
     from .html import render_html
 
-    # Render first, then write the three files together under the folder's lock (each atomically).
-    texts = {
-        "report.json": json_text(record),
-        "report.md": render_markdown(record, comparison),
-        "report.html": render_html(record, comparison, trends),
+    renderers = {
+        "report.json": lambda r: json_text(r),
+        "report.md": lambda r: render_markdown(r, comparison),
+        "report.html": lambda r: render_html(r, comparison, trends),
     }
-    with report_lock(directory):
-        paths = [write_text(directory, name, text) for name, text in texts.items()]
+    paths: list[Path] = []
+    current = ""
+    with report_lock(directory), SignalGuard() as guard:
+        try:
+            for name, render in renderers.items():
+                current = name
+                text = render(record)
+                with guard.shielded():
+                    paths.append(write_text(directory, name, text))
+                guard.check()
+        except WriteStopped:
+            with guard.shielded():  # a second signal must not cut the rescue short
+                stopped = record.model_copy(update={"interrupted": True, "interrupted_writing": current})
+                paths = [write_text(directory, name, renderers[name](stopped)) for name in ("report.json", "report.md")]
+                _remove_stale(Path(directory), [name for name in renderers if Path(directory, name) not in paths])
+            raise ReportInterrupted(paths, f"interrupted while writing {current}: {', '.join(p.name for p in paths)} "
+                                           "written, marked interrupted") from None
     if github_summary:
         _append_github_summary(record, comparison)
     return paths
+
+
+def _remove_stale(directory: Path, names: list[str]) -> None:
+    for name in names:
+        try:
+            (directory / name).unlink()
+        except OSError:
+            pass

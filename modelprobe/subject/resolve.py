@@ -1,7 +1,10 @@
-"""Turn --model into a local directory (or GGUF file) transformers can load, and load it.
+"""Turn --model into a local directory (or GGUF file) transformers can load, and decide the model's identity.
 
-Accepted: the alias of the embedded default model, a local HF model directory, a .gguf file, or a
-hub id already in the local Hugging Face cache. Nothing here downloads.
+Accepted: the alias of the embedded default model, a local HF model directory, a .gguf file, or a hub id
+(`org/name`, `org/name@REVISION`), taken from the local Hugging Face cache or downloaded (subject/hub.py).
+
+`resolve` is the one place that names a model: its slug (the report folder, the baseline folder, the GGUF
+cache) and its fingerprint (hub commit sha, or a hash of the weights). Everything else reads them from it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class ResolvedModel:
     slug: str  # filesystem-safe name for reports and baselines
     path: Path  # directory (or .gguf file) to load
     gguf_file: str | None  # file name inside `path` when it is a GGUF source
-    fingerprint: str  # revision or content hash
+    fingerprint: str  # hub commit sha or content hash ("" for a hub model not fetched yet)
+    revision: str = ""  # the hub revision asked for (branch, tag or sha), "" for the default branch
 
 
 def cache_dir() -> Path:
@@ -71,23 +75,20 @@ def _alias_gguf(alias: str) -> Path:
     return path
 
 
-def _hub_snapshot(model_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(model_id, local_files_only=True))
-    except Exception:  # any failure here means "not in the local cache"
-        hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise ModelLoadError(
-            f"model '{model_id}' is not a local path and is not in the local Hugging Face cache ({hub}); "
-            "this machine runs offline: download it elsewhere first or pass a local directory or .gguf file"
-        ) from None
+def resolve(model: str, revision: str | None = None, *, fetch: bool = True, allow_pickle: bool = False,
+            progress: bool = True) -> ResolvedModel:
+    """Where `model` is and who it is. `fetch=False` never downloads (naming the report folder before the run
+    needs only the slug, which for a hub id does not depend on the download)."""
+    from . import hub
 
-
-def resolve(model: str) -> ResolvedModel:
+    hub_id = hub.split_hub_id(model)
+    path = Path(model).expanduser()
+    if revision and (hub_id is None or path.exists()):
+        raise ModelLoadError(f"--probe-revision={revision}: '{model}' is not a hub id (org/name); revisions pick a "
+                             "version of a hub model")
     if model in _ALIASES:
         gguf = _alias_gguf(model)
         return ResolvedModel(model, model, gguf.parent, gguf.name, file_fingerprint([gguf]))
-    path = Path(model).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file '{model}' does not exist")
@@ -100,13 +101,37 @@ def resolve(model: str) -> ResolvedModel:
         for w in weights:
             if w.suffix == ".safetensors":
                 check_safetensors(w)
+        # The folder's real name: '.', 'dir/', a symlink and an absolute path to one folder are one model.
         return ResolvedModel(model, slugify(path.resolve().name), path.resolve(), None,
                              file_fingerprint(weights or [path / "config.json"]))
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
-        snap = _hub_snapshot(model)
-        return ResolvedModel(model, slugify(model.replace("/", "--")), snap, None, snap.name[:16])
+    if hub_id is not None:
+        repo, at = hub_id
+        if at and revision and at != revision:
+            raise ModelLoadError(f"--model={model} and --probe-revision={revision} name two revisions: give one")
+        rev = at or revision
+        if rev:
+            from ..options import parse_revision
+            try:
+                parse_revision(rev)
+            except ValueError as e:
+                raise ModelLoadError(f"--model={model}: revision '{rev}': {e}") from None
+        # One slug for every revision of a repo: a release gate compares revisions of one model.
+        slug = slugify(repo.replace("/", "--"))
+        snap = hub.fetch(repo, rev, allow_pickle, progress) if fetch else hub.cached(repo, rev, allow_pickle)
+        if snap is None:
+            return ResolvedModel(model, slug, Path(), None, "", rev or "")
+        return ResolvedModel(model, slug, snap.path, None, snap.commit, rev or "")
     raise ModelLoadError(f"'{model}' is neither the alias '{DEFAULT_ALIAS}', a local directory, a .gguf file "
                          "nor a hub id (org/name)")
+
+
+def unfetched(model: str, revision: str | None = None) -> tuple[ResolvedModel, str | None]:
+    """`resolve` without downloading, and why it failed (None when it did not). A model that does not resolve
+    (its run reports the load error) gets the plain slug of its text, so that the error has a report folder."""
+    try:
+        return resolve(model, revision, fetch=False), None
+    except ModelLoadError as e:
+        return ResolvedModel(model, slugify(model), Path(), None, "", revision or ""), str(e)
 
 
 def check_gguf(path: Path) -> None:

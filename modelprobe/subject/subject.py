@@ -344,7 +344,8 @@ def _touches_logits(capture: Sequence[Site], edits: Sequence[Any]) -> bool:
 
 def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_remote_code: bool = False,
                  batch_size: int | str = 16, progress: bool = True, max_memory: dict[Any, Any] | None = None,
-                 offload_folder: str | None = None) -> Subject:
+                 offload_folder: str | None = None, revision: str | None = None,
+                 allow_pickle: bool = False) -> Subject:
     """Resolve and load --model; raises ModelLoadError with one clear line on any user mistake.
 
     device "auto" places the model with accelerate's device_map="auto": across the GPUs, or, given
@@ -355,7 +356,7 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
 
     from .resolve import converted_gguf, resolve
 
-    resolved = resolve(model)
+    resolved = resolve(model, revision, allow_pickle=allow_pickle, progress=progress)
     path = converted_gguf(resolved, progress) if resolved.gguf_file else resolved.path
     torch_dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
@@ -388,7 +389,7 @@ def load_subject(model: str, device: str = "cpu", dtype: str = "float32", trust_
         sitemap = SiteMap(mdl)
     except SiteError as e:
         raise ModelLoadError(f"model '{model}': {e.message}") from None
-    info = ModelInfo(id=model, slug=resolved.slug, path=str(path), hash=resolved.fingerprint,
+    info = ModelInfo(id=model, slug=resolved.slug, path=str(path), hash=resolved.fingerprint, revision=resolved.revision,
                      model_type=mdl.config.model_type, n_layers=sitemap.n_layers, dtype=str(torch_dtype).split(".")[-1],
                      device=str(next(mdl.parameters()).device) if device_map is None else "auto")
     info_versions = {"transformers": transformers.__version__, "torch": torch.__version__}
