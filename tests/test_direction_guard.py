@@ -69,6 +69,21 @@ def test_direction_beyond_the_kl_limit_passes_with_the_guard_shown(collateral):
     assert out.claims[1].details["guard"]["gates"].startswith("no")  # add changes these replies by design
 
 
+def test_guard_runs_on_the_probes_neutral_prompts_when_given(collateral, tmp_path):
+    text = (PROBES / "toy_refusal_tokens.probe.yaml").read_text().replace("../fixtures/data/", f"{DATA}/")
+    path = tmp_path / "neutral.probe.yaml"
+    path.write_text(text.replace("  chat_template: true\n", f"  chat_template: true\n  neutral: {DATA}/toy_harmful.jsonl\n", 1))
+    out = run(path, collateral)
+    g = out.claims[0].details["guard"]
+    assert "toy_harmful.jsonl" in g["prompts"] and g["n"] == guard.PROMPTS
+    # teacher forcing: only the first reply token of a harmful prompt changes ("sorry" -> "sure")
+    assert g["agreement"] < 1.0 and g["passed"] and out.claims[0].verdict == "pass"
+    path.write_text(text.replace("  chat_template: true\n", "  chat_template: true\n  neutral: nowhere.jsonl\n", 1))
+    from modelprobe.errors import SpecError
+    with pytest.raises(SpecError, match="prompts.neutral"):
+        run(path, collateral)
+
+
 # ---- a "direction" that only works by breaking the model ------------------------------------------------
 
 def build_breaker(tok):

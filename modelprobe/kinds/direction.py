@@ -17,7 +17,8 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
    layer x position, bypass and KL for the best inducers).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
-5. The side-effect guard (toolkit/guard.py) on the neutral prompts (the first negative test prompts):
+5. The side-effect guard (toolkit/guard.py) on the neutral prompts (prompts.neutral, or the first
+   negative test prompts):
    an ablate or weight_orthogonalize claim whose intervention breaks the model there is inconclusive,
    never a pass - the guard on test replaces what the KL filter guarded on validation. An add claim is
    meant to change those very replies, so its guard values are reported and do not gate it.
@@ -94,6 +95,11 @@ class PromptSets(Strict):
     chat_template: bool = False
     system: str | None = Field(None, description="system prompt, with chat_template")
     split: SplitSpec = Field(default_factory=SplitSpec)
+    neutral: str | None = Field(
+        None, description="JSONL: prompts the intervention should leave alone, on which the side-effect guard "
+                          "runs (the first 16; rendered like the others). Default: the negative set's test prompts, "
+                          "right when they are neutral (harmless requests for refusal), not when they show the "
+                          "opposite of the behaviour (negative sentiment)")
 
 
 class DirectionSearch(Strict):
@@ -215,7 +221,8 @@ class Direction(ProbeKind[DirectionSpec]):
 
     @classmethod
     def data_files(cls, spec: DirectionSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
+        files = [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
+        return files + ([(spec.prompts.neutral, ("prompts", "neutral"))] if spec.prompts.neutral else [])
 
     @classmethod
     def check_data(cls, probe: Any) -> dict[str, list[dict]]:
@@ -232,6 +239,8 @@ class Direction(ProbeKind[DirectionSpec]):
                     f"the {which} set '{rel}' holds {len(rows[which])} prompts, but the split asks for "
                     f"{split.train} train + {split.validation} validation + {split.test} test = {need} from each "
                     "set", ("prompts", "split"))
+        if ps.neutral:
+            rows["neutral"] = read_rows(probe, ps.neutral, ("prompts", "neutral"))
         return rows
 
     def setup(self) -> None:
@@ -265,6 +274,12 @@ class Direction(ProbeKind[DirectionSpec]):
                 self.prompts[part][which] = prompts
                 self.ids[part][which] = encode_rows(subject, prompts, path, [int(i) + 1 for i in idx],
                                                     ps.chat_template, ps.system, new_tokens)
+
+        self.neutral_ids: list[list[int]] | None = None
+        if ps.neutral:
+            neutral = [r["prompt"] for r in self.rows["neutral"][:guard.PROMPTS]]
+            self.neutral_ids = encode_rows(subject, neutral, probe.path.parent / ps.neutral, None, ps.chat_template,
+                                           ps.system, guard.REPLY_TOKENS)
 
         d = spec.direction
         if d.position == "post_instruction":
@@ -486,9 +501,10 @@ class Direction(ProbeKind[DirectionSpec]):
     def _guard(self, claim: DirectionClaim, r: torch.Tensor, layer: int, what: str) -> guard.GuardResult:
         """The side-effect guard under the claim's intervention (one per intervention, shared by claims)."""
         if ("guard_ref",) not in self._memo:
-            self._memo[("guard_ref",)] = guard.reference(
-                self.subject, self.ids["test"]["negative"], f"neutral prompts (the {self.spec.prompts.negative} test "
-                "prompts)", self.spec.batch_size)
+            ps = self.spec.prompts
+            ids, where = ((self.neutral_ids, f"neutral prompts ({ps.neutral})") if self.neutral_ids is not None else
+                          (self.ids["test"]["negative"], f"neutral prompts (the {ps.negative} test prompts)"))
+            self._memo[("guard_ref",)] = guard.reference(self.subject, ids, where, self.spec.batch_size)
         key = ("guard", claim.intervention, claim.scale, layer)
         if key not in self._memo:
             self._memo[key] = guard.check(self.subject, self._memo[("guard_ref",)],
