@@ -41,13 +41,20 @@ def collateral():
 
 
 def test_collateral_fixture_is_what_it_claims():
-    """Recorded right after the build (build_fixtures.py collateral) from the committed weights."""
-    import json
-    info = json.loads((COLLATERAL / "build_info.json").read_text())["metrics"]
-    assert info["greedy_replies_as_planted"] and info["t7_mass_harmless"] > 0.05
+    """Re-measured from the committed weights with build_fixtures' own helpers (plain torch hooks)."""
+    import sys
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import build_fixtures as bf
+    finally:
+        sys.path.remove(str(FIXTURES))
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM.from_pretrained(COLLATERAL, dtype=torch.float32).eval()
+    m = bf.collateral_metrics(model, bf.load_tokenizer())
+    assert m["greedy_replies_as_planted"] and m["t7_mass_harmless"] > 0.05
     for layer in (1, 2):
-        assert info[f"L{layer}_sorry_harmful"] == 1.0 and info[f"L{layer}_sorry_harmful_ablated"] == 0.0
-        assert info[f"L{layer}_sorry_harmless_added"] == 1.0 and info[f"L{layer}_ablated_kl_harmless"] > 0.1
+        assert m[f"L{layer}_sorry_harmful"] == 1.0 and m[f"L{layer}_sorry_harmful_ablated"] == 0.0
+        assert m[f"L{layer}_sorry_harmless_added"] == 1.0 and m[f"L{layer}_ablated_kl_harmless"] > 0.1
 
 
 def test_direction_beyond_the_kl_limit_passes_with_the_guard_shown(collateral):
