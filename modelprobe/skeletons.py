@@ -333,7 +333,7 @@ method: gradient               # gradient | random | activation; the other two r
 noise: {relative: 0.05, seeds: 5}
 specificity:                   # the perturbed model must still work on unrelated prompts, else inconclusive
   prompts: data/harmless_instructions.jsonl   # {"prompt": ...}
-  min_agreement: 0.75          # share of the clean replies' next tokens the perturbed model still predicts
+  min_agreement: 0.75          # share of the clean replies' next tokens the perturbed model still predicts (the guard's floor: raise only)
 claims:
   localises:
     top: 4

@@ -1,5 +1,6 @@
 """Direction selection (kinds/direction_selection.py): the upper-half planted fixture, the filters and
-their counts, no quiet fallback, the per-intervention layer for `add`, and the exactness of the batched,
+their counts, tier 1 (the paper's filters) and tier 2 (the best of the rest, said so), the per-intervention
+layer for `add`, and the exactness of the batched,
 resumed, prefix-sharing scores (subject/resume.py resume_variants) against plain forwards."""
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def test_upper_half_passes_with_layer_auto(upper, tmp_path):
     s = out.settings
     assert s["layer"] in (4, 5) and s["position"] == -1
     sel = s["selection"]
+    assert sel["tier"] == 1 and "missed" not in sel
     assert sel["mode"].startswith("exact: induce measured for all 10")
     assert sel["n_candidates"] == 12  # layers 0-5 x 2 positions
     assert sel["removed"] == {"layer": 4, "zero_direction": 2, "not_finite": 0, "induce": 8, "kl": 0,
@@ -145,14 +147,19 @@ def test_bypass_is_measured_for_the_best_inducers_only(upper, tmp_path):
     assert other["bypass"] is None and other["note"].startswith("not measured")
 
 
-def test_upper_half_restricted_to_lower_layers_is_inconclusive(upper, tmp_path):
+def test_upper_half_restricted_to_its_dead_lower_layers_fails(upper, tmp_path):
+    """Layers 0-3 hold directions that separate the sets but do nothing: none passes the paper's filters,
+    tier 2 still chooses one, and the claims are measured and fail (not "cannot be tested")."""
     out = run_variant(upper, tmp_path, **{"layer: auto": "layer: '0:4'"})
     for c in out.claims:
-        assert c.verdict == "inconclusive" and c.reason.startswith(NO_CANDIDATE), c.reason
-        assert c.effect is None and c.n == 0
+        assert c.verdict == "fail", c.reason
+        assert c.effect is not None and c.n == 48 and c.effect <= 0.1
+        assert c.details["selection"]["tier"] == 2 and "induce" in c.details["selection"]["missed"]
     sel = out.settings["selection"]
-    assert sel["removed"]["induce"] == 6 and sel["removed"]["passed"] == 0
-    assert out.settings["layer"] is None and len(out.settings["candidates"]) == 8
+    assert sel["tier"] == 2 and sel["removed"]["induce"] == 6 and sel["removed"]["passed"] == 0
+    assert sel["n_measured"] == 6 and sel["missed"].startswith("paper's filters not met: induce ")
+    assert "none of the 6 candidates measured in full passed" in sel["note"] and "not measured" not in sel["note"]
+    assert out.settings["layer"] in (1, 2, 3) and len(out.settings["candidates"]) == 8
 
 
 def test_upper_half_with_a_fixed_lower_layer_judges_it_and_addition_fails(upper, tmp_path):
@@ -163,10 +170,10 @@ def test_upper_half_with_a_fixed_lower_layer_judges_it_and_addition_fails(upper,
     assert out.settings["layer"] == 2 and out.settings["selection"]["mode"].startswith("fixed")
 
 
-def test_fixed_layer_with_several_positions_judges_the_lowest_bypass(upper, tmp_path):
+def test_fixed_layer_with_several_positions_chooses_in_tier_2(upper, tmp_path):
     out = run_variant(upper, tmp_path, **{"layer: auto": "layer: 2"})
-    assert out.settings["layer"] == 2
-    assert "the probe fixes the layer" in out.settings["selection"]["note"]
+    sel = out.settings["selection"]
+    assert out.settings["layer"] == 2 and sel["tier"] == 2 and "paper's filters not met" in sel["missed"]
     assert all(c.verdict == "fail" for c in out.claims), [c.reason for c in out.claims]
 
 
@@ -192,7 +199,7 @@ def test_random_init_model_is_not_passed_by_the_upper_half_probe(tmp_path):
 def _kind(auto: bool = True, layers=(0, 1, 2), add_layer: str = "selected"):
     return SimpleNamespace(auto=auto, layers=list(layers), positions=[-1],
                            subject=SimpleNamespace(n_layers=4),
-                           spec=SimpleNamespace(direction=SimpleNamespace(add_layer=add_layer)))
+                           spec=SimpleNamespace(direction=SimpleNamespace(add_layer=add_layer, max_kl=0.1)))
 
 
 def _cand(layer, bypass, induce, kl=0.01, kept=True, note=""):
@@ -207,17 +214,35 @@ def test_lowest_bypass_wins_and_add_can_take_the_best_inducer():
     assert sel.chosen.layer == 1 and sel.add.layer == 2 and "best induces" in sel.info["add"]
 
 
-def test_nothing_passing_is_a_failure_with_counts_not_a_quiet_choice():
+def test_nothing_passing_chooses_in_tier_2_in_the_stated_order():
+    """Inducing candidates first; then the lowest KL band (factors of ten above max_kl); then the largest
+    induce gain over the base. The choice names the filter values it missed."""
+    info = {"base_induce": -3.0, "induce_floor": 0.0}
     cands = [_cand(0, -5.0, -1.0, kept=False, note="does not induce"),
-             _cand(1, -4.0, 2.0, kl=0.5, kept=False, note="KL 0.5 > 0.1"),
-             _cand(2, 1.0, -2.0, kl=0.3, kept=False, note="KL 0.3 > 0.1; does not induce")]
-    sel = _choose(_kind(), cands, cands, {})
-    assert sel.chosen is None and sel.add is None
-    assert sel.failed.startswith(NO_CANDIDATE)
-    assert sel.info["removed"] == {"layer": 4 - 3, "zero_direction": 0, "not_measured": 0, "not_finite": 0,
-                                   "kl": 2, "induce": 2, "passed": 0}
-    fixed = _choose(_kind(auto=False, layers=(2,)), cands[2:], cands[2:], {})
-    assert fixed.chosen is cands[2] and "fixes the layer" in fixed.info["note"]
+             _cand(1, -4.0, 0.5, kl=0.28, kept=False, note="KL 0.28 > 0.1"),
+             _cand(2, -4.5, 0.69, kl=0.79, kept=False, note="KL 0.79 > 0.1"),
+             _cand(3, -6.0, 4.0, kl=1.99, kept=False, note="KL 1.99 > 0.1")]
+    sel = _choose(_kind(layers=(0, 1, 2, 3)), cands, cands, dict(info))
+    assert sel.chosen is cands[2] and sel.add is sel.chosen and sel.failed is None
+    assert sel.info["tier"] == 2 and sel.info["missed"] == "paper's filters not met: KL 0.79 > 0.1"
+    assert sel.info["removed"] == {"layer": 0, "zero_direction": 0, "not_measured": 0, "not_finite": 0,
+                                   "kl": 3, "induce": 1, "passed": 0}
+    assert "none of the 4 candidates measured in full passed" in sel.info["note"]
+    # none induces: the largest gain over the base wins within the lowest KL band
+    quiet = [_cand(0, -5.0, -2.5, kl=0.01, kept=False, note="does not induce"),
+             _cand(1, -5.0, -1.0, kl=0.5, kept=False, note="KL 0.5 > 0.1; does not induce"),
+             _cand(2, -5.0, -2.0, kl=0.05, kept=False, note="does not induce")]
+    sel = _choose(_kind(), quiet, quiet, dict(info))
+    assert sel.chosen is quiet[2] and sel.info["missed"] == "paper's filters not met: induce -2 <= 0 (base -3)"
+    # a candidate not measured in full is never said to have failed
+    unmeasured = _cand(2, 0.0, 5.0, kl=0.0, kept=False, note="not measured: induce 5 is not among the 1 best")
+    unmeasured.bypass = unmeasured.kl = None
+    sel = _choose(_kind(), [cands[1], unmeasured], [cands[1]], dict(info))
+    assert sel.chosen is cands[1] and "1 others were not measured in full" in sel.info["note"]
+    # nothing non-zero: the only selection that chooses nothing
+    zero = [_cand(layer, None, None, kl=None, kept=False, note="zero direction") for layer in range(3)]
+    sel = _choose(_kind(), zero, [], dict(info))
+    assert sel.chosen is None and sel.failed.startswith(NO_CANDIDATE)
 
 
 def test_filters_are_the_papers():
@@ -294,14 +319,14 @@ def test_resume_variants_equal_plain_forwards(planted):
     assert common_prefix([[5, 2], [1, 2]]) == 0
 
 
-def test_generation_scored_selection_has_no_quiet_fallback_either(upper, tmp_path):
-    """The substrings grader has no token form: candidates are scored on generated replies, and nothing
-    passing still makes the claims inconclusive."""
+def test_generation_scored_selection_chooses_in_tier_2_too(upper, tmp_path):
+    """The substrings grader has no token form: candidates are scored on generated replies; with nothing
+    passing the filters tier 2 chooses, and the claims are measured and fail on the dead lower layers."""
     out = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml", **{"layer: auto": "layer: '0:4'"})
-    assert all(c.verdict == "inconclusive" and c.reason.startswith(NO_CANDIDATE) for c in out.claims), \
-        [c.reason for c in out.claims]
+    assert all(c.verdict == "fail" and c.effect is not None for c in out.claims), [c.reason for c in out.claims]
     sel = out.settings["selection"]
     assert "Not a logit score" in sel["score"] and sel["removed"]["induce"] == 6
+    assert sel["tier"] == 2 and "induce" in sel["missed"]
     auto = run_variant(upper, tmp_path, base=PROBES / "toy_refusal.probe.yaml")
     assert [c.verdict for c in auto.claims] == ["pass"] * 3, [c.reason for c in auto.claims]
-    assert auto.settings["layer"] in (4, 5)
+    assert auto.settings["layer"] in (4, 5) and auto.settings["selection"]["tier"] == 1

@@ -324,6 +324,8 @@ def test_shipped_deception_data_is_well_formed():
     ({"by": "columns"}, ":9:", "groups.by"),
     ({"min_agreement": 1.5}, ":18:91:", "specificity.min_agreement"),
     ({"min_agreement": -0.1}, ":18:91:", "specificity.min_agreement"),
+    ({"min_agreement": 0}, ":18:91:", "specificity.min_agreement"),  # would switch the guard off
+    ({"min_agreement": 0.5}, ":18:91:", "below the side-effect guard's floor 0.75"),
 ])
 def test_bad_values_are_located(tmp_path, change, where, fragment):
     with pytest.raises(SpecError) as e:
@@ -420,6 +422,7 @@ def test_planted_group_leaves_unrelated_replies_alone(subjects, tmp_path):
     claim = run(probe_file(tmp_path), subjects["one"]).claims[0]
     spec = claim.details["specificity"]
     assert claim.verdict == "pass" and spec["agreement_clean"] == 1.0 and spec["agreement"] > 0.95, spec
+    assert spec["passed"] and spec["coherent"] >= spec["min_coherent"], spec
     assert spec["test_replies_coherent"]["n"] == 24
     assert all(a > 0.95 for a in claim.control.detail["neutral_agreement"])
 
@@ -427,18 +430,19 @@ def test_planted_group_leaves_unrelated_replies_alone(subjects, tmp_path):
 @pytest.mark.parametrize("method", ["gradient", "activation"])
 def test_hub_group_that_breaks_the_model_does_not_pass(subjects, tmp_path, method):
     """Zeroing L0.mlp stops refusal only because the model stops working; random MLP blocks are harmless.
-    Without the guard (min_agreement 0) this is a false pass; with it, inconclusive."""
+    The interval alone would pass; the shared side-effect guard (toolkit/guard.py) makes it inconclusive,
+    and no probe setting can switch the guard off (min_agreement 0 is a located error)."""
     subject = subjects["hub"]
-    out = run(probe_file(tmp_path, method=method, min_agreement=0), subject)
-    off = out.claims[0]
-    assert off.details["top_groups"] == ["L0.mlp"], out.settings["ranking"]
-    assert off.details["base_rate"]["rate"] == 1.0 and off.effect > 0.9
-    assert off.verdict == "pass", off.reason  # the false pass the guard is there for
     claim = run(probe_file(tmp_path, method=method), subject).claims[0]
+    assert claim.details["top_groups"] == ["L0.mlp"], claim.details
+    assert claim.details["base_rate"]["rate"] == 1.0 and claim.effect > 0.9 and claim.ci[0] > 0.5
     spec = claim.details["specificity"]
-    assert spec["agreement_clean"] == 1.0 and spec["agreement"] < 0.2, spec
-    assert claim.verdict == "inconclusive" and "breaks the model" in claim.reason, claim.reason
-    assert claim.effect == off.effect  # the same measurement; only the verdict differs
+    assert spec["agreement_clean"] == 1.0 and spec["agreement"] < 0.2 and not spec["passed"], spec
+    assert claim.verdict == "inconclusive" and claim.reason.startswith("the intervention breaks the model"), \
+        claim.reason
+    assert any(p.type == "bars" and "side-effect guard" in p.title for p in claim.plots)
+    with pytest.raises(SpecError, match="specificity.min_agreement: .*guard's floor"):
+        load(probe_file(tmp_path, method=method, min_agreement=0.1))
 
 
 # ---- the random-group control stops early with the full count's verdict ------------------------------

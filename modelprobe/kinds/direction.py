@@ -9,13 +9,19 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
    with float64 running sums, so memory does not grow with the number of prompts. Not normalised.
 3. Unless the probe fixes one, a candidate is chosen on validation: bypass = the behaviour score on
    positives with r̂ projected out everywhere, induce = the score on negatives with r added at
-   layer l, KL = next-token KL(base ‖ ablated) on negatives. Candidates at l >= 0.8 L (auto only),
-   with KL above the limit, that do not induce, or with a zero direction are dropped; the lowest
-   bypass wins. When none passes, the claims are inconclusive unless the probe fixes the layer.
+   layer l, KL = next-token KL(base ‖ ablated) on negatives. Tier 1: the candidates that pass the
+   paper's filters (l < 0.8 L for auto, KL <= max_kl, induce, non-zero), the lowest bypass wins. Tier
+   2, when none measured passes: the best of the rest in a stated order, the missed filter values said
+   in the report. Selection chooses nothing only when no candidate is non-zero (or finite).
    See direction_selection.py (exact logit scores for graders with a token form: induce for every
    layer x position, bypass and KL for the best inducers).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
+5. The side-effect guard (toolkit/guard.py) on the neutral prompts (prompts.neutral, or the first
+   negative test prompts):
+   an ablate or weight_orthogonalize claim whose intervention breaks the model there is inconclusive,
+   never a pass - the guard on test replaces what the KL filter guarded on validation. An add claim is
+   meant to change those very replies, so its guard values are reported and do not gate it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from ..spec import (
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
 from ..subject.sites import Site, resolve_layer
+from ..toolkit import guard
 from ..toolkit.behaviour import Behaviour, behave, behave_variants, rate_summary, untestable_reason
 from ..toolkit.controls import (
     ALPHA,
@@ -88,6 +95,11 @@ class PromptSets(Strict):
     chat_template: bool = False
     system: str | None = Field(None, description="system prompt, with chat_template")
     split: SplitSpec = Field(default_factory=SplitSpec)
+    neutral: str | None = Field(
+        None, description="JSONL: prompts the intervention should leave alone, on which the side-effect guard "
+                          "runs (the first 16; rendered like the others). Default: the negative set's test prompts, "
+                          "right when they are neutral (harmless requests for refusal), not when they show the "
+                          "opposite of the behaviour (negative sentiment)")
 
 
 class DirectionSearch(Strict):
@@ -109,8 +121,9 @@ class DirectionSearch(Strict):
         "selected", description="selected: add claims add the chosen direction at its layer (the paper); "
                                 "best_induce: at the candidate that best induces among those that passed "
                                 "the filters (said in the report)")
-    max_kl: FiniteFloat = Field(0.1, gt=0, description="drop candidates whose ablation moves harmless next-token "
-                                                 "distributions by more than this KL")
+    max_kl: FiniteFloat = Field(0.1, gt=0, description="the paper's KL filter: tier 1 keeps the candidates whose "
+                                                 "ablation moves harmless next-token distributions by at most "
+                                                 "this KL; tier 2 ranks the rest in bands of factors of ten above it")
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="layer: auto drops l >= int(this * L)")
     select_new_tokens: int = Field(12, ge=1, description="reply length used to score candidates with a "
                                                          "text grader (capped by max_new_tokens)")
@@ -208,7 +221,8 @@ class Direction(ProbeKind[DirectionSpec]):
 
     @classmethod
     def data_files(cls, spec: DirectionSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
+        files = [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
+        return files + ([(spec.prompts.neutral, ("prompts", "neutral"))] if spec.prompts.neutral else [])
 
     @classmethod
     def check_data(cls, probe: Any) -> dict[str, list[dict]]:
@@ -225,6 +239,8 @@ class Direction(ProbeKind[DirectionSpec]):
                     f"the {which} set '{rel}' holds {len(rows[which])} prompts, but the split asks for "
                     f"{split.train} train + {split.validation} validation + {split.test} test = {need} from each "
                     "set", ("prompts", "split"))
+        if ps.neutral:
+            rows["neutral"] = read_rows(probe, ps.neutral, ("prompts", "neutral"))
         return rows
 
     def setup(self) -> None:
@@ -258,6 +274,12 @@ class Direction(ProbeKind[DirectionSpec]):
                 self.prompts[part][which] = prompts
                 self.ids[part][which] = encode_rows(subject, prompts, path, [int(i) + 1 for i in idx],
                                                     ps.chat_template, ps.system, new_tokens)
+
+        self.neutral_ids: list[list[int]] | None = None
+        if ps.neutral:
+            neutral = [r["prompt"] for r in self.rows["neutral"][:guard.PROMPTS]]
+            self.neutral_ids = encode_rows(subject, neutral, probe.path.parent / ps.neutral, None, ps.chat_template,
+                                           ps.system, guard.REPLY_TOKENS)
 
         d = spec.direction
         if d.position == "post_instruction":
@@ -462,12 +484,32 @@ class Direction(ProbeKind[DirectionSpec]):
         bars = Bars(title=f"{label} rate on {claim.on} test prompts", value_label=f"{label} rate",
                     labels=[claim.intervention], before=[float(b.mean())], after=[float(a.mean())],
                     before_label="base", after_label="intervened")
-        m = Measured(effect, ci, n, metric, details=details, plots=[bars], untestable=untestable)
+        g = self._guard(claim, r, layer, what)
+        details["guard"] = g.summary()
+        if claim.intervention == "add":
+            details["guard"]["gates"] = ("no: an add claim is meant to change the replies to these prompts; "
+                                         "reported only")
+        elif not untestable:
+            untestable = g.reason()
+        m = Measured(effect, ci, n, metric, details=details, plots=[bars, g.plot()], untestable=untestable)
         if untestable:
             details["controls"] = "skipped: the claim cannot be tested on this model"
         else:
             self._random_direction_control(m, claim, r, layer, ids, b, a)
         return judge(name, claim, m)
+
+    def _guard(self, claim: DirectionClaim, r: torch.Tensor, layer: int, what: str) -> guard.GuardResult:
+        """The side-effect guard under the claim's intervention (one per intervention, shared by claims)."""
+        if ("guard_ref",) not in self._memo:
+            ps = self.spec.prompts
+            ids, where = ((self.neutral_ids, f"neutral prompts ({ps.neutral})") if self.neutral_ids is not None else
+                          (self.ids["test"]["negative"], f"neutral prompts (the {ps.negative} test prompts)"))
+            self._memo[("guard_ref",)] = guard.reference(self.subject, ids, where, self.spec.batch_size)
+        key = ("guard", claim.intervention, claim.scale, layer)
+        if key not in self._memo:
+            self._memo[key] = guard.check(self.subject, self._memo[("guard_ref",)],
+                                          self._interventions(claim, r, layer), what, self.spec.batch_size)
+        return self._memo[key]
 
     def _examples(self, on: str, base: Behaviour, after: Behaviour) -> dict[str, Any]:
         if base.texts is None:
@@ -557,6 +599,7 @@ class Direction(ProbeKind[DirectionSpec]):
             result = self._claim(name, claim, own_r, own.layer, own.position, extra)
             if claim.intervention == "add":
                 result.details["direction_choice"] = sel.info["add"]
+            result.details["selection"] = {k: sel.info[k] for k in ("tier", "tier_rule", "missed") if k in sel.info}
             result.curves = sel.curves
             result.plots.insert(0, self._selection_plot(sel.curves, layer))
             claims.append(result)
@@ -571,7 +614,7 @@ class Direction(ProbeKind[DirectionSpec]):
             "selection": sel.info, "candidates": [c.row() for c in sel.candidates],
             "grader": self.grader.describe(), "max_new_tokens": spec.behaviour.max_new_tokens,
             "base_rates": {w: rate_summary(self._base(w).flags) for w in SETS if ("base", w) in self._memo},
-            "collateral_kl": collateral,
+            "collateral_kl": collateral, "guard": guard.RULE,
             "prompts": {"positive": ps.positive, "negative": ps.negative, "chat_template": ps.chat_template,
                         "system": ps.system},
             "split": ps.split.model_dump(), "n_layers": subject.n_layers,
@@ -589,8 +632,8 @@ class Direction(ProbeKind[DirectionSpec]):
         return Outcome(settings, claims)
 
     def _unselected(self, sel: Selection) -> Outcome:
-        """No candidate passed selection: every claim is inconclusive, and the table shows why."""
-        reason = sel.failed or "no candidate direction passed selection"
+        """No candidate is non-zero (or has finite scores): every claim is inconclusive, and the table shows why."""
+        reason = sel.failed or selection.NO_CANDIDATE
         claims = []
         for name, claim in self.spec.claims.items():
             metric = f"{claim.expect.statistic} on {claim.on} test prompts ({claim.intervention}): not measured"

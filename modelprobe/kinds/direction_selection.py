@@ -6,6 +6,20 @@ r̂ projected out everywhere, induce = the score on negatives with r added at la
 KL(base ‖ ablated) on negatives. Candidates at l >= int(0.8 L), with KL > 0.1, induce <= 0 or a
 non-finite score are dropped; the lowest bypass wins.
 
+Those filters choose the best direction on 2B-72B chat models; on a small model they can drop every
+candidate (SmolLM2-135M: no refusal candidate makes "I / Sorry / As" more likely than not; a fine-tuned
+refuser's working direction has KL 0.28). Selection runs on validation and the claims are judged on test
+against random directions, so choosing a direction that misses a filter biases nothing, and what the KL
+filter protects against (an intervention that "works" because it breaks the model) is the claim's
+side-effect guard (toolkit/guard.py) on test. So selection always chooses when a candidate is non-zero:
+- tier 1: the candidates that pass the paper's filters, and the paper's choice among them (lowest bypass);
+- tier 2, when none of those measured in full passes: the measured, finite, non-zero candidates in the
+  order TIER2_ORDER states (those that pass the induce filter first; then the least side effect, KL in
+  bands of factors of ten above max_kl; then the largest induce gain over the base score), and the report
+  says which filter values the chosen direction missed ("paper's filters not met: KL 0.28 > 0.1").
+A selection without a non-zero candidate (or without a finite score) chooses nothing, and the claims are
+inconclusive with that reason. "No candidate passed" is only ever said of the candidates measured in full.
+
 Here, when the grader has a token form (graders.TOKEN_FORMS, a `tokens` grader, or
 direction.select_tokens):
 - every (layer, position) candidate below the depth cap gets its EXACT induce score: the validation
@@ -15,8 +29,8 @@ direction.select_tokens):
   (L - l) / L of a forward over the negatives per candidate, without the prefix;
 - bypass and KL (one ablated forward over the validation positives and negatives each, prefix shared
   too) are measured for the candidates that pass induce > 0 - the `candidates` best of them by induce
-  when more pass (the others are reported as not measured). When the probe fixes the layer they are
-  measured whether or not the candidates induce, so that the fixed layer can be judged.
+  when more pass (the others are reported as not measured); when none passes induce > 0, for the
+  `candidates` best by induce of all, so that tier 2 has measured candidates to choose from.
 Every number a filter or the choice reads is exact (the batched, resumed scores equal plain forwards,
 tests/test_direction_selection.py). On SmolLM2-135M (24 layers x 6 positions, 32 validation prompts per
 set) the whole selection costs 0.95x the old 8-point generation grid (benchmarks/bench_direction.py
@@ -25,8 +39,6 @@ halves the induce cost; what is left is compute (wider or unpadded batches were 
 A grader without a token form (sentiment, custom substrings...) scores on short generated replies, on a
 grid of `candidates` layers, each at its best-separating position: generation per candidate is costly.
 
-Nothing passing the filters is not papered over: the selection then has no direction and the claims are
-inconclusive ("no candidate direction passed selection"), unless the probe fixes the layer.
 """
 
 from __future__ import annotations
@@ -47,7 +59,12 @@ from ..toolkit.metrics import kl as _kl
 from ..toolkit.steering import ablate_direction_everywhere, stack_variants
 from .graders import log_odds
 
-NO_CANDIDATE = "no candidate direction passed selection"
+NO_CANDIDATE = "no candidate direction is non-zero"  # the only selection that chooses nothing
+NO_FINITE = "no candidate direction has finite scores"
+TIER2_ORDER = ("tier 2 (no candidate measured in full passed the paper's filters): the measured, finite, non-zero "
+               "candidates, those that pass the induce filter first; then the least side effect (validation KL in "
+               "bands of factors of ten above max_kl: <= max_kl, <= 10 x, <= 100 x, ...); then the largest induce "
+               "gain over the base score; then the lowest bypass")
 
 
 @dataclass
@@ -68,8 +85,9 @@ class Candidate:
 
 @dataclass
 class Selection:
-    """The chosen direction (None when nothing passed and the layer is not fixed), the one `add` claims
-    use, every candidate, what the report says about the selection, and per-layer curves."""
+    """The chosen direction (None only when no candidate is non-zero or finite), the one `add` claims use,
+    every candidate, what the report says about the selection (its tier, the filters the choice missed),
+    and per-layer curves."""
 
     chosen: Candidate | None
     add: Candidate | None
@@ -238,9 +256,9 @@ def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Va
             c.note = "does not induce"
         if not c.note:
             passing.append(c)
-    fixed = not kind.auto and len(kind.layers) == 1  # the fixed layer is judged even if nothing passes
-    pool = passing or (todo if fixed else [])
-    measured = sorted(pool, key=lambda c: -c.induce if math.isfinite(c.induce) else math.inf)[:d.candidates]
+    # None inducing: the best inducers are measured anyway, so that tier 2 chooses among measured candidates.
+    pool = passing or [c for c in todo if math.isfinite(c.induce)]
+    measured = sorted(pool, key=lambda c: -c.induce)[:d.candidates]
     for c in passing:
         if c not in measured:
             c.note = f"not measured: induce {c.induce:.3g} is not among the {d.candidates} best"
@@ -253,9 +271,9 @@ def _score_logits(kind: Any, diffs: torch.Tensor, todo: list[Candidate], val: Va
         mode=(f"exact: induce measured for all {len(todo)} candidates, bypass and KL for "
               + (f"all {len(measured)} that induce" if len(measured) == len(passing) else
                  f"the {len(measured)} best by induce of {len(passing)} that induce" if passing else
-                 f"the fixed layer's {len(measured)} best by induce (none induces)")),
+                 f"the {len(measured)} best by induce of {len(pool)} (none induces)")),
         score=(f"mean log-odds of the first reply token being one of {tokens} at the last prompt position "
-               "(Arditi et al.'s refusal score); a candidate must reach induce > 0"),
+               "(Arditi et al.'s refusal score); the paper's filter asks induce > 0"),
         base_bypass=base_bypass, base_induce=base_induce, induce_floor=0.0, score_tokens=tokens)
     return measured
 
@@ -333,19 +351,50 @@ def _why(removed: dict[str, int], n_measured: int) -> str:
     return "; ".join([", ".join(parts)] * bool(parts) + [f"{n_measured} measured in full"])
 
 
+def _band(kl: float, max_kl: float) -> int:
+    """Side-effect band of a validation KL: 0 within max_kl, then 1 per factor of ten above it."""
+    return 0 if kl <= max_kl else max(1, math.ceil(math.log10(kl / max_kl)))
+
+
+def _tier2_key(c: Candidate, max_kl: float, base_induce: float) -> tuple:
+    return ("does not induce" in c.note, _band(c.kl, max_kl), -(c.induce - base_induce), c.bypass, c.layer)
+
+
+def _missed(c: Candidate, max_kl: float, floor: float, base_induce: float) -> str:
+    """The paper's filter values the candidate missed, in words."""
+    out = []
+    if c.kl > max_kl:
+        out.append(f"KL {c.kl:.3g} > {max_kl:g}")
+    if not c.induce > floor:
+        out.append(f"induce {c.induce:.3g} <= {floor:.3g} (base {base_induce:.3g})")
+    return "paper's filters not met: " + ", ".join(out)
+
+
 def _choose(kind: Any, cands: list[Candidate], measured: list[Candidate], info: dict[str, Any]) -> Selection:
     d = kind.spec.direction
     kept = [c for c in cands if c.kept]
     removed = info["removed"] = _removed(kind, cands)
-    chosen = min(kept, key=_order) if kept else None
-    if chosen is None:
-        why = _why(removed, len(measured))
-        if not kind.auto and len(kind.layers) == 1 and measured:
-            chosen = min(measured, key=_order)
-            info["note"] = (f"no candidate passed the filters ({why}); the probe fixes the layer, so the claims "
-                            f"judge the lowest-bypass candidate at it")
-        else:
-            info["failed"] = f"{NO_CANDIDATE} ({len(cands)} candidates: {why})"
+    if kept:
+        chosen = min(kept, key=_order)
+        info.update(tier=1, tier_rule="tier 1: the candidates that pass the paper's filters; the lowest bypass "
+                                      "wins (Arditi et al.)")
+    else:
+        pool = [c for c in measured if c.note != "zero direction" and "not finite" not in c.note
+                and None not in (c.bypass, c.induce, c.kl)]
+        if not pool:
+            info["failed"] = NO_CANDIDATE if not any(c.note != "zero direction" for c in cands) else NO_FINITE
+            info["failed"] += f" ({len(cands)} candidates: {_why(removed, len(measured))})"
+            return Selection(None, None, cands, info)
+        base, floor = info.get("base_induce", 0.0), info.get("induce_floor", 0.0)
+        chosen = min(pool, key=lambda c: _tier2_key(c, d.max_kl, base))
+        unmeasured = removed["not_measured"]  # the others failed a filter already, from their induce score
+        info.update(tier=2, tier_rule=TIER2_ORDER, missed=_missed(chosen, d.max_kl, floor, base),
+                    note=(f"none of the {len(measured)} candidates measured in full passed the paper's filters "
+                          f"({_why(removed, len(measured))})"
+                          + (f"; {unmeasured} others were not measured in full, so whether one of them would "
+                             "pass is not known" if unmeasured > 0 else "")
+                          + f"; tier 2 chose layer {chosen.layer}, position {chosen.position}: "
+                          + _missed(chosen, d.max_kl, floor, base)))
     add = chosen
     if d.add_layer == "best_induce" and kept:
         add = max(kept, key=lambda c: (c.induce, -c.bypass))
@@ -377,8 +426,15 @@ def select(kind: Any, diffs: torch.Tensor) -> Selection:
     pairs = [(layer, pi) for layer in kind.layers for pi in range(len(kind.positions))]
     if len(pairs) == 1:
         layer, pi = pairs[0]
+        if not float(norms[pi, layer]) > 0:  # adding or ablating nothing: no claim can be measured
+            c = Candidate(layer, kind.positions[pi], 0.0, note="zero direction")
+            return Selection(None, None, [c], {"mode": "fixed (one candidate)", "score": None,
+                                               "failed": f"{NO_CANDIDATE} (the one fixed candidate, layer {layer}, "
+                                                         f"position {c.position}, is zero: the two prompt sets look "
+                                                         "identical there)"})
         c = Candidate(layer, kind.positions[pi], float(norms[pi, layer]), kept=True, note="fixed")
         sel = Selection(c, c, [c], {"mode": "fixed (one candidate: nothing to choose)", "score": None,
+                                    "tier": "fixed",
                                     "add": "add claims use the fixed direction"})
         sel.curves["direction_norm"] = norms[pi].tolist()
         return sel

@@ -21,16 +21,17 @@
    rarely flips a greedy reply. Control: the same perturbation of as many random groups of the same
    kinds (attention / MLP), several draws; the claim must beat their mean (paired permutation over
    prompts) and exceed every draw.
-4. Specificity guard: the same perturbation must leave the model working on unrelated prompts
-   (`specificity.prompts`, default the harmless instructions). The clean model's greedy replies to them
-   are fed back (teacher forcing) to the perturbed model, and the share of reply positions where its
-   greedy next token is still the clean model's is the agreement. Below `min_agreement` the claim is
-   inconclusive, "the perturbation breaks the model", never a pass: zeroing a group the whole model
-   depends on changes the behaviour rate because the model stops speaking, not because the behaviour
-   lived there, while random groups stay harmless - a false "localises" the control cannot catch.
-   Next-token agreement rather than a text heuristic: it needs no grader, and a group that only
-   carries the behaviour leaves unrelated replies untouched. The coherent share of the perturbed
-   test replies is reported beside it.
+4. Specificity guard (toolkit/guard.py, shared with `direction`): the same perturbation must leave the
+   model working on unrelated prompts (`specificity.prompts`, default the harmless instructions). The
+   clean model's greedy replies to them are fed back (teacher forcing) to the perturbed model; the share
+   of reply positions where its greedy next token is still the clean model's is the agreement, and the
+   share of its own replies that are coherent is held against the clean replies'. When either is below
+   the guard's fixed floor the claim is inconclusive, "the intervention breaks the model", never a pass:
+   zeroing a group the whole model depends on changes the behaviour rate because the model stops
+   speaking, not because the behaviour lived there, while random groups stay harmless - a false
+   "localises" the control cannot catch. `specificity.min_agreement` may raise the agreement floor,
+   never lower it (0 would switch the guard off). The coherent share of the perturbed test replies is
+   reported beside it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .._lazy import LazyModule, torch
 from ..errors import SiteError
@@ -58,6 +59,7 @@ from ..spec import (
 from ..spec.fields import Count, LayerSpec, Rate, Tolerance
 from ..stats import paired_difference
 from ..subject.sites import Site, resolve_layer
+from ..toolkit import guard
 from ..toolkit.behaviour import (
     COHERENT_RULE,
     Behaviour,
@@ -137,9 +139,19 @@ class Specificity(Strict):
                          "like the behaviour prompts)")
     max_prompts: Count = Field(16, description="use at most this many (the first ones)")
     max_new_tokens: int = Field(16, ge=1, le=512, description="length of the clean greedy replies compared")
-    min_agreement: Rate = Field(0.75, description="share of reply positions where the perturbed model's greedy "
-                                                  "next token must still be the clean model's; below it the "
-                                                  "claim is inconclusive (the perturbation breaks the model)")
+    min_agreement: Rate = Field(guard.MIN_AGREEMENT, description=(
+        "share of reply positions where the perturbed model's greedy next token must still be the clean model's; "
+        f"below it the claim is inconclusive (the intervention breaks the model). At least {guard.MIN_AGREEMENT:g}, "
+        "the side-effect guard's fixed floor: a probe may raise it, not lower it"))
+
+    @field_validator("min_agreement")
+    @classmethod
+    def _not_below_the_guard(cls, v: float) -> float:
+        if v < guard.MIN_AGREEMENT:  # 0 would turn "breaks the model" into a pass
+            raise ValueError(f"{v:g} is below the side-effect guard's floor {guard.MIN_AGREEMENT:g}, which is fixed "
+                             "in code so that an intervention that breaks the model never passes; a probe may "
+                             "raise it, not lower it")
+        return v
 
 
 class LocalisesExpect(OneExpectation):
@@ -346,28 +358,14 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
 
     # ---- specificity: does the perturbed model still work on unrelated prompts? -----------------------
     def _neutral_replies(self) -> None:
-        """The clean model's greedy replies to the neutral prompts (full length, past any end token), kept
-        as the teacher-forced sequences every perturbation is compared on."""
+        """The clean model's greedy replies to the neutral prompts, which every perturbation is held against."""
         sp = self.spec.specificity
-        gens = self.subject.generate(self.neutral_ids, sp.max_new_tokens, batch_size=self.spec.batch_size,
-                                     stop_at_eos=False, desc="weight_perturbation: neutral replies")
-        self.neutral_seqs = [list(p) + list(g) for p, g in zip(self.neutral_ids, gens)]
-        self.neutral_clean = self._agreement_now()
-
-    def _agreement_now(self) -> np.ndarray:
-        """[n] per neutral prompt: share of its clean reply's positions where the current model's greedy
-        next token (given the clean prefix) is the clean reply's token."""
-        out = np.zeros(len(self.neutral_seqs))
-        for fw in self.subject.run(self.neutral_seqs, (), (), "all", self.spec.batch_size, "specificity"):
-            for j, r in enumerate(fw.batch.rows):
-                seq, p, pad = self.neutral_seqs[r], len(self.neutral_ids[r]), int(fw.batch.pad[j])
-                pred = fw.logits[j, pad + p - 1:pad + len(seq) - 1].argmax(-1).cpu()
-                out[r] = float((pred == torch.tensor(seq[p:])).double().mean())
-        return out
+        self.neutral = guard.reference(self.subject, self.neutral_ids, f"unrelated prompts ({sp.prompts})",
+                                       self.spec.batch_size, sp.max_new_tokens, sp.max_prompts)
 
     def _agreement(self, groups: list[WeightGroup], perturbation: str) -> np.ndarray:
         with self._perturbed(groups, perturbation):
-            return self._agreement_now()
+            return guard.agreement(self.subject, self.neutral, (), self.spec.batch_size)
 
     def _control_sets(self, top: list[int], draws: int) -> tuple[list[list[int]], bool]:
         """`draws` random group sets of the top set's size and kinds, none of the top groups; matched is
@@ -412,32 +410,26 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         bars = Bars(title=f"{label} rate on the test prompts", value_label=f"{label} rate", labels=["top groups"],
                     before=[float(b.mean())], after=[float(a.mean())], before_label="clean",
                     after_label=f"top {claim.top} {what}")
-        agree = self._agreement(chosen, claim.perturbation)
-        details["specificity"] = self._specificity(agree, after)
-        if not untestable and agree.mean() < spec.specificity.min_agreement:
-            untestable = (f"the perturbation breaks the model: with the top {claim.top} groups {what}, the greedy "
-                          f"next token matches the clean model's on only {agree.mean():.2f} of the reply positions "
-                          f"of {len(agree)} unrelated prompts (min_agreement {spec.specificity.min_agreement:g}); "
-                          f"the {label} rate changes because the model stops working, not because the "
-                          f"behaviour lives there")
+        g = guard.check(self.subject, self.neutral, (), f"top {claim.top} {what}", spec.batch_size,
+                        lambda: self._perturbed(chosen, claim.perturbation))
+        details["specificity"] = self._specificity(g, after)
+        if not untestable and (not g.passed or g.agreement.mean() < spec.specificity.min_agreement):
+            untestable = g.reason() or (
+                f"{guard.BREAKS}: top {claim.top} {what}: the greedy next token matches the clean model's on only "
+                f"{g.agreement.mean():.2f} of the reply positions of {len(g.agreement)} unrelated prompts "
+                f"(min_agreement {spec.specificity.min_agreement:g})")
+            untestable += f"; the {label} rate changes because the model stops working, not because the behaviour lives there"
         m = Measured(effect, (lo, hi), len(b), metric, details=details, plots=[bars], untestable=untestable)
-        m.plots.append(Bars(title="next-token agreement with the clean model on unrelated prompts",
-                            value_label="agreement", labels=["top groups"], before=[float(self.neutral_clean.mean())],
-                            after=[float(agree.mean())], before_label="clean", after_label=f"top {claim.top} {what}"))
+        m.plots.append(g.plot())
         if untestable:
             details["control"] = "skipped: the claim cannot be tested on this model"
         else:
             self._control(m, claim, top, per_prompt, a)
         return judge(name, claim, m)
 
-    def _specificity(self, agree: np.ndarray, after: Behaviour) -> dict[str, Any]:
+    def _specificity(self, g: guard.GuardResult, after: Behaviour) -> dict[str, Any]:
         sp = self.spec.specificity
-        out: dict[str, Any] = {
-            "prompts": sp.prompts, "n": len(agree), "reply_tokens": sp.max_new_tokens,
-            "agreement": float(agree.mean()), "agreement_clean": float(self.neutral_clean.mean()),
-            "min_agreement": sp.min_agreement,
-            "rule": "share of the clean model's greedy reply positions on unrelated prompts where the perturbed "
-                    "model's greedy next token (given the clean prefix) is the same"}
+        out: dict[str, Any] = {**g.summary(), "prompts": sp.prompts, "min_agreement": sp.min_agreement}
         if after.texts is not None:
             out["test_replies_coherent"] = rate_summary(coherent_flags(after.texts))
             out["coherent_rule"] = COHERENT_RULE
@@ -514,7 +506,8 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
             "ranking": {m: [self.groups[i].name for i in o[:SHOWN]] for m, o in orders.items()},
             "grader": self.grader.describe(), "split": spec.behaviour.split.model_dump(),
             "base_rate": rate_summary(base.flags), "noise": spec.noise.model_dump(),
-            "specificity": {**spec.specificity.model_dump(), "agreement_clean": float(self.neutral_clean.mean())},
+            "specificity": {**spec.specificity.model_dump(), "agreement_clean": self.neutral.agreement_clean,
+                            "coherent_clean": self.neutral.coherent_clean, "guard": guard.RULE},
         }
         return Outcome(settings, claims)
 
