@@ -187,10 +187,29 @@ def test_spread_behaviour_does_not_localise(subjects, tmp_path):
     assert claim.effect < 0.1
 
 
-def test_absent_behaviour_is_untestable(subjects, tmp_path):
+def test_absent_behaviour_is_untestable(subjects, tmp_path, monkeypatch):
+    """Settled by the clean base rate before anything is ranked or perturbed (the rankings never run)."""
+    from modelprobe.kinds import weight_perturbation as wp
+
+    def never(self):
+        raise AssertionError("ranked groups for a claim the base rate had settled")
+
+    monkeypatch.setattr(wp.WeightPerturbation, "_rankings", never)
     claim = run(probe_file(tmp_path), subjects["none"]).claims[0]
     assert claim.verdict == "inconclusive" and "untestable" in claim.reason
     assert claim.details["base_rate"]["rate"] == 0.0
+    assert claim.effect is None and claim.details["control"].startswith("skipped: the base rate settles")
+
+
+def test_a_testable_claim_still_ranks(subjects, tmp_path, monkeypatch):
+    """The shortcut needs every claim settled: on a model with the behaviour the rankings run as before."""
+    from modelprobe.kinds import weight_perturbation as wp
+
+    calls = []
+    every = wp.WeightPerturbation._rankings
+    monkeypatch.setattr(wp.WeightPerturbation, "_rankings", lambda self: calls.append(1) or every(self))
+    claim = run(probe_file(tmp_path), subjects["one"]).claims[0]
+    assert calls == [1] and claim.effect is not None
 
 
 def test_top_two_of_a_spread_behaviour_do_not_localise(subjects, tmp_path):

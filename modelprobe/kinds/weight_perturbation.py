@@ -397,8 +397,7 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
 
         effect, lo, hi = paired_difference(b, a, seed=spec.seed) if stat == "rate_change" else \
             paired_difference(a, b, seed=spec.seed)
-        untestable = untestable_reason("rate_drop" if stat == "rate_change" else "rate_rise", base.flags,
-                                       spec.behaviour.min_base_rate, "the test prompts")
+        untestable = self._untestable(claim, base)
         what = "zeroed" if claim.perturbation == "zero" else f"noised ({spec.noise.relative:g} x norm)"
         label = self.grader.name if self.grader.name != "custom" else "behaviour"
         metric = (f"{label} rate {'drop' if stat == 'rate_change' else 'rise'} on the test prompts with the top "
@@ -477,11 +476,16 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
 
     def measure(self) -> Outcome:
         spec = self.spec
+        # The clean base rate first: when it leaves every claim untestable, no ranking, perturbation or
+        # control can change a verdict, and the rankings are most of the probe's cost.
+        base = behave(self.subject, self.grader, self.ids["test"], (), spec.behaviour.max_new_tokens,
+                      spec.batch_size, "weight_perturbation: base")
+        settled = self._settled_by_base_rate(base)
+        if settled is not None:
+            return settled
         values, info = self._rankings()
         orders = {m: np.argsort(-v, kind="stable") for m, v in values.items()}
         agreement = spearman_table(values)
-        base = behave(self.subject, self.grader, self.ids["test"], (), spec.behaviour.max_new_tokens,
-                      spec.batch_size, "weight_perturbation: base")
         self._neutral_replies()
         plots = [self._ranking_table(values, orders)]
         if agreement:
@@ -509,6 +513,30 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
             "specificity": {**spec.specificity.model_dump(), "agreement_clean": self.neutral.agreement_clean,
                             "coherent_clean": self.neutral.coherent_clean, "guard": guard.RULE},
         }
+        return Outcome(settings, claims)
+
+    def _untestable(self, claim: LocalisesClaim, base: Behaviour) -> str | None:
+        stat = "rate_drop" if claim.expect.statistic == "rate_change" else "rate_rise"
+        return untestable_reason(stat, base.flags, self.spec.behaviour.min_base_rate, "the test prompts")
+
+    def _settled_by_base_rate(self, base: Behaviour) -> Outcome | None:
+        """Every claim untestable on the clean base rate: the answer, without ranking or perturbing anything."""
+        spec = self.spec
+        reasons = {name: self._untestable(claim, base) for name, claim in spec.claims.items()}
+        if not all(reasons.values()):
+            return None
+        label = self.grader.name if self.grader.name != "custom" else "behaviour"
+        bars = Bars(title=f"{label} rate on the test prompts", value_label=f"{label} rate", labels=["clean"],
+                    before=[float(base.flags.mean())], after=[float(base.flags.mean())], before_label="clean",
+                    after_label="not perturbed")
+        skipped = "skipped: the base rate settles the claim, so no group was ranked or perturbed"
+        claims = [judge(name, claim, Measured(
+            None, None, len(base.flags), f"{label} rate change on the test prompts (not measured)",
+            details={"base_rate": rate_summary(base.flags), "grader": self.grader.name, "control": skipped,
+                     "ranking": skipped}, plots=[bars], untestable=reasons[name]))
+            for name, claim in spec.claims.items()]
+        settings = {"method": spec.method, "grader": self.grader.describe(), "split": spec.behaviour.split.model_dump(),
+                    "base_rate": rate_summary(base.flags), "ranking": skipped}
         return Outcome(settings, claims)
 
     def _ranking_table(self, values: dict[str, np.ndarray], orders: dict[str, np.ndarray]) -> Table:
