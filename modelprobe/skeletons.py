@@ -410,7 +410,8 @@ tags: [latent_language]
 prompts: data/latent_language_fr_de.jsonl   # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
 by: probability                  # or rank: the best rank of each word's first tokens
 variants: false                  # true: also each word with / without a leading space, capitalised
-min_prompts: 3                   # fewer prompts the model translates (target top-1 at the end): untestable
+min_prompts: 5                   # fewer prompts the model translates (target top-1 at the end): untestable;
+                                 # below 5 the paired control could never reach p <= 0.05
 claims:
   english_leads_in_the_middle:   # must beat the same share with ANOTHER row's pivot word
     layers: "0.4:0.8"            # fractions of depth, ints, a list or 'a:b'

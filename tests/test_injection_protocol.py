@@ -67,6 +67,7 @@ def test_shipped_probe_validates():
     ({"inject": "{layer: 1.5, strength: 4}"}, "inject.layer", "fraction of depth"),
     ({"trials": "1"}, "trials", "greater than or equal to 2"),
     ({"trials": "5000"}, "trials", "less than or equal to 1000"),
+    ({"trials": "4"}, "trials", "no claim could beat them"),  # a sign-flip p over 4 pairs is >= 1/16
     ({"max_new_tokens": "2"}, "max_new_tokens", "greater than or equal to 4"),
     ({"claim:repeats_the_sentence": "{transcribed: {at_least: 1.5}}"}, "transcribed", "outside"),
     ({"claim:names_the_thought": "{names_thought: {at_most: 1}}"}, "names_thought", "can never fail"),

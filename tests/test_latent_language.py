@@ -104,6 +104,19 @@ def test_untranslated_prompts_are_left_out_and_counted(built):
         assert c.verdict == "inconclusive" and "only 5 of 32 prompts are translated" in c.reason
 
 
+def test_too_few_pairs_for_the_control_is_untestable_not_a_fail(built):
+    """Three translated prompts: the paired control's p-value cannot go below 1/8, so a true claim would
+    fail its control by construction; it is inconclusive with that reason instead."""
+    d, _ = built["pivot"]
+    (d / "data" / "three.jsonl").write_text("".join(json.dumps(r) + "\n" for r in planted.rows()[:3]))
+    text = PROBE.replace("data/words.jsonl", "data/three.jsonl").replace("min_prompts: 10", "min_prompts: 1")
+    claims, out = _run(built, "pivot", text)
+    assert out.settings["n_translated"] == 3
+    claim = claims["pivot_in_the_middle"]
+    assert claim.verdict == "inconclusive" and "no claim could beat it" in claim.reason, claim.reason
+    assert claim.effect == 1.0  # measured all the same: the pivot leads on every one
+
+
 @pytest.mark.parametrize("old, new, match", [
     ('layers: "0.4:0.8"', 'layers: "0.9:0.2"', r"ll.probe.yaml:7:\d+: claims.pivot_in_the_middle.layers: .*empty"),
     ("layers: [2, 3]", "layers: [2, 9]", r"ll.probe.yaml:\d+:\d+: claims.pivot_by_rank.layers.1: layer 9 is beyond"),

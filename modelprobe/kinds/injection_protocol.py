@@ -30,7 +30,14 @@ from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Thres
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
 from ..toolkit.behaviour import rate_summary, untestable_reason
-from ..toolkit.controls import ALPHA, beats_control, paired_control, random_source, random_unit_directions
+from ..toolkit.controls import (
+    ALPHA,
+    MIN_PAIRED,
+    beats_control,
+    paired_control,
+    random_source,
+    random_unit_directions,
+)
 from ..toolkit.introspection import first_mention, word_forms
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, judge
@@ -81,6 +88,14 @@ class InjectionProtocolSpec(ProbeBase):
                                                    "concept")
     max_new_tokens: int = Field(32, ge=4, le=256)
     claims: dict[ClaimName, ProtocolClaim] = Field(min_length=1)
+
+    @field_validator("trials")
+    @classmethod
+    def _beatable(cls, n: int) -> int:
+        if n < MIN_PAIRED:
+            raise ValueError(f"with {n} trials the paired controls' p-value is at least 2^-{n} = {2.0 ** -n:.3g} > "
+                             f"{ALPHA}: no claim could beat them; use at least {MIN_PAIRED}")
+        return n
 
 
 class InjectionProtocol(Injection):

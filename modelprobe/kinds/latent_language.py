@@ -23,7 +23,7 @@ from ..spec import ClaimName, ClaimSpec, Count, OneExpectation, ProbeBase, RateT
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
 from ..subject.sites import Site, resolve_layer
-from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.controls import ALPHA, MIN_PAIRED, beats_control, paired_control, random_source
 from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -234,6 +234,10 @@ class LatentLanguage(ProbeKind[LatentLanguageSpec]):
                       f"({self.spec.by})")
             if stat == "pivot_leads" and n < 2:
                 untestable = untestable or "the paired control needs at least two translated prompts"
+            elif stat == "pivot_leads" and n < MIN_PAIRED:
+                untestable = untestable or (f"with {n} translated prompts the paired control's p-value is at least "
+                                            f"2^-{n} = {2.0 ** -n:.3g} > {ALPHA}: no claim could beat it "
+                                            f"(at least {MIN_PAIRED} needed)")
             elif stat == "pivot_leads":
                 other = self._score(mass, rank, "control", layers) > target
                 p = paired_control(lead.astype(float), other.astype(float), claim.expect.threshold.comparison,

@@ -30,6 +30,8 @@ from ..stats import decide, empirical_pvalue, paired_permutation_pvalue
 ALPHA = 0.05
 # Null draws an empirical p-value needs to reach ALPHA at all: with n draws it is at least 1 / (n + 1).
 MIN_EMPIRICAL_NULL = 19
+# Pairs a one-sided sign-flip test needs to reach ALPHA at all: over n pairs its p-value is at least 2**-n.
+MIN_PAIRED = 5
 
 
 def beats_control(p: float) -> bool:
