@@ -67,7 +67,7 @@ def _git_commit(path: Path) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")  # --by-date must order runs less than a second apart
 
 
 class ProbeSession:

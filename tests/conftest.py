@@ -20,19 +20,24 @@ if TYPE_CHECKING:
 torch.set_num_threads(1)
 
 
-def _import_every_builtin_kind() -> None:
-    """pytester's in-process runs put sys.modules back as they found it: a kind module first imported inside
-    one is dropped afterwards, and a later test would monkeypatch a fresh copy of it while the kinds registry
-    still runs the class of the old one (the patch silently does nothing). Imported here, before any test,
-    every kind module is in the snapshot and stays one module for the whole session."""
+def _import_every_modelprobe_module() -> None:
+    """pytester's in-process runs put sys.modules back as they found it: a module first imported inside one is
+    dropped afterwards, and a later test would monkeypatch a fresh copy of it while the code under test still
+    calls the old one (the patch silently does nothing: a kind class in the registry, `load_subject` behind
+    the session's lazy import). Imported here, before any test, every modelprobe module is in the snapshot and
+    stays one module for the whole session."""
     import importlib
+    import pkgutil
 
+    import modelprobe
+    for info in pkgutil.walk_packages(modelprobe.__path__, "modelprobe."):
+        importlib.import_module(info.name)
     from modelprobe.kinds import BUILTIN
     for target in BUILTIN.values():
         importlib.import_module(target.split(":")[0])
 
 
-_import_every_builtin_kind()
+_import_every_modelprobe_module()
 
 TOY_TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "toy_tokenizer"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gpt_neox")
