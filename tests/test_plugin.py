@@ -370,11 +370,11 @@ def test_a_signal_writes_an_interrupted_report_naming_the_probe(pytester, probe_
     assert "interrupted while measuring `probes/lens.probe.yaml`" in md
 
 
-def test_every_option_is_in_the_readme_table():
+def test_every_option_is_in_the_docs_table():
     from modelprobe.options import OPTIONS
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = (Path(__file__).resolve().parent.parent / "docs" / "options.md").read_text()
     for o in OPTIONS:
-        assert f"| `{o.flag}` | `{o.ini}` |" in readme, o.flag
+        assert f"| `{o.flag}` | `{o.ini}` |" in table, o.flag
 
 
 def test_data_outside_the_rootdir_needs_probe_data_root(pytester, probe_dir, copy_model, tmp_path):
