@@ -57,7 +57,7 @@ def kind_docstring(cls: type[ProbeKind]) -> str:
     return "\n\n".join(p for p in parts if p)
 
 
-# --- JSON Schema -> field tables -----------------------------------------------------------------------------
+# --- JSON Schema -> field tables -------
 
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -117,8 +117,8 @@ def field_table(obj: dict) -> str:
     required = obj.get("required", [])
     rows = ["| field | type | range | default | description |", "|---|---|---|---|---|"]
     for name, s in obj.get("properties", {}).items():
-        rows.append(f"| `{name}` | {_cell(_type(s))} | {_cell(_range(s))} | {_cell(_default(name, s, required))} "
-                    f"| {_cell(s.get('description', ''))} |")
+        cells = [f"`{name}`", _type(s), _range(s), _default(name, s, required), s.get("description", "")]
+        rows.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(rows)
 
 
@@ -146,7 +146,7 @@ def schema_tables(schema: dict, title: str) -> str:
     return "\n".join(out)
 
 
-# --- the page ------------------------------------------------------------------------------------------------
+# --- the page -------
 
 VERDICTS = ("Every claim is judged by one rule ([How verdicts are decided](../verdicts.md)): **pass** when the "
             "whole interval clears the threshold and the effect beats its control, **fail** when the interval "
@@ -182,8 +182,9 @@ def kind_page(cls: type[ProbeKind], target: str | None = None, notes: str = "") 
                 "```yaml", skeleton.rstrip("\n"), "```", ""]
     else:
         out += ["This kind ships no skeleton.", ""]
+    schema = cls.Spec.model_json_schema(by_alias=True)
     out += ["## Fields", "", "Generated from the kind's JSON Schema (`modelprobe schema` writes the whole file).",
-            "", schema_tables(cls.Spec.model_json_schema(by_alias=True), f"Probe file (`{cls.Spec.__name__}`)"), ""]
+            "", schema_tables(schema, f"Probe file (`{cls.Spec.__name__}`)"), ""]
     if notes.strip():
         out += ["## Notes", "", notes.strip(), ""]
     return "\n".join(out)
@@ -227,10 +228,10 @@ def kinds_index(pages: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
-# --- MkDocs hook ---------------------------------------------------------------------------------------------
+# --- MkDocs hook -------
 
 def on_files(files: Any, config: Any) -> Any:
-    """Add `kinds/<name>.md` for every kind, and fill the `<!-- kinds-table -->` marker of `kinds/index.md`."""
+    """Add `kinds/<name>.md` for every kind (and put them in the nav under `kinds/index.md`)."""
     from mkdocs.structure.files import File
 
     docs = Path(config["docs_dir"])

@@ -17,7 +17,7 @@ ROOT = docs.ROOT
 
 @pytest.fixture
 def example_kind_installed(tmp_path, monkeypatch):
-    """The README's example kind as an installed distribution: a module and a dist-info with the entry point."""
+    """The README's example kind installed: a module and a dist-info declaring the entry point."""
     source = docs._EXAMPLE.search((ROOT / "README.md").read_text()).group(1)
     site = tmp_path / "site-packages"
     site.mkdir()

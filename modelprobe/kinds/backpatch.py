@@ -1,6 +1,6 @@
 """backpatch: a later layer's state, patched into an earlier layer, fixes two-hop answers.
 
-Biran et al., "Hopping Too Late" (papers.md §5). On a two-hop query the last token's block output
+Biran et al. 2024 ("Hopping Too Late"). On a two-hop query the last token's block output
 (resid_post) at source layer s is written into the same token at target layer t < s, in the prompt pass
 only, and the model continues greedily. Queries are first filtered (both single hops answered, no
 shortcut answers), then split into the composition-right and -wrong sets:
@@ -13,6 +13,15 @@ shortcut answers), then split into the composition-right and -wrong sets:
 
 Every (s, t) row of a query runs in one batch, resumed at the last token from the clean run
 (`subject.lastpatch`).
+
+Controls: the oracle and the dev-chosen pair are held against the same patches with the state of a query
+that has another answer (random source), searched the same way: a one-sided paired permutation test over the
+wrong queries. The break rate has no control.
+
+Verdicts: pass when the Wilson interval of the fix rate (or the bootstrap interval of the fix rate over the
+random source's) clears the threshold and the random source is beaten. Inconclusive when the interval
+straddles the threshold, or when too few queries are left after filtering (`min_queries` wrong ones; no
+dev/test split; no right query for the break rate).
 """
 
 from __future__ import annotations

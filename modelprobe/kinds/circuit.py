@@ -16,6 +16,16 @@ How the work is organised (the expensive part is many ablated forwards):
   first one it changes are never recomputed;
 - prompts are batched by token length (and `group_by` value), so a batch has no padding and one
   set of per-position means.
+
+Controls: sufficiency and necessity are held against random circuits of the same size and kinds, drawn
+outside the claimed circuit (same layers where enough others exist): the empirical p-value of the circuit's
+faithfulness among theirs must be <= 0.05 (sequential draws; `random_circuits: 0` turns the control off).
+Minimality has no control: it asks that removing any one component lowers sufficiency.
+
+Verdicts: pass when the paired-bootstrap interval of the faithfulness (or of the smallest drop, for
+minimality) clears the threshold and the circuit beats the random ones; fail when it misses or random circuits
+do as well. Inconclusive when the interval straddles the threshold; when m(M) = m(∅), so faithfulness is
+undefined; or when no random circuit of that size exists outside the circuit.
 """
 
 from __future__ import annotations

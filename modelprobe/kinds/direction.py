@@ -1,6 +1,7 @@
 """direction: one residual-stream direction mediates a behaviour (refusal, sentiment, ...).
 
-The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any behaviour a grader can see:
+The refusal-direction protocol of Arditi et al. 2024 (refusal is mediated by one direction), for any behaviour
+a grader can see:
 
 1. Each prompt set (positive: triggers the behaviour; negative: does not) is split into train,
    validation and test with a fixed seed (equal-size sets paired by line stay paired).
@@ -22,6 +23,16 @@ The refusal-direction protocol of Arditi et al. 2024 (papers.md §1), for any be
    an ablate or weight_orthogonalize claim whose intervention breaks the model there is inconclusive,
    never a pass - the guard on test replaces what the KL filter guarded on validation. An add claim is
    meant to change those very replies, so its guard values are reported and do not gate it.
+
+Controls: every claim is held against the same intervention along random directions of the same norm
+(`control_directions` of them, drawn one at a time unless `sequential_controls: false`), by a one-sided paired
+test over the test prompts; the direction must beat them (p <= 0.05). Ablate and weight_orthogonalize claims
+must also pass the side-effect guard on the neutral prompts.
+
+Verdicts: pass when the interval of the rate change clears the threshold and the direction beats the random
+ones; fail when it misses, or when random directions do as well. Inconclusive when the interval straddles the
+threshold; when the base rate leaves nothing to suppress (a drop) or induce (a rise); when the intervention
+breaks the model on the neutral prompts (the guard); or when no candidate direction is non-zero.
 """
 
 from __future__ import annotations

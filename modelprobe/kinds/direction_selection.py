@@ -1,6 +1,6 @@
 """Step 3 of the `direction` kind: choose the candidate direction (layer, position) on validation.
 
-Arditi et al. (papers.md §1 steps 5-7) score every candidate r[p, l] on validation with a logit score at
+Arditi et al. 2024 score every candidate r[p, l] on validation with a logit score at
 the last prompt position (log-odds of the behaviour's first tokens): bypass = the score on positives with
 r̂ projected out everywhere, induce = the score on negatives with r added at layer l, KL = next-token
 KL(base ‖ ablated) on negatives. Candidates at l >= int(0.8 L), with KL > 0.1, induce <= 0 or a

@@ -10,6 +10,16 @@ reads the drop of the log-probability (or probability) of the listed tokens at t
 with a paired bootstrap interval; the same intervention on k random units of the same layer / SAE
 (random directions of the same site, for a direction) is the empirical null it must beat. The random
 units run as rows of resumed forwards, one row per unit and prompt.
+
+Controls: causes is held against the same intervention on `random_units` random units of the same layer or SAE
+(random directions, for a direction): the empirical p-value of the unit's drop among theirs must be <= 0.05
+(sequential draws). Correlates has no control to beat; the AUROC of random units of the same pool is shown
+beside it.
+
+Verdicts: pass when the interval (stratified bootstrap for the AUROC, paired bootstrap for the drop) clears
+the threshold and, for causes, the random units are beaten. Inconclusive when the interval straddles the
+threshold; when the metric is not finite (a probability underflowed); or when the pool holds too few other
+units for the p-value to reach 0.05.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """function_vector: a vector taken from in-context prompts performs the task zero-shot (Todd et al. 2023).
 
-Procedure (papers.md §6): few-shot prompts give each head's mean output at the last token; each
+Procedure (Todd et al. 2023): few-shot prompts give each head's mean output at the last token; each
 head's indirect effect is the gain in the answer's probability when that mean replaces the head's
 output on shuffled-label prompts (all heads batched, one row per head, resumed at the head's layer);
 the function vector (FV) is the sum of the top heads' mean outputs through the output projection. It
@@ -12,6 +12,16 @@ Claims: zero_shot_gain (accuracy with the FV minus without, on held-out items th
 another task's FV and the layer's mean state); composes (FVs of named tasks added and subtracted,
 applied on another task's zero-shot prompts). A task the model cannot do in context (few-shot accuracy
 below `min_fewshot_accuracy`) makes its claims inconclusive (untestable), never a failure of the vector.
+
+Controls: zero_shot_gain is paired against the same zero-shot prompts without the vector; beats_controls
+against the strongest of three: a random vector of the same norm, another task's vector and the layer's mean
+state; composes against a random vector of the sum's norm.
+
+Verdicts: pass when the paired-bootstrap interval of the accuracy gain clears the threshold (and, where a
+claim has one to beat, its control is beaten). Inconclusive when
+the interval straddles the threshold, or when the model cannot do the task in context (few-shot accuracy below
+`min_fewshot_accuracy`, or too few held-out items answered with examples): a task the model cannot do says
+nothing about the vector.
 """
 
 from __future__ import annotations

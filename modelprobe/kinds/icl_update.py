@@ -10,6 +10,16 @@ so three claims are tested:
   i per prompt, i >= 2), more clearly than with shuffled-label contexts;
 - transfers: the update from one context, applied to another query without context, recovers part
   of the context's gain in the answer's log-probability, more than another task's update does.
+
+Controls: converges is held against the same contexts with shuffled labels (each example given another's
+output): its Spearman rho must be lower (paired permutation) and the shuffled contexts must not meet the
+threshold themselves. Transfers is held against another task's update (or a random rank-1 update of the same
+norm). The identity is a check of the machinery and has no control.
+
+Verdicts: pass when the interval clears the threshold and the control is beaten. Inconclusive when the
+interval straddles the threshold; when the block does not fit the theorem (parallel attention and MLP, mixture
+of experts: "not applicable"); when the identity's error is within the rounding of the run's dtype; or, for
+transfers, when the context does not raise the answer's log-probability at all.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """icv: an in-context vector, read from demonstration pairs, restyles zero-shot replies.
 
-Liu et al., "In-context Vectors" (papers.md §6). For each demo pair (source x, target y), H is the
+Liu et al. 2023 ("In-context Vectors"). For each demo pair (source x, target y), H is the
 last-token residual stream after every layer (resid_post), concatenated over layers; dH = H(y) - H(x).
 The vector is the mean of {dH} plus their first principal component (centered; its sign turned toward
 the mean), as in the authors' repository (shengliu66/ICV). At inference, with no demos in the prompt,
@@ -18,6 +18,13 @@ on the graded replies themselves rather than a KL on unrelated prompts, because 
 meant to change every reply (it acts at every token of every prompt): a large KL is its intended
 effect, not a sign of damage, while degenerate replies are exactly the false positive. With a logit
 grader, replies are generated anyway for the coherence check.
+
+Controls: the same norm-preserving shift along a random vector of the same norm, paired over the queries
+(paired permutation).
+
+Verdicts: pass when the interval of the rise in graded-and-coherent replies clears the threshold and the
+random vector is beaten. Inconclusive when the interval straddles the threshold, or when the unshifted base
+rate leaves no room to rise.
 """
 
 from __future__ import annotations

@@ -1,12 +1,21 @@
 """injection: the model notices a concept vector injected into its residual stream, and names it.
 
-Lindsey 2025 (papers.md §2). A concept vector is the residual state at the last token of
-"Tell me about {word}" minus its mean over baseline words, at the injection layer. strength * vector is
-added from the token before "Trial n" on, generated tokens included, while the model is asked whether
-it notices an inserted thought. Layer and strength are chosen on dev concepts, then frozen; the test
-concepts are held against uninjected trials, a random vector of the same norm, the word written in the
-prompt and permuted labels. Each step (dev grid; test trials with their controls) is one batched
-generation with one injected vector per row.
+Lindsey 2025 ("Emergent Introspective Awareness in LLMs"). A concept vector is the residual state at the last
+token of "Tell me about {word}" minus its mean over baseline words, at the injection layer. strength * vector
+is added from the token before "Trial n" on, generated tokens included, while the model is asked whether it
+notices an inserted thought. Layer and strength are chosen on dev concepts, then frozen; the test concepts are
+held against uninjected trials, a random vector of the same norm, the word written in the prompt and permuted
+labels. Each step (dev grid; test trials with their controls) is one batched generation with one injected
+vector per row.
+
+Controls: on test trials, detection is held against every control at once: the same trials uninjected, a
+random vector of the same norm, and permuted concept labels (Fisher's exact test each, the weakest decides);
+the rate with the concept word written in the prompt is reported beside them. The control-trial rate and the
+coherence share have no control; the yes-rate rise on no-questions measures a generic shift toward "yes".
+
+Verdicts: pass when the Wilson interval clears the threshold and every control is beaten. Inconclusive when
+the interval straddles the threshold, or for the yes-rate rise when the uninjected no-questions leave no room
+to rise (or there are none).
 """
 
 from __future__ import annotations

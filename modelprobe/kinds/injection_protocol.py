@@ -1,4 +1,4 @@
-"""injection_protocol: the other three experiments of Lindsey 2025 (papers.md §2), beside `injection`.
+"""injection_protocol: the other three experiments of Lindsey 2025, beside `injection`.
 
 - thoughts vs text: a concept vector injected over a sentence's tokens; asked to repeat the sentence the
   model still transcribes it, and asked which word comes to mind it names the concept (against the same
@@ -13,6 +13,16 @@
 Concept vectors, the per-row injected generation and the word checks are `injection`'s; the injection
 covers the sentence only (subject.interventions.Span), so every reply is written uninjected. All trials
 of the generated experiments share one batched generation; intentional control is one batched forward.
+
+Controls: names_thought is held against the same trials uninjected and with a random vector of the same norm
+(Fisher's exact test, the weaker control decides); disown_drop against injecting another word's concept
+(paired sign-flip test over trials); think_rise against another concept's vector on the same sentences
+(paired). The transcribed share has no control (the uninjected and random-vector rates are reported beside
+it).
+
+Verdicts: pass when the interval clears the threshold and the control is beaten. Inconclusive when the
+interval straddles the threshold, or for disown_drop when the model seldom disowns the prefilled word
+uninjected (the base rate leaves nothing to lower).
 """
 
 from __future__ import annotations

@@ -7,6 +7,14 @@ residual at the last prompt token goes through the final norm and the unembeddin
 same share computed with ANOTHER row's pivot word, so that "English tokens are likely in the middle" is not
 read as "the English answer is". Prompts the model does not translate (no target token top-1 at the last
 layer) are left out and counted.
+
+Controls: pivot_leads is held against the same share computed with another row's pivot word (paired
+permutation over the translated prompts, p <= 0.05). target_leads has no control.
+
+Verdicts: pass when the Wilson interval of the share clears the threshold and, for pivot_leads, another row's
+pivot is beaten. Inconclusive when the interval straddles the threshold, or when too few prompts are
+translated by the model (fewer than `min_prompts`, or fewer than 5, below which the paired control cannot
+reach p <= 0.05).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """linear_relation: factual recall decodes the object from the subject's state through an affine map.
 
-Hernandez et al., "Linearity of Relation Decoding" (papers.md §6). For a relation (country -> capital)
-and a prompt template ("The capital of {subject} is"), s is the residual stream after layer l
-(resid_post) at the subject's last token and o the residual stream after the last decoder layer at the
-prompt's last token: the final norm's INPUT, so the model's own logits are unembed(final_norm(o)).
-On `train` examples, W = mean_i do/ds (the Jacobian at example i) and b = mean_i (o_i - J_i s_i); the
-linear relational embedding is LRE(s) = beta W s + b.
+Hernandez et al. 2023 ("Linearity of Relation Decoding in Transformer Language Models"). For a relation
+(country -> capital) and a prompt template ("The capital of {subject} is"), s is the residual stream after
+layer l (resid_post) at the subject's last token and o the residual stream after the last decoder layer at the
+prompt's last token: the final norm's INPUT, so the model's own logits are unembed(final_norm(o)). On `train`
+examples, W = mean_i do/ds (the Jacobian at example i) and b = mean_i (o_i - J_i s_i); the linear relational
+embedding is LRE(s) = beta W s + b.
 
 - `faithfulness`: on held-out subjects, the share whose argmax of unembed(final_norm(LRE(s))) equals the
   model's own first answer token (its greedy next token). Held against three controls on the same
@@ -14,6 +14,15 @@ linear relational embedding is LRE(s) = beta W s + b.
 - `edit_success` (causality): the subject state is moved by ds = pinv_r(beta W) (o' - o), the low-rank
   pseudo-inverse of the map applied to the LRE outputs of another subject and of this one; success when
   the model's answer becomes the other subject's answer. Control: a random ds of the same norm.
+
+Controls: faithfulness must beat all three of the identity map, the bias alone and another relation's map
+(paired permutation over the held-out subjects; the hardest is reported); edit_success must beat a random edit
+of the same norm.
+
+Verdicts: pass when the Wilson interval of the share clears the threshold and the controls are beaten.
+Inconclusive when the interval straddles the threshold; when the model gives the same first token for every
+held-out subject (nothing to decode); or, for edits, when fewer than two subjects have another answer to edit
+to.
 """
 
 from __future__ import annotations

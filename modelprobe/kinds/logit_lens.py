@@ -2,6 +2,13 @@
 
 Per prompt, every layer's residual at the last prompt token goes through the final norm and the
 unembedding; the target's rank and probability per layer give the first layer at which it is top-k.
+
+Controls: none. The lens reads the model's own states, and a claim is a statement about where in depth the
+target appears, not an effect to be set against a baseline intervention.
+
+Verdicts: a pass means the whole Wilson interval of the share (or the bootstrap interval of the median first
+layer) clears the threshold. Inconclusive when the interval straddles it, or when no prompt is left to measure
+(`only_correct` with no prompt answered right at the last layer).
 """
 
 from __future__ import annotations

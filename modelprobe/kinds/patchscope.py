@@ -1,6 +1,6 @@
 """patchscope: what a hidden state holds, read by patching it into a target prompt and letting the model speak.
 
-Ghandeharioun et al., "Patchscopes" (papers.md §6). The residual stream (resid_post) of a source prompt
+Ghandeharioun et al. 2024 ("Patchscopes"). The residual stream (resid_post) of a source prompt
 at (layer l, position) is written into a fixed target prompt (e.g. an identity few-shot "Syria: Syria;
 leaf: leaf; x:") at a position of the shared vocabulary (`last`, an int, `{token: " x", occurrence: -1}`:
 the placeholder) and layer l ("same") or a fixed layer, in the prompt pass only; the greedy continuation
@@ -10,6 +10,13 @@ from another prompt (random source) at that layer.
 
 All (prompt, layer) rows run batched against the target's clean run, resumed at each row's target layer
 from the patched token on, with a per-row Patch (`subject.patchat`).
+
+Controls: the same patch at the same layer with another prompt's state (random source), by a one-sided
+paired permutation test over the prompts; the best layer of the claim's range is chosen for both alike.
+
+Verdicts: pass when the Wilson interval of the decode rate at the best layer clears the threshold and the
+random source is beaten; fail when it misses or another prompt's state decodes as often. Inconclusive when the
+interval straddles the threshold.
 """
 
 from __future__ import annotations

@@ -32,6 +32,15 @@
    "localises" the control cannot catch. `specificity.min_agreement` may raise the agreement floor,
    never lower it (0 would switch the guard off). The coherent share of the perturbed test replies is
    reported beside it.
+
+Controls: the same perturbation of as many random groups of the same kinds, several draws (sequential): the
+claim must beat their mean (paired permutation over the test prompts) and exceed every draw. The perturbation
+must also pass the side-effect guard on unrelated prompts.
+
+Verdicts: pass when the interval of the rate change clears the threshold, the random groups are beaten and the
+model still works. Inconclusive when the interval straddles the threshold; when the clean base rate leaves
+nothing to remove or induce (then nothing is ranked or perturbed); or when the perturbation breaks the model
+(the guard): "the intervention breaks the model", never a pass.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """How the last layer's output at the last token responds to one token's residual state at layer l.
 
-For linear relational embeddings (Hernandez et al., papers.md §6): s is the residual stream after
+For linear relational embeddings (Hernandez et al. 2023): s is the residual stream after
 decoder layer l (resid_post) at one token per prompt (the subject's last token), o is the residual
 stream after the last decoder layer at the last prompt token, i.e. the final norm's INPUT (the model's
 logits are unembed(final_norm(o))). `jacobians` gives do/ds per prompt: one forward with grad for a

@@ -1,5 +1,5 @@
 """Weight orthogonalisation: edit every matrix that writes the residual stream so that it cannot write
-along one direction (Arditi et al. 2024, papers.md §1 step 10).
+along one direction (Arditi et al. 2024).
 
 W <- W - u u^T W for each residual writer: the token (and position) embeddings, the attention output
 projections and the MLP down projections, with their biases. In a pre-norm model the residual stream

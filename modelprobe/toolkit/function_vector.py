@@ -1,4 +1,4 @@
-"""Function vectors (Todd et al., papers.md §6): mean head outputs of few-shot prompts, each head's
+"""Function vectors (Todd et al. 2023): mean head outputs of few-shot prompts, each head's
 indirect effect on shuffled-label prompts, the vector of the top heads, and accuracy with it added.
 
 Every read is at the last token (the query's answer position). Head effects run batched through

@@ -1,9 +1,10 @@
 """The icl_update measurements: prompts encoded once, one shared pass, and the three claims' numbers.
 
 Each claim function returns the keyword arguments of a kind's `Measured` (toolkit knows no kinds).
-Converges and transfers use the direct factors of the pitfall in papers.md §4: the MLP input u at the
-query token from the plain with-context run and the plain no-context run; the identity builds its
-factors layer by layer on the updated run instead (that is what makes it exact).
+Converges and transfers use direct factors, as Dherin et al. 2025 warn: from the second block on, the
+query's own residual already depends on the context, so u is the MLP input at the query token taken from
+the plain with-context run and the plain no-context run. The identity builds its factors layer by layer
+on the updated run instead (that is what makes it exact).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The rest of the introspection protocol (Lindsey 2025, papers.md §2), in our own words: the prompts of
+"""The rest of the introspection protocol (Lindsey 2025), in our own words: the prompts of
 thoughts-vs-text, unintended outputs (prefill) and intentional control; where in each prompt a sentence
 sits (the tokens an injection covers or a projection is read on); and the plain rules that grade a reply.
 
