@@ -44,7 +44,8 @@ def split_docstring(text: str) -> tuple[str, dict[str, str]]:
     for para in re.split(r"\n\s*\n", text.strip()):
         label = next((s for s in SECTIONS if para.startswith(s + ":")), None)
         if label:
-            found[label] = (found.get(label, "") + "\n\n" + para[len(label) + 1:].strip()).strip()
+            own = para[len(label) + 1:].strip()
+            found[label] = (found.get(label, "") + "\n\n" + own[:1].upper() + own[1:]).strip()
         else:
             method.append(para)
     return "\n\n".join(method), found
