@@ -423,8 +423,7 @@ def cli_discover(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     import torch
 
-    from .subject import load_subject
-    from .subject.ablation import AblationRunner, build_scope
+    from .subject import AblationRunner, build_scope, load_subject
     from .toolkit.ablation_task import parse_rows, prepare_task
 
     if args.threads:

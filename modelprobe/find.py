@@ -98,8 +98,7 @@ def _prompts(path: Path, rows: str | None) -> tuple[list[str], int]:
 
 def _unit_sets(args: argparse.Namespace, subject: Any) -> list[Any]:
     from .errors import SiteError
-    from .subject.sites import Site, resolve_layer
-    from .subject.units import UnitFileError, coordinate_units, read_sae, sae_site, sae_units
+    from .subject import Site, UnitFileError, coordinate_units, read_sae, resolve_layer, sae_site, sae_units
 
     if args.sae:
         try:

@@ -81,7 +81,7 @@ class ProbeSession:
         self.preflight_failed: str | None = None
         # The slug names the report folder before the model is loaded (collection errors, interrupts); resolve
         # decides it, as it does for the loaded model, the baselines and the GGUF cache.
-        from .subject.resolve import unfetched  # path work only: no torch, no download
+        from .subject import unfetched  # path work only: no torch, no download
         self.resolved, self.resolve_error = unfetched(options.model, options.revision)
         self.record = RunRecord(model=ModelInfo(id=options.model, slug=self.resolved.slug,
                                                 revision=self.resolved.revision),
@@ -109,14 +109,13 @@ class ProbeSession:
         import torch
 
         from . import __version__
-        from .subject import load_subject
-        from .subject.preflight import run_preflight
+        from .subject import load_subject, run_preflight
 
         # Oversubscribed threads were measured 4x slower: one thread per xdist worker.
         threads = self.options.threads or (1 if self.worker else 0)
         if threads:
             torch.set_num_threads(threads)
-        from .subject.devices import worker_device
+        from .subject import worker_device
         device = worker_device(self.options.device, os.environ.get("PYTEST_XDIST_WORKER"))
         try:
             subject = load_subject(self.options.model, device, self.options.dtype,
@@ -146,7 +145,7 @@ class ProbeSession:
         """No hook of ours may survive a probe; None when no model was loaded."""
         if self._subject is None:
             return None
-        from .subject.preflight import check_no_hooks_left
+        from .subject import check_no_hooks_left
         result = check_no_hooks_left(self._subject, after=f"probe {probe_name}")
         if not result.passed:
             self.record.preflight.append(result)

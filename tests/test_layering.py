@@ -133,8 +133,64 @@ def test_schema_validate_and_the_specs_import_no_torch(tmp_path):
         "import modelprobe.toolkit.prompts, modelprobe.toolkit.controls, modelprobe.toolkit.metrics\n"
         "import modelprobe.toolkit.behaviour, modelprobe.toolkit.ablation_task, modelprobe.toolkit.steering\n"
         "import modelprobe.toolkit.activations\n"
+        "from modelprobe.subject import Site, resolve_layer, resolve_sites, unfetched\n"  # the face's pure names
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad[:5]\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# ---- the subject face ------------------------------------------------------------------------------------
+
+SUBJECT = PACKAGE / "subject"
+# being merged into one module (issue 24): their callers move to the new module's face names then
+BEING_MERGED = {"resume", "prefix", "lastpatch", "patchat"}
+
+
+def _subject_modules_named(path: Path) -> list[tuple[int, str]]:
+    """(line, module) for each `modelprobe.subject.<module>` this file reaches past the face: an import of
+    any kind (function-level and TYPE_CHECKING ones too) or a module name in a string (LazyModule)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        named: list[str] = []
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            mod = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
+            named = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            named = [a.name for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            named = [node.value]
+        for m in named:
+            head, _, sub = m.rpartition(".")
+            if head == "modelprobe.subject" and (SUBJECT / f"{sub}.py").is_file():
+                out.append((node.lineno, sub))
+                break
+    return out
+
+
+def test_outside_code_uses_only_the_subject_face():
+    """Code outside subject/ imports `modelprobe.subject` (its face, subject/__init__.py), never a module
+    inside it, so the engine's modules can be split and merged without touching a kind."""
+    bad = [f"{p.relative_to(PACKAGE)}:{line} modelprobe.subject.{sub}"
+           for p in sorted(PACKAGE.rglob("*.py")) if SUBJECT not in p.parents
+           for line, sub in _subject_modules_named(p) if sub not in BEING_MERGED]
+    assert bad == []
+
+
+def test_the_subject_face_names_resolve():
+    """Every name of the face loads, and the TYPE_CHECKING imports (what editors see) are the same names."""
+    import modelprobe.subject as face
+
+    tree = ast.parse((SUBJECT / "__init__.py").read_text())
+    typed = {a.asname or a.name for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
+             for imp in node.body if isinstance(imp, ast.ImportFrom) for a in imp.names}
+    assert typed == set(face._WHERE)
+    assert [n for n in face.__all__ if getattr(face, n, None) is None] == []
+    with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
+        face.nothing_here  # noqa: B018

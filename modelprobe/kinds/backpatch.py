@@ -46,7 +46,7 @@ from ..spec import (
 )
 from ..spec.fields import LayerSpec, Strict
 from ..stats import paired_difference, wilson_interval
-from ..subject.sites import resolve_layer
+from ..subject import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
 from ..toolkit.prompts import encode_rows, read_rows, split_indices, text_token_index

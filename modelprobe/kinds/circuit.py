@@ -41,7 +41,7 @@ from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
-from ..subject.sites import resolve_sites
+from ..subject import resolve_sites
 from ..toolkit.ablation_task import parse_rows, prepare_task
 from ..toolkit.controls import (
     ALPHA,
@@ -56,7 +56,8 @@ from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
 if TYPE_CHECKING:
-    from ..subject.ablation import Scope, Unit
+    from ..subject import AblationScope as Scope
+    from ..subject import AblationUnit as Unit
 
 Metric = Literal["logit_diff", "logprob", "accuracy"]
 Ablation = Literal["mean", "mean_all_positions", "zero", "resample"]
@@ -160,7 +161,7 @@ class CircuitSpec(ProbeBase):
 def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: Any,
                   loc: tuple = ("circuit",)) -> list[Unit]:
     """Expand the circuit's entries into scope units; SiteError (located) for anything off-model."""
-    from ..subject.ablation import Unit
+    from ..subject import AblationUnit as Unit
 
     kinds = {u.kind for u in scope.units}
     units: list[Unit] = []
@@ -217,7 +218,7 @@ class Circuit(ProbeKind[CircuitSpec]):
         return prompt_rows, ref_rows
 
     def setup(self) -> None:
-        from ..subject.ablation import AblationRunner, build_scope  # the engine: torch, at setup only
+        from ..subject import AblationRunner, build_scope  # the engine: torch, at setup only
 
         spec, subject, probe = self.spec, self.subject, self.probe
         prompt_rows, ref_rows = self.check_data(probe)

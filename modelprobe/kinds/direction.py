@@ -62,7 +62,7 @@ from ..spec import (
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
-from ..subject.sites import Site, resolve_layer
+from ..subject import Site, resolve_layer
 from ..toolkit import guard
 from ..toolkit.behaviour import Behaviour, behave, behave_variants, rate_summary, untestable_reason
 from ..toolkit.controls import (
@@ -81,10 +81,10 @@ from .base import Measured, Outcome, ProbeKind, judge
 from .graders import Grader, GraderSpec, build_grader
 
 if TYPE_CHECKING:
-    from ..subject.interventions import Intervention
+    from ..subject import Intervention
     from .direction_selection import Selection
 
-orthogonalize: Any = LazyModule("modelprobe.subject.orthogonalize")  # torch: loaded when first used
+orthogonalize: Any = LazyModule("modelprobe.subject")  # its orthogonalisation names; torch when first used
 selection: Any = LazyModule("modelprobe.kinds.direction_selection")  # torch too
 
 SETS = ("positive", "negative")

@@ -163,7 +163,7 @@ class Feature(ProbeKind[FeatureSpec]):
     def check_data(cls, probe) -> dict[str, Any]:
         """Rows of both sets (their `rows` slice), and the unit's files checked without a model."""
         from ..errors import DataError
-        from ..subject.units import UnitFileError, check_latent, read_direction, read_sae
+        from ..subject import UnitFileError, check_latent, read_direction, read_sae
         from ..toolkit.ablation_task import parse_rows
 
         spec: FeatureSpec = probe.spec
@@ -197,8 +197,7 @@ class Feature(ProbeKind[FeatureSpec]):
 
     # ---- setup: the unit against the model --------------------------------------------------------
     def setup(self) -> None:
-        from ..subject.sites import Site, resolve_layer
-        from ..subject.units import UnitFileError, sae_site, site_width
+        from ..subject import Site, UnitFileError, resolve_layer, sae_site, site_width
         from ..toolkit.prompts import answer_tokens, encode_rows
 
         spec, subject = self.spec, self.subject
@@ -248,7 +247,7 @@ class Feature(ProbeKind[FeatureSpec]):
     # ---- the units: the claimed one first, then the random ones -------------------------------------
     def unit_set(self, k: int):
         """(UnitSet of the claimed unit followed by k random units of its pool, note on the pool)."""
-        from ..subject.units import coordinate_units, direction_units, load_direction, sae_units
+        from ..subject import coordinate_units, direction_units, load_direction, sae_units
         from ..toolkit.controls import random_unit_directions
 
         unit, rng = self.spec.unit, np.random.default_rng(self.spec.seed)
@@ -260,7 +259,7 @@ class Feature(ProbeKind[FeatureSpec]):
         if unit.sae is not None:
             n, me = self.data["sae"].d_sae, unit.latent
         else:
-            from ..subject.units import site_width
+            from ..subject import site_width
             n, me = site_width(self.site, self.subject.sitemap), unit.neuron
         others = np.delete(np.arange(n), me)
         picked = [me, *rng.choice(others, size=min(k, len(others)), replace=False).tolist()]

@@ -174,7 +174,7 @@ class FunctionVector(ProbeKind[FunctionVectorSpec]):
         return rows
 
     def setup(self) -> None:
-        from ..subject.sites import resolve_layer
+        from ..subject import resolve_layer
 
         spec, subject = self.spec, self.subject
         self.rows = self.check_data(self.probe)

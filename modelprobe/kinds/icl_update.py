@@ -30,7 +30,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Threshold
 from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
-from ..subject.sites import resolve_layer
+from ..subject import resolve_layer
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -147,7 +147,7 @@ class IclUpdate(ProbeKind[IclUpdateSpec]):
         return rows
 
     def setup(self) -> None:
-        from ..subject.rank1 import not_applicable
+        from ..subject import rank1_not_applicable as not_applicable
         from ..toolkit.icl_measure import Prepared
 
         spec, subject = self.spec, self.subject

@@ -138,7 +138,7 @@ class Icv(ProbeKind[IcvSpec]):
     def vector(self) -> Any:
         """[n_layers, d] the in-context vector, sliced per layer."""
         from .._lazy import torch
-        from ..subject.sites import Site
+        from ..subject import Site
         from ..toolkit.activations import states_at
 
         n = self.subject.n_layers
@@ -152,8 +152,7 @@ class Icv(ProbeKind[IcvSpec]):
         return (mean + pc).float().reshape(n, -1)
 
     def _shift(self, v: Any) -> list:
-        from ..subject.interventions import NormShift
-        from ..subject.sites import Site
+        from ..subject import NormShift, Site
 
         return [NormShift(Site("mlp_out", layer), positions="all", vector=v[..., layer, :], strength=self.spec.strength)
                 for layer in range(self.subject.n_layers)]

@@ -226,7 +226,7 @@ class Injection(ProbeKind[InjectionSpec]):
         self.grader = self._grader()
 
     def _layers(self) -> list[int]:
-        from ..subject.sites import resolve_layer
+        from ..subject import resolve_layer
 
         inj, n = self.spec.inject, self.subject.n_layers
         if inj.layer == "auto":
@@ -294,7 +294,7 @@ class Injection(ProbeKind[InjectionSpec]):
     def concept_vectors(self) -> dict[int, torch.Tensor]:
         """{layer: [n_concepts, d]} each concept's state at the vector prompt's last token minus the
         baseline words' mean state, at the input of every candidate layer (one forward for all)."""
-        from ..subject.sites import Site
+        from ..subject import Site
         from ..toolkit.activations import states_at
 
         sites = [Site("resid_pre", layer) for layer in self.layers]
@@ -309,7 +309,7 @@ class Injection(ProbeKind[InjectionSpec]):
         its start token on (a zero row is no injection), up to its stop token when `stops` is given (the
         reply itself then runs uninjected). The transcript before the earliest start is shared by every
         trial, so it runs once (subject.prefix)."""
-        from ..subject.interventions import From, Span
+        from ..subject import From, Span
         from ..subject.prefix import common_prefix, generate_shared
         from ..toolkit.steering import add_at_layer
 

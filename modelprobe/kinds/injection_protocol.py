@@ -164,7 +164,7 @@ class InjectionProtocol(Injection):
         self.grader = None
 
     def _layers(self) -> list[int]:
-        from ..subject.sites import resolve_layer
+        from ..subject import resolve_layer
 
         return sorted(set(resolve_layer(self.spec.inject.layer, self.subject.n_layers, ("inject", "layer"))))[:1]
 
@@ -225,7 +225,7 @@ class InjectionProtocol(Injection):
     def think_scores(self, v: torch.Tensor) -> dict[str, np.ndarray]:
         """Per sentence, the written sentence's mean state projected on its concept's vector and on another
         concept's, told to think about the concept and told not to (one batched forward)."""
-        from ..subject.sites import Site
+        from ..subject import Site
 
         n = self.spec.trials
         words = [self.concepts[c]["word"] for c in self.concept_of]

@@ -30,7 +30,7 @@ from ..report.record import ClaimResult, ControlResult, LinePlot, Series
 from ..spec import ClaimName, ClaimSpec, Count, OneExpectation, ProbeBase, RateThreshold, Tolerance
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
-from ..subject.sites import Site, resolve_layer
+from ..subject import Site, resolve_layer
 from ..toolkit.controls import ALPHA, MIN_PAIRED, beats_control, paired_control, random_source
 from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
 from .base import Measured, Outcome, ProbeKind, judge

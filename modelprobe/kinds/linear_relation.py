@@ -37,7 +37,7 @@ from ..report.record import ClaimResult, ControlResult, Table
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
 from ..spec.fields import Count, FiniteFloat, LayerSpec, Strict
 from ..stats import wilson_interval
-from ..subject.sites import resolve_layer
+from ..subject import resolve_layer
 from ..toolkit.controls import beats_control, paired_control, random_source, same_norm_vectors
 from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
@@ -170,7 +170,7 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
     def _fit(self, name: str) -> dict[str, Any]:
         """W, b of a relation from its training rows (Hernandez et al. eqs. 4-5)."""
         from .._lazy import torch
-        from ..subject.jacobian import jacobians
+        from ..subject import jacobians
 
         p = self.prompts[name]
         tr = p["train"]
@@ -182,7 +182,7 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
             (jac.double() - w).norm(dim=(1, 2)).mean() / max(float(w.norm()), 1e-12))}
 
     def _test_states(self, name: str):
-        from ..subject.jacobian import states
+        from ..subject import jacobian_states as states
 
         p = self.prompts[name]
         te = p["test"]
@@ -262,7 +262,7 @@ class LinearRelation(ProbeKind[LinearRelationSpec]):
 
     def _causal(self, cname: str, claim: LinearRelationClaim, fit: dict, st) -> ClaimResult:
         from .._lazy import torch
-        from ..subject.jacobian import edited_logits
+        from ..subject import edited_logits
 
         p, beta = self.prompts[claim.relation], self.spec.beta
         answer = st.logits.argmax(-1).numpy()

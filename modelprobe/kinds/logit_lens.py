@@ -33,7 +33,7 @@ from ..spec import (
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
-from ..subject.sites import Site, resolve_layer
+from ..subject import Site, resolve_layer
 from ..toolkit import metrics
 from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
 from .base import Measured, Outcome, ProbeKind, judge

@@ -31,7 +31,7 @@ from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
 from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
 from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
-from ..subject.sites import resolve_layer
+from ..subject import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
 from ..toolkit.prompts import encode_rows, read_rows, text_token_index, token_index

@@ -67,7 +67,7 @@ from ..spec import (
 )
 from ..spec.fields import Count, LayerSpec, Rate, Tolerance
 from ..stats import paired_difference
-from ..subject.sites import Site, resolve_layer
+from ..subject import Site, resolve_layer
 from ..toolkit import guard
 from ..toolkit.behaviour import (
     COHERENT_RULE,
@@ -92,9 +92,9 @@ from .base import Measured, Outcome, ProbeKind, judge
 from .graders import GraderSpec, build_grader, log_odds
 
 if TYPE_CHECKING:
-    from ..subject.weights import WeightGroup
+    from ..subject import WeightGroup
 
-weights: Any = LazyModule("modelprobe.subject.weights")  # torch: loaded when first used
+weights: Any = LazyModule("modelprobe.subject")  # its weight-group names; torch when first used
 resume: Any = LazyModule("modelprobe.subject.resume")
 
 Method = Literal["gradient", "random", "activation"]
@@ -325,7 +325,7 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         combos = [(g, s) for g in self.groups for s in range(seeds)]
 
         def apply(chunk: list[tuple[WeightGroup, int]]) -> tuple[Any, list]:
-            noises = [weights.noise(sm, g, self.spec.noise.relative, s + self.spec.seed) for g, s in chunk]
+            noises = [weights.weight_noise(sm, g, self.spec.noise.relative, s + self.spec.seed) for g, s in chunk]
             return weights.row_deltas(sm, [d for d in noises for _ in range(n)]), []
 
         scores = self._sweep(combos, lambda c: c[0].layer, apply, "weight_perturbation: random")
@@ -352,12 +352,12 @@ class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
         sm = self.subject.sitemap
         slices = [sl for g in groups for sl in g.slices]
         noises = {sl: d for g in groups for sl, d in
-                  weights.noise(sm, g, self.spec.noise.relative, self.spec.seed).items()} if perturbation == "noise" else {}
+                  weights.weight_noise(sm, g, self.spec.noise.relative, self.spec.seed).items()} if perturbation == "noise" else {}
 
         def edit(values: torch.Tensor, sl: Any) -> torch.Tensor:
             return values + noises[sl] if perturbation == "noise" else torch.zeros_like(values)
 
-        return weights.perturbed(sm, slices, edit)
+        return weights.perturbed_weights(sm, slices, edit)
 
     def _behave(self, groups: list[WeightGroup], perturbation: str, desc: str) -> Behaviour:
         b = self.spec.behaviour

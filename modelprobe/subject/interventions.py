@@ -1,7 +1,8 @@
 """The intervention vocabulary and the one context manager that applies it.
 
 Every intervention names a site and the positions it touches. All hooks go on through `hooked()`,
-which removes exactly the hooks it added (never the user's own) whatever happens inside.
+which removes exactly the hooks it added (never the user's own) whatever happens inside. Its hooks and
+weight edits, like every other hook of the package, go through `hooks.py`, so `leaked_hooks` sees them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from torch import nn
 
 from ..errors import SiteError
 from ..names import HEADED, PER_NEURON
+from .hooks import add_hook, edit_restored, note_edit
+from .hooks import leaked_hooks as leaked_hooks  # its old home: callers and tests import it from here
 from .sitemap import HookPoint, SiteMap
 from .sites import Site
 
@@ -325,19 +328,10 @@ def _view(x: torch.Tensor, site: Site, sitemap: SiteMap) -> torch.Tensor:
     return x
 
 
-def _tag(fn):
-    fn._modelprobe = True
-    return fn
-
-
-def leaked_hooks(model: nn.Module) -> list[str]:
-    """Names of modules that still carry a hook modelprobe added."""
-    out = []
-    for name, mod in model.named_modules():
-        for d in (mod._forward_hooks, mod._forward_pre_hooks):
-            if any(getattr(h, "_modelprobe", False) for h in d.values()):
-                out.append(name or "<root>")
-    return out
+def _what(actions) -> str:
+    """The tag of one hook of `hooked()`: the interventions and captures it carries."""
+    names = sorted({type(obj).__name__ if what == "edit" else "capture" for what, obj in actions})
+    return f"hooked(): {', '.join(names)}"
 
 
 @contextlib.contextmanager
@@ -371,7 +365,7 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
         return x
 
     handles = []
-    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+    weights: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     try:
         for hp, actions in by_point.values():
             if hp.io == "input":
@@ -381,13 +375,13 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
                     kwargs = dict(kwargs)
                     kwargs["hidden_states"] = process(kwargs["hidden_states"], actions)
                     return args, kwargs
-                handles.append(hp.module.register_forward_pre_hook(_tag(pre), with_kwargs=True))
+                handles.append(add_hook(hp.module, pre, _what(actions), pre=True, with_kwargs=True))
             else:
                 def post(mod, args, output, actions=actions):
                     if isinstance(output, tuple):
                         return (process(output[0], actions), *output[1:])
                     return process(output, actions)
-                handles.append(hp.module.register_forward_hook(_tag(post)))
+                handles.append(add_hook(hp.module, post, _what(actions)))
         # remove_duplicate=False: a tied weight answers to both of its names (lm_head.weight too).
         params = dict(model.named_parameters(remove_duplicate=False))
         for iv in interventions:
@@ -398,7 +392,7 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
                 if p.device.type == "meta":  # offloaded by accelerate: an edit here would silently do nothing
                     raise SiteError(f"parameter '{iv.parameter}' is offloaded (device_map with max_memory), so a "
                                     "weight edit cannot reach it; load the whole model on one device")
-                weights.append((p, p.detach().clone()))
+                weights.append((p, p.detach().clone(), note_edit(p, "hooked(): WeightDelta")))
                 with torch.no_grad():
                     p.add_(iv.delta.to(p.dtype).to(p.device))
         yield captured
@@ -407,5 +401,6 @@ def hooked(model: nn.Module, sitemap: SiteMap, state: RunState,
             h.remove()
         with torch.no_grad():
             # Newest first: two deltas on one (or one tied) tensor must unwind to the first original.
-            for p, original in reversed(weights):
+            for p, original, key in reversed(weights):
                 p.copy_(original)
+                edit_restored(key)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .hooks import add_hook
 from .interventions import Add, Patch, RunState, hooked
 from .sites import Site
 from .subject import Subject
@@ -32,7 +33,8 @@ def _final_input(subject: Subject, sink: list[torch.Tensor]):
     """A pre-hook on the final norm that keeps its input (with its graph, when there is one)."""
     def pre(mod, args, kwargs):
         sink.append(args[0] if args else kwargs["hidden_states"])
-    return subject.sitemap.final_norm.register_forward_pre_hook(pre, with_kwargs=True)
+    return add_hook(subject.sitemap.final_norm, pre, "Jacobian capture of the final norm's input", pre=True,
+                    with_kwargs=True)
 
 
 def states(subject: Subject, ids: Sequence[Sequence[int]], layer: int, positions: Sequence[int],

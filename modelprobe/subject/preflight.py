@@ -66,9 +66,10 @@ def check_padding_invariance(subject: Subject, ids: list[list[int]]) -> Prefligh
 
 
 def check_no_hooks_left(subject: Subject, after: str = "load") -> PreflightResult:
+    """No hook of ours on the model and no weight edit of ours unrestored (`hooks.leaked_hooks`)."""
     left = subject.leaked_hooks()
     return PreflightResult(name="no_hooks_left", passed=not left,
-                           detail=f"after {after}: " + (f"hooks left on {', '.join(left)}" if left else "none of ours"))
+                           detail=f"after {after}: " + (f"left on the model: {'; '.join(left)}" if left else "none of ours"))
 
 
 def run_preflight(subject: Subject) -> list[PreflightResult]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .interventions import _tag
+from .hooks import add_hook
 from .sitemap import SiteMap
 from .sites import Site
 
@@ -103,7 +103,7 @@ def rank1_applied(sitemap: SiteMap, updates: Mapping[int, Rank1], rows: Sequence
                     out = output.clone()
                     out[:, -1] += (a.to(u.device) * scale).to(out.dtype)
                     return out
-                handles.append(module.register_forward_hook(_tag(hook)))
+                handles.append(add_hook(module, hook, f"rank-1 update at layer {layer}"))
         yield
     finally:
         for h in handles:
@@ -141,9 +141,11 @@ def online_updates(model: nn.Module, sitemap: SiteMap, batch, mid_ctx: torch.Ten
         return post
     try:
         for layer in range(sitemap.n_layers):
-            handles.append(sitemap.module(layer, f.resid_mid_reader).register_forward_pre_hook(
-                _tag(at_mid(layer)), with_kwargs=True))
-            handles.append(sitemap.module(layer, f.mlp_in[0]).register_forward_pre_hook(_tag(at_u(layer))))
+            handles.append(add_hook(sitemap.module(layer, f.resid_mid_reader), at_mid(layer),
+                                    f"online rank-1 update: resid_mid capture at layer {layer}", pre=True,
+                                    with_kwargs=True))
+            handles.append(add_hook(sitemap.module(layer, f.mlp_in[0]), at_u(layer),
+                                    f"online rank-1 update: MLP-input capture at layer {layer}", pre=True))
             start = 0
             for module in mlp_in_modules(sitemap, layer):
                 width = module.weight.shape[1] if f.conv1d else module.weight.shape[0]
@@ -154,9 +156,10 @@ def online_updates(model: nn.Module, sitemap: SiteMap, batch, mid_ctx: torch.Ten
                     out = output.clone()
                     out[:, -1] += (upd.a[:, lo:hi] * (u * upd.b).sum(-1, keepdim=True)).to(out.dtype)
                     return out
-                handles.append(module.register_forward_hook(_tag(apply)))
+                handles.append(add_hook(module, apply, f"online rank-1 update at layer {layer}"))
                 start += width
-            handles.append(sitemap.module(layer, f.mlp_write).register_forward_hook(_tag(add_bias(layer))))
+            handles.append(add_hook(sitemap.module(layer, f.mlp_write), add_bias(layer),
+                                    f"online rank-1 update: bias at layer {layer}"))
         with torch.inference_mode():
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False, logits_to_keep=1)
@@ -185,7 +188,8 @@ def query_mlp_inputs(model: nn.Module, sitemap: SiteMap, batch, layers: Sequence
         return pre
     try:
         for layer in layers:
-            handles.append(mlp_in_modules(sitemap, layer)[0].register_forward_pre_hook(_tag(make(layer))))
+            handles.append(add_hook(mlp_in_modules(sitemap, layer)[0], make(layer),
+                                    f"rank-1 MLP-input capture at layer {layer}", pre=True))
         with torch.inference_mode():
             model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   use_cache=False, logits_to_keep=1)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import SiteError
+from .hooks import add_hook, edit_restored, note_edit
 from .sitemap import SiteMap
 
 Scheme = Literal["block_sublayer", "attention_head", "mlp_neuron_block", "layer"]
@@ -158,19 +159,21 @@ def perturbed(sitemap: SiteMap, slices: Sequence[Slice], edit: Edit) -> Iterator
     `finally`, so the weights come back exactly on success, on an exception and on KeyboardInterrupt
     (also when the edit itself fails half-way).
     """
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    saved: list[tuple[torch.Tensor, torch.Tensor, int]] = []
     try:
         with torch.no_grad():
             for sl in slices:
                 view = linear_view(sitemap, sl)
-                saved.append((view, view.detach().clone()))
-            for (view, original), sl in zip(saved, slices):
+                key = note_edit(_module(sitemap.model, sl.module).weight, f"perturbed() on {sl.axis} [{sl.start}:{sl.stop}]")
+                saved.append((view, view.detach().clone(), key))
+            for (view, original, _), sl in zip(saved, slices):
                 view.copy_(edit(original.clone(), sl).to(view.dtype))
         yield
     finally:
         with torch.no_grad():
-            for view, original in reversed(saved):  # newest first: overlapping slices unwind to the original
+            for view, original, key in reversed(saved):  # newest first: overlapping slices unwind to the original
                 view.copy_(original)
+                edit_restored(key)
 
 
 def zero(values: torch.Tensor, sl: Slice) -> torch.Tensor:
@@ -224,8 +227,7 @@ def row_deltas(sitemap: SiteMap, per_row: Sequence[dict[Slice, torch.Tensor]]) -
         for path in by_module:
             def fn(m: nn.Module, a: tuple, o: torch.Tensor, path: str = path) -> torch.Tensor:
                 return hook(m, a, o, path)
-            fn._modelprobe = True  # type: ignore[attr-defined]  # leaked_hooks() finds it
-            handles.append(_module(sitemap.model, path).register_forward_hook(fn))
+            handles.append(add_hook(_module(sitemap.model, path), fn, "per-row weight deltas (row_deltas)"))
         yield
     finally:
         for h in handles:

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from .._lazy import torch
 
 if TYPE_CHECKING:
-    from ..subject import Site, Subject
-    from ..subject.subject import InterventionsFor
+    from ..subject import InterventionsFor, Site, Subject
 
 
 def states_at(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[Site], position: int = -1,

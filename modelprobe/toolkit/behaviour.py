@@ -23,8 +23,7 @@ from ..stats import wilson_interval
 if TYPE_CHECKING:
     import torch
 
-    from ..subject import Subject
-    from ..subject.subject import InterventionsFor
+    from ..subject import InterventionsFor, Subject
 
 
 class GraderLike(Protocol):

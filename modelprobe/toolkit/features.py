@@ -23,8 +23,7 @@ from .._lazy import torch
 from ..stats import auroc
 
 if TYPE_CHECKING:
-    from ..subject import Batch, Subject
-    from ..subject.units import UnitSet
+    from ..subject import Batch, Subject, UnitSet
 
 Aggregate = Literal["max", "mean"]
 ROWS_PER_FORWARD = 64  # rows (units x prompts) per resumed forward: on CPU, wider batches are no faster
@@ -53,7 +52,7 @@ def unit_activations(subject: Subject, ids: Sequence[Sequence[int]], unit_sets: 
     in most models, left out when `skip_first`) and summed over all tokens. `keep_from`: keep every clean
     batch with its residual stream at the input of that layer and its last-position logits."""
     from ..progress import bar
-    from ..subject.sites import Site
+    from ..subject import Site
 
     sites = list(dict.fromkeys(u.site for u in unit_sets))
     resid = Site("resid_pre", keep_from) if keep_from is not None else None

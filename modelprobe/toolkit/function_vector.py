@@ -33,7 +33,7 @@ class FewShot:
 
 def few_shot_pass(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequence[int],
                   batch_size: int | None = None) -> FewShot:
-    from ..subject.sites import Site
+    from ..subject import Site
 
     sm = subject.sitemap
     z = [Site("attn.z", layer) for layer in range(subject.n_layers)]
@@ -83,7 +83,7 @@ def top_heads(effects: np.ndarray, k: int) -> list[tuple[int, int]]:
 def head_vector(subject: Subject, head_means: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
     """[d_model] float64: the sum of the heads' mean outputs written into the residual basis by the output
     projection (its bias left out: it belongs to no head)."""
-    from ..subject.sites import Site
+    from ..subject import Site
 
     sm = subject.sitemap
     out = torch.zeros(sm.d_model, dtype=torch.float64)
@@ -98,8 +98,7 @@ def correct_with(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequen
                  vector: torch.Tensor | None, batch_size: int | None = None) -> np.ndarray:
     """[n] bool: whether each prompt's first answer token is the top next token, with `vector` ([d] or
     [n, d], one per prompt) added to the residual stream entering `layer` at the last token."""
-    from ..subject.interventions import Add
-    from ..subject.sites import Site
+    from ..subject import Add, Site
 
     if vector is None or layer is None:
         edits = ()

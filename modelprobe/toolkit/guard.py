@@ -29,8 +29,7 @@ import numpy as np
 from .behaviour import COHERENT_RULE, coherent_flags
 
 if TYPE_CHECKING:
-    from ..subject import Subject
-    from ..subject.subject import InterventionsFor
+    from ..subject import InterventionsFor, Subject
 
 # Three quarters of the clean reply's tokens kept: the level weight_perturbation's specificity check used
 # before the guard was shared (its default min_agreement), kept so that its verdicts do not move.

@@ -16,9 +16,7 @@ import numpy as np
 from .._lazy import torch
 
 if TYPE_CHECKING:
-    from ..subject import Subject
-    from ..subject.rank1 import Rank1
-    from ..subject.sites import Site
+    from ..subject import Rank1, Site, Subject
 
 
 @dataclass
@@ -68,9 +66,8 @@ def last_states(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[
     """One batched pass: activations at the query token, the answer's log-probability, optionally
     with per-prompt rank-1 updates of MLP input matrices and residual biases (added after the MLP)
     at the query token."""
-    from ..subject.interventions import Add
-    from ..subject.rank1 import rank1_applied
-    from ..subject.sites import Site as _Site
+    from ..subject import Add, rank1_applied
+    from ..subject import Site as _Site
 
     n = len(ids)
     states: dict[Any, torch.Tensor] = {}
@@ -100,7 +97,7 @@ def query_inputs(subject: Subject, ids: Sequence[Sequence[int]], layers: Sequenc
                  batch_size: int | None = None) -> dict[int, torch.Tensor]:
     """The MLP input at the query token per layer ({layer: [n, d] float64}); each pass stops at the
     highest layer asked for."""
-    from ..subject.rank1 import query_mlp_inputs
+    from ..subject import query_mlp_inputs
     out: dict[int, torch.Tensor] = {}
     for batch in subject.batches(ids, batch_size):
         got = query_mlp_inputs(subject.model, subject.sitemap, batch, layers)
@@ -118,8 +115,8 @@ def identity(subject: Subject, ctx_ids: Sequence[Sequence[int]], plain_ids: Sequ
     Returns the relative error of the residual after each layer [n, L], of the last-token logits [n],
     and the factors per layer.
     """
-    from ..subject.rank1 import Rank1, mlp_input_site, online_updates
-    from ..subject.sites import Site as _Site
+    from ..subject import Rank1, mlp_input_site, online_updates
+    from ..subject import Site as _Site
 
     sm = subject.sitemap
     layers = range(subject.n_layers)

@@ -182,7 +182,8 @@ def identity_claim(runs: Runs, layers: Sequence[int], threshold: Any) -> dict[st
 
 def _steps(runs: Runs, part: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """‖ΔW_i‖ [n, S] and ‖ΔW_i − ΔW_{i−1}‖ [n, S] (ΔW_0 = 0) for each prompt's growing context."""
-    from ..subject.rank1 import Rank1, factors, frobenius, frobenius_diff
+    from ..subject import Rank1, frobenius, frobenius_diff
+    from ..subject import rank1_factors as factors
     s = runs.prep.shots
     u0 = runs.u("plain", layer)
     ui = runs.u(part, layer).reshape(len(u0), s, -1)
@@ -240,7 +241,8 @@ def converges_claim(runs: Runs, layer: int, threshold: Any, seed: int) -> dict[s
 
 def _updates(runs: Runs, layers: Sequence[int], plain: str, ctx: str, seed: int | None = None) -> dict:
     """Per layer, the direct factors of each prompt's full context (random output side when seeded)."""
-    from ..subject.rank1 import Rank1, factors
+    from ..subject import Rank1
+    from ..subject import rank1_factors as factors
     s, out = runs.prep.shots, {}
     for layer in layers:
         u_ctx = runs.u(ctx, layer)

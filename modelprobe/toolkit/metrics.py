@@ -14,8 +14,7 @@ import numpy as np
 from .._lazy import torch
 
 if TYPE_CHECKING:
-    from ..subject import Subject
-    from ..subject.subject import InterventionsFor
+    from ..subject import InterventionsFor, Subject
 
 MetricName = Literal["logit_diff", "logprob", "prob", "rank", "accuracy"]
 METRICS: dict[str, str] = {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from ..subject.interventions import Intervention
+    from ..subject import Intervention
 
 # Arditi et al.'s directional ablation: every block input and every sublayer write
 RESIDUAL_WRITES = ("resid_pre", "attn_out", "mlp_out")
@@ -21,8 +21,7 @@ RESIDUAL_WRITES = ("resid_pre", "attn_out", "mlp_out")
 def ablate_direction_everywhere(n_layers: int, direction: torch.Tensor) -> list[Intervention]:
     """Project the (unit) direction out of every block input, attention output and MLP output, at all
     positions, generated tokens included."""
-    from ..subject.interventions import AblateDirection
-    from ..subject.sites import Site
+    from ..subject import AblateDirection, Site
 
     return [AblateDirection(Site(c, layer), positions="all", direction=direction)
             for layer in range(n_layers) for c in RESIDUAL_WRITES]
@@ -31,8 +30,7 @@ def ablate_direction_everywhere(n_layers: int, direction: torch.Tensor) -> list[
 def add_at_layer(layer: int, vector: torch.Tensor, scale: float = 1.0, positions: object = "all",
                  component: str = "resid_pre") -> list[Intervention]:
     """Add scale * vector to the residual stream at one layer (the input of block `layer` by default)."""
-    from ..subject.interventions import Add
-    from ..subject.sites import Site
+    from ..subject import Add, Site
 
     return [Add(Site(component, layer), positions=positions, vector=vector, scale=scale)]
 
@@ -49,7 +47,7 @@ def stack_variants(variants: Sequence[Sequence[Intervention]], n: int) -> Callab
     """
     import torch
 
-    from ..subject.interventions import AblateDirection, Add
+    from ..subject import AblateDirection, Add
 
     keys: dict[tuple, int] = {}
     for variant in variants:
