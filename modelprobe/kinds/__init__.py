@@ -1,14 +1,17 @@
 """The claim kinds: a registry that assembles the probe-file specs (spec/ itself knows no kind).
 
-Kinds register under the entry point group `modelprobe.kinds` (`name = "package.module:KindClass"`),
-so a separate package can ship one. The built-in kinds are listed here as well, so that a source
-checkout works before its metadata is installed. A kind module is imported only when its kind is
-named (and by `modelprobe schema`, which needs them all); kind modules import no torch at import time.
+A kind's name is written once, in its spec (`kind: Literal["circuit"]`). The built-in kinds are found
+by looking through this package's modules for `ProbeKind` subclasses, so a source checkout on
+PYTHONPATH works without installed metadata, and a new kind module is registered by being here.
+Another package ships a kind under the entry point group `modelprobe.kinds`
+(`name = "package.module:KindClass"`); it is imported only when its kind is named. Kind modules import
+no torch at import time.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,39 +26,37 @@ if TYPE_CHECKING:
     from ..subject import Subject
 
 GROUP = "modelprobe.kinds"
-BUILTIN = {
-    "circuit": "modelprobe.kinds.circuit:Circuit",
-    "direction": "modelprobe.kinds.direction:Direction",
-    "logit_lens": "modelprobe.kinds.logit_lens:LogitLens",
-    "icl_update": "modelprobe.kinds.icl_update:IclUpdate",
-    "backpatch": "modelprobe.kinds.backpatch:Backpatch",
-    "patchscope": "modelprobe.kinds.patchscope:Patchscope",
-    "injection": "modelprobe.kinds.injection:Injection",
-    "injection_protocol": "modelprobe.kinds.injection_protocol:InjectionProtocol",
-    "feature": "modelprobe.kinds.feature:Feature",
-    "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 
-    "weight_perturbation": "modelprobe.kinds.weight_perturbation:WeightPerturbation",
 
-    "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
-    "icv": "modelprobe.kinds.icv:Icv",
-
-    "latent_language": "modelprobe.kinds.latent_language:LatentLanguage",
-}
+def builtin_kinds() -> dict[str, type[ProbeKind]]:
+    """name -> class of every kind defined in a module of this package (helper modules define none)."""
+    found: dict[str, type[ProbeKind]] = {}
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        for value in vars(module).values():
+            if (isinstance(value, type) and issubclass(value, ProbeKind) and value is not ProbeKind
+                    and value.__module__ == module.__name__ and "name" in vars(value)):
+                if value.name in found:
+                    raise ModelprobeError(f"two built-in kinds are named '{value.name}'")
+                found[value.name] = value
+    return found
 
 
 class KindRegistry(Mapping[str, type[ProbeKind]]):
-    """name -> kind class, importing each kind's module on first use."""
+    """name -> kind class: the built-in kinds, then entry-point kinds, imported on first use."""
 
     def __init__(self) -> None:
         self._targets: dict[str, str] | None = None
         self._loaded: dict[str, type[ProbeKind]] = {}
 
     def targets(self) -> dict[str, str]:
+        """name -> "module:Class" of every kind; a built-in name wins over an entry point of the same
+        name (an installed copy's metadata may still list the built-ins)."""
         if self._targets is None:
-            found = dict(BUILTIN)
-            for ep in entry_points(group=GROUP):
-                found[ep.name] = ep.value
+            builtin = builtin_kinds()
+            found = {ep.name: ep.value for ep in entry_points(group=GROUP) if ep.name not in builtin}
+            found.update({name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in builtin.items()})
+            self._loaded.update(builtin)
             self._targets = found
         return self._targets
 
@@ -65,8 +66,8 @@ class KindRegistry(Mapping[str, type[ProbeKind]]):
         self._loaded.clear()
 
     def __getitem__(self, name: str) -> type[ProbeKind]:
+        target = self.targets()[name]  # KeyError for an unknown kind, as a Mapping should
         if name not in self._loaded:
-            target = self.targets()[name]  # KeyError for an unknown kind, as a Mapping should
             module, _, attr = target.partition(":")
             try:
                 cls = getattr(importlib.import_module(module), attr)

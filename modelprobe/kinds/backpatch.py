@@ -26,14 +26,12 @@ from pydantic import Field
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Plot, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
     Seed,
-    Tolerance,
 )
 from ..spec.fields import LayerSpec, Strict
 from ..stats import paired_difference, wilson_interval
@@ -71,10 +69,9 @@ class BackpatchExpect(OneExpectation):
 
 class BackpatchClaim(ClaimSpec):
     expect: BackpatchExpect
-    tolerance: Tolerance | None = None
 
 
-class BackpatchSpec(ProbeBase):
+class BackpatchSpec(ProbeSpec[BackpatchClaim]):
     kind: Literal["backpatch"]
     queries: str = Field(description='JSONL: {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", '
                                      '"hop1_aliases", "hop2", "shortcuts"}')
@@ -87,7 +84,6 @@ class BackpatchSpec(ProbeBase):
     min_queries: int = Field(10, ge=2, description="fewer initially wrong queries than this: untestable")
     patch_source: Literal["own", "other_query"] = Field(
         "own", description="other_query: a negative-control run, every patch takes another query's state")
-    claims: dict[ClaimName, BackpatchClaim] = Field(min_length=1)
 
 
 LISTS = ("aliases", "hop1_aliases", "shortcuts")
@@ -107,12 +103,7 @@ class Grid:
 
 
 class Backpatch(ProbeKind[BackpatchSpec]):
-    name = "backpatch"
     Spec = BackpatchSpec
-
-    @classmethod
-    def data_files(cls, spec: BackpatchSpec) -> list[tuple[str, tuple]]:
-        return [(spec.queries, ("queries",))]
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

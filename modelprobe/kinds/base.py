@@ -1,7 +1,9 @@
 """The kind contract: a spec class, model-dependent setup, one measurement per probe, verdicts.
 
-A kind is `class MyKind(ProbeKind[MySpec])` with `name`, `Spec`, `setup()` and `measure()`. The
-measurement of each claim is a `Measured`; `judge()` turns it into the recorded `ClaimResult`.
+A kind is `class MyKind(ProbeKind[MySpec])` with `Spec`, `skeleton`, `setup()` and `measure()`. Its name
+is written once, as the spec's `kind: Literal["my_kind"]`; the class reads it from there. The data
+files are the spec's `DataFile` fields, found by walking it. The measurement of each claim is a
+`Measured`; `judge()` turns it into the recorded `ClaimResult`.
 """
 
 from __future__ import annotations
@@ -9,17 +11,20 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_args, get_origin
 
 from ..errors import SiteError, SpecError
 from ..report.record import ClaimResult, ControlResult, Plot
 from ..spec import ClaimSpec, LoadedProbe, ProbeBase
+from ..spec.fields import data_files
 from ..stats import decide
 
 if TYPE_CHECKING:
     from ..subject import Subject
 
 SpecT = TypeVar("SpecT", bound=ProbeBase)
+# The first line of every skeleton: editors that read it complete and check the probe file.
+SCHEMA_COMMENT = "# yaml-language-server: $schema=../modelprobe/schema/modelprobe.schema.json\n"
 
 
 @dataclass
@@ -50,9 +55,33 @@ class Measured:
     untestable: str | None = None
 
 
+def spec_kind(spec: type[ProbeBase]) -> str:
+    """The kind name a spec class declares: its `kind` field, a Literal of one string."""
+    annotation = spec.model_fields["kind"].annotation
+    names = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if len(names) != 1 or not isinstance(names[0], str):
+        raise TypeError(f"{spec.__name__}.kind must be Literal['<kind name>'], not {annotation}")
+    return names[0]
+
+
 class ProbeKind(ABC, Generic[SpecT]):
+    """A claim kind. Subclasses set `Spec` (the probe file's pydantic model) and may set `skeleton`: the
+    commented probe file `modelprobe new` writes, from `about:` on (the schema comment and the `kind:`
+    line come first, added here), and `skeleton_data`: example rows of the data files it names (relative
+    path -> rows), written only where no such file exists, so that a fresh skeleton validates."""
+
     name: ClassVar[str]
     Spec: ClassVar[type[ProbeBase]]
+    skeleton: ClassVar[str | None] = None
+    skeleton_data: ClassVar[dict[str, list[dict[str, Any]]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Spec" in cls.__dict__:
+            cls.name = spec_kind(cls.Spec)
+        body = cls.__dict__.get("skeleton")
+        if body is not None:
+            cls.skeleton = f"{SCHEMA_COMMENT}kind: {cls.name}\n{body}"
 
     def __init__(self, probe: LoadedProbe, subject: Subject):
         self.probe = probe
@@ -65,10 +94,12 @@ class ProbeKind(ABC, Generic[SpecT]):
         except SpecError as e:
             raise (probe.locate(e) if e.file is None else e) from None
 
+
     @classmethod
     def data_files(cls, spec: Any) -> list[tuple[str, tuple]]:
-        """(path relative to the probe file, its YAML loc) of every data file the spec names."""
-        return []
+        """(path relative to the probe file, its YAML loc) of every data file the spec names: its
+        `DataFile` fields, nested blocks and claims included."""
+        return list(data_files(spec))
 
     @classmethod
     def check_data(cls, probe: LoadedProbe) -> Any:

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Strict, Threshold
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
@@ -85,7 +85,6 @@ class CircuitClaim(ClaimSpec):
         description="sufficiency: ablate everything in scope except the circuit; necessity: ablate only the "
         "circuit; minimality: every component matters (removing it lowers sufficiency)")
     expect: CircuitExpect
-    tolerance: Tolerance | None = None
 
     @model_validator(mode="after")
     def _statistic_fits_test(self) -> CircuitClaim:
@@ -114,7 +113,7 @@ class CircuitControls(Strict):
         return n
 
 
-class CircuitSpec(ProbeBase):
+class CircuitSpec(ProbeSpec[CircuitClaim]):
     kind: Literal["circuit"]
     prompts: str = Field(description='JSONL file: {"prompt": ..., "answer": " Mary", "wrong": " John"}')
     reference: str | None = Field(None, description="JSONL file whose activations replace ablated components "
@@ -133,7 +132,6 @@ class CircuitSpec(ProbeBase):
         "attention_heads", description="what 'everything else' means: every attention head; every head and "
         "every whole MLP; or {neurons: layers}, the MLP neurons of those layers")
     circuit: list[CircuitComponent] = Field(min_length=1)
-    claims: dict[ClaimName, CircuitClaim] = Field(min_length=1)
     controls: CircuitControls = Field(default_factory=CircuitControls)
 
     @model_validator(mode="after")
@@ -191,12 +189,7 @@ def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: An
 # ---- the kind -------------------------------------------------------------------------------
 
 class Circuit(ProbeKind[CircuitSpec]):
-    name = "circuit"
     Spec = CircuitSpec
-
-    @classmethod
-    def data_files(cls, spec: CircuitSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))] + ([(spec.reference, ("reference",))] if spec.reference else [])
 
     @classmethod
     def check_data(cls, probe: Any) -> tuple[list[dict], list[dict] | None]:

@@ -38,16 +38,14 @@ from ..errors import SiteError
 from ..names import canonical_name
 from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     FiniteFloat,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
     Seed,
     Strict,
-    Tolerance,
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, paired_difference, wilson_interval
@@ -153,10 +151,9 @@ class DirectionClaim(ClaimSpec):
     on: Literal["positive", "negative"]
     scale: FiniteFloat = Field(1.0, description="add only: multiple of the direction added (-1 subtracts it)")
     expect: DirectionExpect
-    tolerance: Tolerance | None = None
 
 
-class DirectionSpec(ProbeBase):
+class DirectionSpec(ProbeSpec[DirectionClaim]):
     kind: Literal["direction"]
     prompts: PromptSets
     direction: DirectionSearch = Field(default_factory=DirectionSearch)
@@ -166,7 +163,6 @@ class DirectionSpec(ProbeBase):
                                                         "the remaining ones cannot change whether the claim beats "
                                                         "its control (the verdict equals the full count's); false "
                                                         "draws all control_directions")
-    claims: dict[ClaimName, DirectionClaim] = Field(min_length=1)
 
 
 # ---- engine helpers -------------------------------------------------------------------------------
@@ -216,13 +212,7 @@ ablation = ablate_direction_everywhere  # the name the benchmark and older calle
 # ---- the kind -----------------------------------------------------------------------------------
 
 class Direction(ProbeKind[DirectionSpec]):
-    name = "direction"
     Spec = DirectionSpec
-
-    @classmethod
-    def data_files(cls, spec: DirectionSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.prompts.positive, ("prompts", "positive")), (spec.prompts.negative, ("prompts", "negative"))]
-        return files + ([(spec.prompts.neutral, ("prompts", "neutral"))] if spec.prompts.neutral else [])
 
     @classmethod
     def check_data(cls, probe: Any) -> dict[str, list[dict]]:

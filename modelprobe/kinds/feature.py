@@ -23,11 +23,10 @@ from pydantic import Field, model_validator
 from .._lazy import torch
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     FiniteFloat,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateThreshold,
     Strict,
     Threshold,
@@ -134,20 +133,14 @@ class FeatureClaim(ClaimSpec):
         return self
 
 
-class FeatureSpec(ProbeBase):
+class FeatureSpec(ProbeSpec[FeatureClaim]):
     kind: Literal["feature"]
     unit: UnitSpec
     inputs: InputsSpec
-    claims: dict[ClaimName, FeatureClaim] = Field(min_length=1)
 
 
 class Feature(ProbeKind[FeatureSpec]):
-    name = "feature"
     Spec = FeatureSpec
-
-    @classmethod
-    def data_files(cls, spec: FeatureSpec) -> list[tuple[str, tuple]]:
-        return [(spec.inputs.with_, ("inputs", "with")), (spec.inputs.without, ("inputs", "without"))]
 
     @classmethod
     def check_data(cls, probe) -> dict[str, Any]:

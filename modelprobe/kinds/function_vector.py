@@ -25,8 +25,8 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..errors import SiteError
 from ..report.record import ControlResult, HeatMap, LinePlot, Series, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase
-from ..spec.fields import ClaimName, Rate, RateChangeThreshold, Strict
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec
+from ..spec.fields import Rate, RateChangeThreshold, Strict
 from ..stats import paired_bootstrap
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import answer_tokens, data_error, read_rows, split_indices
@@ -85,7 +85,7 @@ class FvClaim(ClaimSpec):
         return "beats_controls" if self.expect.statistic == "accuracy_gain_over_control" else "zero_shot_gain"
 
 
-class FunctionVectorSpec(ProbeBase):
+class FunctionVectorSpec(ProbeSpec[FvClaim]):
     kind: Literal["function_vector"]
     task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
     format: IclFormat
@@ -104,7 +104,6 @@ class FunctionVectorSpec(ProbeBase):
                                                        "(default: the first task an algebra names)")
     tasks: dict[TaskName, str] = Field(default_factory=dict, description="algebra task names -> JSONL files "
                                        "(default: a name N means data/icl_N.jsonl next to the probe)")
-    claims: dict[ClaimName, FvClaim] = Field(min_length=1)
 
 
 def task_file(spec: FunctionVectorSpec, name: str) -> str:
@@ -123,14 +122,7 @@ def _named(spec: FunctionVectorSpec) -> list[tuple[str, tuple]]:
 
 
 class FunctionVector(ProbeKind[FunctionVectorSpec]):
-    name = "function_vector"
     Spec = FunctionVectorSpec
-
-    @classmethod
-    def data_files(cls, spec: FunctionVectorSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.task, ("task",))]
-        files += [(c.task, ("claims", n, "task")) for n, c in spec.claims.items() if c.task]
-        return files + ([(spec.control_task, ("control_task",))] if spec.control_task else [])
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

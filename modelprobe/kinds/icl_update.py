@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Threshold
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Threshold
 from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
 from ..subject.sites import resolve_layer
 from ..toolkit.prompts import read_rows
@@ -92,14 +92,13 @@ class IclClaim(ClaimSpec):
         return self
 
 
-class IclUpdateSpec(ProbeBase):
+class IclUpdateSpec(ProbeSpec[IclClaim]):
     kind: Literal["icl_update"]
     task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
     control_task: str | None = Field(None, description="another task's JSONL file, for control: other_task")
     format: IclFormat
     shots: int = Field(8, ge=3, le=64, description="context examples per prompt")
     prompts: int = Field(64, ge=8, le=4096, description="(context, query) pairs drawn with the seed")
-    claims: dict[ClaimName, IclClaim] = Field(min_length=1)
 
 
 def _control(claim: IclClaim) -> str | None:
@@ -107,13 +106,7 @@ def _control(claim: IclClaim) -> str | None:
 
 
 class IclUpdate(ProbeKind[IclUpdateSpec]):
-    name = "icl_update"
     Spec = IclUpdateSpec
-
-    @classmethod
-    def data_files(cls, spec: IclUpdateSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.task, ("task",))]
-        return files + ([(spec.control_task, ("control_task",))] if spec.control_task else [])
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateChangeThreshold, Tolerance
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec, RateChangeThreshold
 from ..spec.fields import Count, Strict
 from ..stats import bootstrap_ci
 from ..toolkit.behaviour import (
@@ -70,26 +70,19 @@ class IcvExpect(OneExpectation):
 
 class IcvClaim(ClaimSpec):
     expect: IcvExpect
-    tolerance: Tolerance | None = None
 
 
-class IcvSpec(ProbeBase):
+class IcvSpec(ProbeSpec[IcvClaim]):
     kind: Literal["icv"]
     demos: IcvDemos
     queries: IcvQueries
     strength: float = Field(0.1, gt=0, le=2, allow_inf_nan=False, description="lambda of the norm-preserving shift")
     behaviour: IcvBehaviour
     random_seeds: Count = Field(1, le=16, description="random vectors of the same norm in the control")
-    claims: dict[ClaimName, IcvClaim] = Field(min_length=1)
 
 
 class Icv(ProbeKind[IcvSpec]):
-    name = "icv"
     Spec = IcvSpec
-
-    @classmethod
-    def data_files(cls, spec: IcvSpec) -> list[tuple[str, tuple]]:
-        return [(spec.demos.pairs, ("demos", "pairs")), (spec.queries.prompts, ("queries", "prompts"))]
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

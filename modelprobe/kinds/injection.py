@@ -20,10 +20,9 @@ from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
     Seed,
@@ -110,7 +109,7 @@ class InjectionClaim(ClaimSpec):
         return self
 
 
-class InjectionSpec(ProbeBase):
+class InjectionSpec(ProbeSpec[InjectionClaim]):
     kind: Literal["injection"]
     concepts: str = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
     baseline_words: str = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
@@ -124,7 +123,6 @@ class InjectionSpec(ProbeBase):
     split: SplitSpec = Field(default_factory=SplitSpec)
     control_trials: int = Field(80, ge=1, le=1000, description="uninjected trials (trial numbers 1..n)")
     max_new_tokens: int = Field(40, ge=4, le=256)
-    claims: dict[ClaimName, InjectionClaim] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _needs_questions(self) -> InjectionSpec:
@@ -142,17 +140,7 @@ def judge_location(probe, judge: str, loc: tuple) -> str:
 
 
 class Injection(ProbeKind[InjectionSpec]):
-    name = "injection"
     Spec = InjectionSpec
-
-    @classmethod
-    def data_files(cls, spec: InjectionSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.concepts, ("concepts",)), (spec.baseline_words, ("baseline_words",))]
-        if spec.no_questions:
-            files.append((spec.no_questions, ("no_questions",)))
-        if spec.trial != "default":
-            files.append((spec.trial, ("trial",)))
-        return files
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

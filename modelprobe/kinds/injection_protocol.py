@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Strict
 from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
@@ -77,7 +77,7 @@ class ProtocolClaim(ClaimSpec):
     expect: ProtocolExpect
 
 
-class InjectionProtocolSpec(ProbeBase):
+class InjectionProtocolSpec(ProbeSpec[ProtocolClaim]):
     kind: Literal["injection_protocol"]
     concepts: str = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
     baseline_words: str = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
@@ -87,7 +87,6 @@ class InjectionProtocolSpec(ProbeBase):
     trials: int = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "
                                                    "concept")
     max_new_tokens: int = Field(32, ge=4, le=256)
-    claims: dict[ClaimName, ProtocolClaim] = Field(min_length=1)
 
     @field_validator("trials")
     @classmethod
@@ -99,13 +98,7 @@ class InjectionProtocolSpec(ProbeBase):
 
 
 class InjectionProtocol(Injection):
-    name = "injection_protocol"
     Spec = InjectionProtocolSpec
-
-    @classmethod
-    def data_files(cls, spec: InjectionProtocolSpec) -> list[tuple[str, tuple]]:
-        return [(spec.concepts, ("concepts",)), (spec.baseline_words, ("baseline_words",)),
-                (spec.sentences, ("sentences",))]
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

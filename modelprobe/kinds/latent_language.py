@@ -19,7 +19,7 @@ from pydantic import Field
 from .._lazy import torch
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series
-from ..spec import ClaimName, ClaimSpec, Count, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ClaimSpec, Count, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
 from ..subject.sites import Site, resolve_layer
@@ -44,10 +44,9 @@ class LatentClaim(ClaimSpec):
     layers: LayerSpec | None = Field(
         None, description=f"layers the comparison averages over (int, fraction, list, 'a:b'); default "
                           f"'{WINDOW}' for pivot_leads, the last layer for target_leads")
-    tolerance: Tolerance | None = None
 
 
-class LatentLanguageSpec(ProbeBase):
+class LatentLanguageSpec(ProbeSpec[LatentClaim]):
     kind: Literal["latent_language"]
     prompts: str = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
                                      '"target_aliases" / "pivot_aliases" lists')
@@ -59,7 +58,6 @@ class LatentLanguageSpec(ProbeBase):
     variants: bool = Field(False, description="also score each word with / without a leading space and capitalised "
                                               "(a variant's first token may be another word: ' was' of ' Wasser')")
     min_prompts: Count = Field(20, description="fewer translated prompts than this: untestable")
-    claims: dict[ClaimName, LatentClaim] = Field(min_length=1)
 
 
 def _aliases(row: dict[str, Any], role: str, path: Any, line: int) -> list[str]:
@@ -80,12 +78,7 @@ def _variants(words: list[str]) -> list[str]:
 
 
 class LatentLanguage(ProbeKind[LatentLanguageSpec]):
-    name = "latent_language"
     Spec = LatentLanguageSpec
-
-    @classmethod
-    def data_files(cls, spec: LatentLanguageSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))]
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import Count, FiniteFloat, LayerSpec, Strict
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
@@ -65,10 +65,9 @@ class LinearRelationClaim(ClaimSpec):
     against: str | None = Field(None, description="the other relation whose map is the control (default: the "
                                                   "first other relation)")
     rank: Count = Field(64, description="edit_success: rank of the pseudo-inverse (<= the model width)")
-    tolerance: Tolerance | None = None
 
 
-class LinearRelationSpec(ProbeBase):
+class LinearRelationSpec(ProbeSpec[LinearRelationClaim]):
     kind: Literal["linear_relation"]
     relations: dict[ClaimName, Relation] = Field(min_length=2, description="at least two relations: each is "
                                                  "the other's control")
@@ -77,16 +76,10 @@ class LinearRelationSpec(ProbeBase):
     train: int = Field(8, ge=1, le=256, description="examples per relation that estimate W and b")
     beta: FiniteFloat = Field(1.0, gt=0, le=100, description="scale of W in LRE(s) = beta W s + b")
     max_test: Count = Field(200, description="at most this many held-out subjects per relation")
-    claims: dict[ClaimName, LinearRelationClaim] = Field(min_length=1)
 
 
 class LinearRelation(ProbeKind[LinearRelationSpec]):
-    name = "linear_relation"
     Spec = LinearRelationSpec
-
-    @classmethod
-    def data_files(cls, spec: LinearRelationSpec) -> list[tuple[str, tuple]]:
-        return [(r.data, ("relations", name, "data")) for name, r in spec.relations.items()]
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -15,14 +15,12 @@ from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import ClaimResult, LinePlot, Series
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     Count,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateThreshold,
     Threshold,
-    Tolerance,
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
@@ -46,10 +44,9 @@ class LensClaim(ClaimSpec):
     layer: LayerSpec | None = Field(None, description="for share_by_layer: int, negative, or fraction of depth")
     top_k: Count = Field(1)
     only_correct: bool = Field(False, description="measure only prompts whose target is top-1 at the last layer")
-    tolerance: Tolerance | None = None
 
 
-class LogitLensSpec(ProbeBase):
+class LogitLensSpec(ProbeSpec[LensClaim]):
     kind: Literal["logit_lens"]
     prompts: str = Field(description='JSONL file, one {"prompt": ..., "answer": ...} per line')
     chat_template: bool = False
@@ -57,16 +54,10 @@ class LogitLensSpec(ProbeBase):
     target: Literal["first_token", "single_token"] = Field(
         "first_token", description="first_token: the answer's first token; single_token: answers must be one token")
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
-    claims: dict[ClaimName, LensClaim] = Field(min_length=1)
 
 
 class LogitLens(ProbeKind[LogitLensSpec]):
-    name = "logit_lens"
     Spec = LogitLensSpec
-
-    @classmethod
-    def data_files(cls, spec: LogitLensSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))]
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ClaimSpec, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
@@ -63,24 +63,17 @@ class PatchscopeExpect(OneExpectation):
 class PatchscopeClaim(ClaimSpec):
     expect: PatchscopeExpect
     layers: LayerSpec = Field("all", description="the layers the best one is taken from ('0.25:0.75': depth fractions)")
-    tolerance: Tolerance | None = None
 
 
-class PatchscopeSpec(ProbeBase):
+class PatchscopeSpec(ProbeSpec[PatchscopeClaim]):
     kind: Literal["patchscope"]
     source: PatchscopeSource
     target: PatchscopeTarget
     read: PatchscopeRead
-    claims: dict[ClaimName, PatchscopeClaim] = Field(min_length=1)
 
 
 class Patchscope(ProbeKind[PatchscopeSpec]):
-    name = "patchscope"
     Spec = PatchscopeSpec
-
-    @classmethod
-    def data_files(cls, spec: PatchscopeSpec) -> list[tuple[str, tuple]]:
-        return [(spec.source.prompts, ("source", "prompts"))]
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

@@ -47,16 +47,15 @@ from .._lazy import LazyModule, torch
 from ..errors import SiteError
 from ..report.record import Bars, ControlResult, NullHistogram, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
     FiniteFloat,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateChangeThreshold,
     Seed,
     Strict,
 )
-from ..spec.fields import Count, LayerSpec, Rate, Tolerance
+from ..spec.fields import Count, LayerSpec, Rate
 from ..stats import paired_difference
 from ..subject.sites import Site, resolve_layer
 from ..toolkit import guard
@@ -169,10 +168,9 @@ class LocalisesClaim(ClaimSpec):
         "matched_random_groups", description="as many random groups of the same kinds, perturbed alike")
     draws: int = Field(5, ge=1, le=1000, description="random group sets in the control")
     expect: LocalisesExpect
-    tolerance: Tolerance | None = None
 
 
-class WeightPerturbationSpec(ProbeBase):
+class WeightPerturbationSpec(ProbeSpec[LocalisesClaim]):
     kind: Literal["weight_perturbation"]
     behaviour: WeightBehaviour
     groups: Groups
@@ -180,19 +178,12 @@ class WeightPerturbationSpec(ProbeBase):
     checks: list[Method] | None = Field(None, description="methods also run and compared (default: the other two)")
     noise: Noise = Field(default_factory=Noise)
     specificity: Specificity = Field(default_factory=Specificity)
-    claims: dict[ClaimName, LocalisesClaim] = Field(min_length=1)
 
 
 # ---- the kind -----------------------------------------------------------------------------------
 
 class WeightPerturbation(ProbeKind[WeightPerturbationSpec]):
-    name = "weight_perturbation"
     Spec = WeightPerturbationSpec
-
-    @classmethod
-    def data_files(cls, spec: WeightPerturbationSpec) -> list[tuple[str, tuple]]:
-        return [(spec.behaviour.prompts, ("behaviour", "prompts")),
-                (spec.specificity.prompts, ("specificity", "prompts"))]
 
     @classmethod
     def check_data(cls, probe: Any) -> list[dict]:

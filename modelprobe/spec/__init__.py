@@ -4,15 +4,18 @@ from .claims import ClaimSpec
 from .fields import (
     ClaimName,
     Count,
+    DataFile,
     FiniteFloat,
     NonNegativeInt,
     OneExpectation,
     ProbeBase,
+    ProbeSpec,
     Rate,
     RateChangeThreshold,
     RateThreshold,
     Seed,
     SiteSpec,
+    SplitBase,
     Strict,
     Threshold,
     TokenPosition,
@@ -21,6 +24,6 @@ from .fields import (
 )
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
-__all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
-           "ProbeBase", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "Strict", "Threshold",
+__all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "DataFile", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
+           "ProbeBase", "ProbeSpec", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "SplitBase", "Strict", "Threshold",
            "TokenPosition", "TokenSpec", "Tolerance", "load_probe"]

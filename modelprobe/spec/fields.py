@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Iterator
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, model_validator
 from pydantic import Tag as UnionTag
@@ -40,6 +41,19 @@ def _tag(tag: str) -> str:
 
 ClaimName = Annotated[str, AfterValidator(_claim_name)]
 Tag = Annotated[str, AfterValidator(_tag)]
+
+
+class DataPath(str):
+    """A data file's path as the probe wrote it (relative to the probe file). A str, marked so that the
+    files a spec names are found by walking it, not listed a second time."""
+
+    __slots__ = ()
+
+
+# A JSONL data file named by a probe field: declared once, it is checked at collection with every other.
+DataFile = Annotated[str, AfterValidator(DataPath)]
+# Greedy tokens a grader reads: one bound for every kind that generates replies to grade.
+NewTokens = Annotated[int, Field(ge=1, le=4096, description="greedy reply length the grader reads")]
 
 
 class Strict(BaseModel):
@@ -174,3 +188,33 @@ class ProbeBase(Strict):
     seed: Seed = Field(0, description="seed for splits, bootstrap and random controls")
     batch_size: int | None = Field(None, ge=1, le=1 << 16, description="override the run's batch size for this probe")
     schema_: str | None = Field(None, alias="$schema")
+
+
+ClaimT = TypeVar("ClaimT", bound=BaseModel)
+
+
+class ProbeSpec(ProbeBase, Generic[ClaimT]):
+    """A kind's probe file: the common fields and a `claims:` mapping of claim name -> the kind's claim."""
+
+    claims: dict[ClaimName, ClaimT] = Field(min_length=1)
+
+
+class SplitBase(Strict):
+    """Base of a kind's split block: the seed that draws it (the kind adds the sizes)."""
+
+    seed: Seed = Field(0, description="seed of the split")
+
+
+def data_files(value: Any, loc: tuple = ()) -> Iterator[tuple[str, tuple]]:
+    """(path, YAML loc) of every data file a validated spec (or any part of it) names, in field order."""
+    if isinstance(value, DataPath):
+        yield str(value), loc
+    elif isinstance(value, BaseModel):
+        for name, field in type(value).model_fields.items():
+            yield from data_files(getattr(value, name), (*loc, field.alias or name))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from data_files(item, (*loc, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from data_files(item, (*loc, i))
