@@ -38,6 +38,7 @@ from ..stats import paired_difference, wilson_interval
 from ..subject.sites import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.examples import two_hop_examples
 from ..toolkit.prompts import encode_rows, read_rows, split_indices, text_token_index
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -104,6 +105,25 @@ class Grid:
 
 class Backpatch(ProbeKind[BackpatchSpec]):
     Spec = BackpatchSpec
+    skeleton = """\
+about: Back-patching a later layer's state into an earlier layer fixes two-hop queries the model gets wrong.
+tags: [backpatch]
+queries: data/two_hop.jsonl      # {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", "hop1_aliases",
+                                 #  "hop2", "shortcuts"} per line; answers match the start of a greedy continuation
+filter: {hops_known: true, no_shortcut: true}   # keep queries whose single hops are answered, no shortcut answers
+source_position: last            # or bridge_entity_last: the last token of "entity" in the query
+layers: {source: all, target: all, stride: 1}   # only s > t pairs count; s = t is the identity check
+split: {dev: 0.3, seed: 0}       # the best pair is chosen on dev wrong queries, applied on test
+max_new_tokens: 4
+claims:
+  oracle_fixes:                  # any (s, t) pair fixes a wrong query, minus the random-source oracle
+    expect: {fix_rate_over_null: {at_least: 0.2}}
+  best_pair_fixes:               # the dev-chosen pair on test wrong queries
+    expect: {fix_rate: {at_least: 0.1}}
+  few_breaks:                    # the same pair on the right queries
+    expect: {break_rate: {at_most: 0.1}}
+"""
+    skeleton_data = {"data/two_hop.jsonl": two_hop_examples()}
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

@@ -77,8 +77,10 @@ class ProbeKind(ABC, Generic[SpecT]):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "Spec" in cls.__dict__:
+        if "Spec" in cls.__dict__:  # a kind of its own, even when it extends another kind's class
             cls.name = spec_kind(cls.Spec)
+            cls.skeleton = cls.__dict__.get("skeleton")
+            cls.skeleton_data = cls.__dict__.get("skeleton_data", {})
         body = cls.__dict__.get("skeleton")
         if body is not None:
             cls.skeleton = f"{SCHEMA_COMMENT}kind: {cls.name}\n{body}"

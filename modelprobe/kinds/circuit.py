@@ -190,6 +190,33 @@ def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: An
 
 class Circuit(ProbeKind[CircuitSpec]):
     Spec = CircuitSpec
+    skeleton = """\
+about: These attention heads carry indirect-object identification.
+tags: [circuit]
+prompts: data/ioi.jsonl          # {"prompt": ..., "answer": " Mary", "wrong": " John"}: one-token answers
+reference: data/ioi_abc.jsonl    # whose means replace ablated components (same token lengths as the prompts)
+metric: logit_diff               # or logprob (answer only), accuracy (top-1 == answer)
+ablation: mean                   # mean (per position), mean_all_positions, zero, resample
+scope: attention_heads           # what "everything else" means: attention_heads, heads_and_mlps, {neurons: [layers]}
+circuit:                         # `modelprobe discover circuit` proposes one and writes this file
+  - {layer: 20, component: attn.z, head: 0}
+  - {layer: 23, component: attn.z, head: [3]}
+claims:
+  sufficient:
+    test: sufficiency            # ablate everything in scope except the circuit
+    expect: {faithfulness: {at_least: 0.8}}
+  necessary:
+    test: necessity              # ablate only the circuit
+    expect: {faithfulness: {at_most: 0.2}}
+controls:
+  random_circuits: 100           # same size, same layers where possible
+"""
+    skeleton_data = {
+        "data/ioi.jsonl": [{"prompt": "When Mary and John went to the store, John gave a drink to",
+                            "answer": " Mary", "wrong": " John"}],
+        "data/ioi_abc.jsonl": [{"prompt": "When Mary and John went to the store, Tom gave a drink to",
+                                "answer": " Mary", "wrong": " John"}],
+    }
 
     @classmethod
     def check_data(cls, probe: Any) -> tuple[list[dict], list[dict] | None]:

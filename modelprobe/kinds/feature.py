@@ -141,6 +141,32 @@ class FeatureSpec(ProbeSpec[FeatureClaim]):
 
 class Feature(ProbeKind[FeatureSpec]):
     Spec = FeatureSpec
+    skeleton = """\
+about: One MLP neuron fires for French text, and French articles depend on it.
+tags: [feature]
+unit: {layer: 10, component: mlp.post, neuron: 1234}  # or {sae: path/to/sae_folder, latent: 77}
+                                                      # or {direction: file.safetensors, layer: 10}
+inputs:
+  with: data/feature_french.jsonl     # {"prompt": ...} showing the concept
+  without: data/feature_english.jsonl
+  aggregate: max                      # a prompt's activation: max (or mean) over its tokens
+  rows: "24:"                         # lines `modelprobe find --rows 0:24` did not select the unit on
+claims:
+  correlates:
+    expect: {auroc: {at_least: 0.8}}  # the activation separates with from without (bootstrap interval)
+  causes:
+    intervention: {zero: true}        # or {mean: true}, or {clamp: 3.0}
+    metric: {tokens: [" le", " la", " les"]}   # log of their total probability at the last position
+    expect: {metric_drop: {at_least: 0.1}}
+    control: random_units             # the same intervention on random units of the layer must be beaten
+    random_units: 50
+"""
+    skeleton_data = {
+        "data/feature_french.jsonl": [{"prompt": p} for p in (
+            "Tous les matins, je bois", "Elle a posé le livre sur", "Nous avons visité", "Il cherche encore")] * 7,
+        "data/feature_english.jsonl": [{"prompt": p} for p in (
+            "Every morning I drink", "She put the book on", "We visited", "He is still looking for")] * 7,
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, Any]:

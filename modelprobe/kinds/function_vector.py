@@ -121,8 +121,50 @@ def _named(spec: FunctionVectorSpec) -> list[tuple[str, tuple]]:
     return out
 
 
+def _lists(items: tuple[str, ...], pick: Any, n: int = 60) -> list[dict]:
+    """n example rows over 3-item lists of `items` (every ordered triple in turn), answered by `pick`."""
+    import itertools
+    triples = itertools.islice(itertools.permutations(items, 3), 0, None, 7)
+    return [{"input": ", ".join(t), "output": " " + pick(t)} for t in itertools.islice(triples, n)]
+
+
+_WORDS = ("apple", "river", "chair", "tiger", "candle", "window", "garden", "pencil", "rocket", "violin")
+_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
+             "Kenya": "Nairobi", "Peru": "Lima", "Greece": "Athens", "Norway": "Oslo", "Cuba": "Havana"}
+
+
 class FunctionVector(ProbeKind[FunctionVectorSpec]):
     Spec = FunctionVectorSpec
+    skeleton = """\
+about: A function vector for "copy the last item", added to zero-shot prompts, makes the model do it.
+tags: [function_vector]
+task: data/icl_copy_last.jsonl           # JSONL {"input": "apple, river, chair", "output": " chair"}
+format: {example: "Q: {input}\\nA:{output}\\n", query: "Q: {input}\\nA:"}
+shots: 8                                 # examples per few-shot prompt (the task needs dev + test + shots + 1 rows)
+prompts: 16                              # few-shot prompts: mean head outputs (and their shuffled-label twins)
+heads: {top: 10, select_on: shuffled_labels}   # or zero_shot: the indirect effect on the bare queries
+layer: auto                              # best layer on the dev split; or an int / fraction of depth
+dev: 10
+test: 40
+min_fewshot_accuracy: 0.5                # a task done less often with `shots` examples is untestable
+control_task: data/icl_copy_first.jsonl  # another task's vector, one of the controls
+tasks: {capital_of_first: data/icl_first_country_capital.jsonl}   # algebra names -> files
+claims:                                  # (a name N without an entry means data/icl_N.jsonl)
+  zero_shot_gain:
+    expect: {accuracy_gain: {at_least: 0.2}}
+  beats_controls:                        # random vector of the same norm, another task's vector, mean state
+    expect: {accuracy_gain_over_control: {at_least: 0.1}}
+  composes:                              # the named tasks' vectors added / subtracted, on another task
+    algebra: {plus: [capital_of_first, copy_last], minus: [copy_first]}
+    task: data/icl_last_country_capital.jsonl
+    expect: {accuracy_gain: {at_least: 0.1}}
+"""
+    skeleton_data = {
+        "data/icl_copy_last.jsonl": _lists(_WORDS, lambda t: t[-1]),
+        "data/icl_copy_first.jsonl": _lists(_WORDS, lambda t: t[0]),
+        "data/icl_first_country_capital.jsonl": _lists(tuple(_CAPITALS), lambda t: _CAPITALS[t[0]]),
+        "data/icl_last_country_capital.jsonl": _lists(tuple(_CAPITALS), lambda t: _CAPITALS[t[-1]]),
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -107,6 +107,36 @@ def _control(claim: IclClaim) -> str | None:
 
 class IclUpdate(ProbeKind[IclUpdateSpec]):
     Spec = IclUpdateSpec
+    skeleton = """\
+about: In-context examples act on the query token as converging rank-1 updates of the MLP weights.
+tags: [icl_update]
+task: data/icl_antonyms.jsonl            # JSONL, one {"input": "hot", "output": " cold"} per line
+control_task: data/icl_past_tense.jsonl  # another task (for control: other_task)
+format: {example: "Q: {input}\\nA:{output}\\n", query: "Q: {input}\\nA:"}
+shots: 8                                 # context examples per prompt (the task needs shots + 2 rows)
+prompts: 32                              # (context, query) pairs drawn with the seed
+claims:
+  identity:                              # a check of the hooks (exact by construction), not a finding
+    layers: all
+    expect: {max_rel_error: {at_most: 1.0e-4}}
+  converges:                             # rho(i, ||dW_i - dW_(i-1)||), i >= 2, per prompt; mean + bootstrap CI
+    layer: 0.5                           # one layer: int, negative from the end, or a fraction of depth
+    expect: {spearman_rho: {at_most: -0.5}}
+    control: shuffled_labels
+  transfers:                             # another query, no context, with this context's updates
+    layer: 0.5                           # one or more layers
+    expect: {gain_recovered: {at_least: 0.3}}
+    control: other_task                  # or random_rank1
+"""
+    # The skeleton draws 8 shots + 2 queries per prompt: each task file needs 10 rows.
+    skeleton_data = {
+        "data/icl_antonyms.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
+            ("old", "new"), ("wet", "dry"), ("rich", "poor"), ("early", "late"), ("open", "closed"))],
+        "data/icl_past_tense.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("walk", "walked"), ("jump", "jumped"), ("play", "played"), ("talk", "talked"), ("look", "looked"),
+            ("call", "called"), ("ask", "asked"), ("work", "worked"), ("help", "helped"), ("move", "moved"))],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

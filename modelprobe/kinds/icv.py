@@ -83,6 +83,28 @@ class IcvSpec(ProbeSpec[IcvClaim]):
 
 class Icv(ProbeKind[IcvSpec]):
     Spec = IcvSpec
+    skeleton = """\
+about: An in-context vector from negative -> positive pairs makes replies positive, with no demos in the prompt.
+tags: [icv]
+demos: {pairs: data/icv_sentiment_pairs.jsonl, chat_template: false}   # {"source": ..., "target": ...}
+queries: {prompts: data/sentiment_negative.jsonl, chat_template: true, max_prompts: 32}   # {"prompt": ...}
+strength: 0.1                    # lambda of the norm-preserving shift of every layer's MLP output
+behaviour:
+  grader: sentiment              # any direction-kind grader: preset or {substrings | regex | tokens | lexicon}
+  max_new_tokens: 32
+random_seeds: 1                  # random vectors of the same norm in the control
+claims:
+  shift_makes_replies_positive:
+    expect: {rate_rise: {at_least: 0.3}}
+"""
+    skeleton_data = {
+        "data/icv_sentiment_pairs.jsonl": [
+            {"source": "The morning was gray and miserable.", "target": "The morning was bright and wonderful."},
+            {"source": "I hated that boring film.", "target": "I loved that exciting film."},
+            {"source": "The soup tasted awful.", "target": "The soup tasted delightful."}],
+        "data/sentiment_negative.jsonl": [{"prompt": f"Write one sentence about how miserable rainy day {i} was."}
+                                          for i in range(8)],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -99,6 +99,27 @@ class InjectionProtocolSpec(ProbeSpec[ProtocolClaim]):
 
 class InjectionProtocol(Injection):
     Spec = InjectionProtocolSpec
+    skeleton = """\
+about: An injected concept is named as a thought while the text is kept; it makes a prefilled word owned.
+tags: [injection]
+concepts: data/injection_concepts.jsonl              # as for injection
+baseline_words: data/injection_baseline_words.jsonl
+sentences: data/injection_sentences.jsonl            # {"sentence": ...} that name no concept
+inject: {layer: 0.35, strength: 8}                   # e.g. what an injection probe chose on its dev concepts
+trials: 40
+claims:
+  repeats_the_sentence:
+    expect: {transcribed: {at_least: 0.8}}
+  names_the_thought:
+    expect: {names_thought: {at_least: 0.2}}
+  owns_the_prefill:
+    expect: {disown_drop: {at_least: 0.1}}
+  thinks_on_request:
+    expect: {think_rise: {at_least: 0.0}}
+"""
+    skeleton_data = {**Injection.skeleton_data, "data/injection_sentences.jsonl": [
+        {"sentence": s} for s in ("She folded the letter twice.", "A small cat waited by the gate.",
+                                  "He forgot his keys again.", "The meeting moved upstairs.")]}
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -77,8 +77,31 @@ def _variants(words: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+_LATENT_ROWS = [("fleur", "Blume", "flower"), ("chien", "Hund", "dog"), ("livre", "Buch", "book"),
+                ("eau", "Wasser", "water"), ("arbre", "Baum", "tree"), ("pain", "Brot", "bread")]
+
+
 class LatentLanguage(ProbeKind[LatentLanguageSpec]):
     Spec = LatentLanguageSpec
+    skeleton = """\
+about: Translating French into German, the middle layers carry the English word before the German one wins.
+tags: [latent_language]
+prompts: data/latent_language_fr_de.jsonl   # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
+by: probability                  # or rank: the best rank of each word's first tokens
+variants: false                  # true: also each word with / without a leading space, capitalised
+min_prompts: 5                   # fewer prompts the model translates (target top-1 at the end): untestable;
+                                 # below 5 the paired control could never reach p <= 0.05
+claims:
+  english_leads_in_the_middle:   # must beat the same share with ANOTHER row's pivot word
+    layers: "0.4:0.8"            # fractions of depth, ints, a list or 'a:b'
+    expect: {pivot_leads: {at_least: 0.5}}
+  target_leads_at_the_end:
+    layers: -1
+    expect: {target_leads: {at_least: 0.8}}
+"""
+    skeleton_data = {"data/latent_language_fr_de.jsonl": [
+        {"prompt": "".join(f'Français: "{f}" - Deutsch: "{d}"\n' for f, d, _ in _LATENT_ROWS if f != src)
+         + f'Français: "{src}" - Deutsch: "', "target": de, "pivot": en} for src, de, en in _LATENT_ROWS]}
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

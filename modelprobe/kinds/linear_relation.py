@@ -78,8 +78,37 @@ class LinearRelationSpec(ProbeSpec[LinearRelationClaim]):
     max_test: Count = Field(200, description="at most this many held-out subjects per relation")
 
 
+_LRE_ROWS = [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
+             ("Spain", "Madrid", "Spanish"), ("Japan", "Tokyo", "Japanese"), ("Russia", "Moscow", "Russian"),
+             ("Greece", "Athens", "Greek"), ("Poland", "Warsaw", "Polish"), ("Sweden", "Stockholm", "Swedish"),
+             ("Turkey", "Ankara", "Turkish"), ("Egypt", "Cairo", "Arabic"), ("Peru", "Lima", "Spanish")]
+
+
 class LinearRelation(ProbeKind[LinearRelationSpec]):
     Spec = LinearRelationSpec
+    skeleton = """\
+about: Factual recall decodes the object from the subject's state through one affine map per relation.
+tags: [linear_relation]
+relations:                       # at least two: each relation's map is the other's control
+  country_capital: {data: data/lre_country_capital.jsonl, template: "The capital of {subject} is"}
+  country_language: {data: data/lre_country_language.jsonl, template: "The official language of {subject} is"}
+layer: 0.3                       # the subject state: resid_post of this layer (int, negative, fraction), below the last
+train: 8                         # examples per relation whose Jacobians estimate W and b; the rest are held out
+beta: 1.0                        # LRE(s) = beta W s + b
+claims:
+  capital_faithful:              # LRE decodes the model's own first answer token; beats identity, bias, other map
+    relation: country_capital
+    against: country_language
+    expect: {faithfulness: {at_least: 0.5}}
+  capital_edit_is_causal:        # s + pinv_rank(beta W)(LRE(s') - LRE(s)) makes the model give s' 's answer
+    relation: country_capital
+    rank: 64
+    expect: {edit_success: {at_least: 0.3}}
+"""
+    skeleton_data = {
+        "data/lre_country_capital.jsonl": [{"subject": c, "object": " " + cap} for c, cap, _ in _LRE_ROWS],
+        "data/lre_country_language.jsonl": [{"subject": c, "object": " " + lang} for c, _, lang in _LRE_ROWS],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -27,6 +27,7 @@ from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.examples import two_hop_examples
 from ..toolkit.prompts import encode_rows, read_rows, text_token_index, token_index
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -74,6 +75,19 @@ class PatchscopeSpec(ProbeSpec[PatchscopeClaim]):
 
 class Patchscope(ProbeKind[PatchscopeSpec]):
     Spec = PatchscopeSpec
+    skeleton = """\
+about: The bridge entity is decodable from the first entity's last token at middle layers.
+tags: [patchscope]
+source: {prompts: data/two_hop.jsonl, field: query, position: bridge_entity_last, layers: all, stride: 1}
+# The state goes into the placeholder " x" (last, an int, or {token, occurrence} name a token); layer: same or an int
+target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: {token: " x", occurrence: -1}, layer: same}
+read: {max_new_tokens: 6, expect_field: hop1_answer, aliases_field: hop1_aliases}
+claims:
+  bridge_decodable_mid_depth:
+    layers: "0.25:0.75"          # fractions of depth; the best layer of this range is tested (the count searched is reported)
+    expect: {decode_rate: {at_least: 0.3}}
+"""
+    skeleton_data = {"data/two_hop.jsonl": two_hop_examples()}  # the control needs several rows
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:
