@@ -110,10 +110,7 @@ def load(path: Path) -> LoadedProbe:
 def check_data_files(probe: LoadedProbe) -> None:
     """Every data file the probe names is allowed, exists and reads as JSONL, and its rows are well formed
     (no model needed): a located SpecError / DataError otherwise. The rows are kept on the probe."""
-    kind = KINDS[probe.spec.kind]
-    for rel, loc in kind.data_files(probe.spec):
-        probe.rows(rel, loc, required=())
-    kind.check_data(probe)
+    KINDS[probe.spec.kind].check_files(probe)
 
 
 def claim_names(probe: LoadedProbe) -> list[str]:

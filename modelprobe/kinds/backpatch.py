@@ -27,6 +27,7 @@ from ..errors import DataError, SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Plot, Table
 from ..spec import (
     ClaimSpec,
+    DataFile,
     OneExpectation,
     ProbeSpec,
     RateChangeThreshold,
@@ -74,7 +75,7 @@ class BackpatchClaim(ClaimSpec):
 
 class BackpatchSpec(ProbeSpec[BackpatchClaim]):
     kind: Literal["backpatch"]
-    queries: str = Field(description='JSONL: {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", '
+    queries: DataFile = Field(description='JSONL: {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", '
                                      '"hop1_aliases", "hop2", "shortcuts"}')
     filter: BackpatchFilter = BackpatchFilter()
     source_position: Literal["last", "bridge_entity_last"] = Field(

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar, get_
 from ..errors import SiteError, SpecError
 from ..report.record import ClaimResult, ControlResult, Plot
 from ..spec import ClaimSpec, LoadedProbe, ProbeBase
-from ..spec.fields import data_files
+from ..spec.fields import Rows, data_files
 from ..stats import decide
+from ..toolkit.prompts import read_rows
 
 if TYPE_CHECKING:
     from ..subject import Subject
@@ -101,7 +102,19 @@ class ProbeKind(ABC, Generic[SpecT]):
     def data_files(cls, spec: Any) -> list[tuple[str, tuple]]:
         """(path relative to the probe file, its YAML loc) of every data file the spec names: its
         `DataFile` fields, nested blocks and claims included."""
-        return list(data_files(spec))
+        return [(path, loc) for path, loc, _ in data_files(spec)]
+
+    def data_rows(self, path: str) -> list[dict[str, Any]]:
+        """The rows of a data file the spec names, read once and checked as its field declares."""
+        return _read(self.probe, next(f for f in data_files(self.spec) if f[0] == path))
+
+    @classmethod
+    def check_files(cls, probe: LoadedProbe) -> None:
+        """Read every data file the spec names, checking the rows its field declares (`Rows`), then the
+        kind's own checks: at collection, no model needed; located errors otherwise."""
+        for found in data_files(probe.spec):
+            _read(probe, found)
+        cls.check_data(probe)
 
     @classmethod
     def check_data(cls, probe: LoadedProbe) -> Any:
@@ -133,6 +146,13 @@ class ProbeKind(ABC, Generic[SpecT]):
         for c in outcome.claims:
             c.duration_s = c.duration_s or per_claim
         return outcome
+
+
+def _read(probe: LoadedProbe, found: tuple[str, tuple, Rows | None]) -> list[dict[str, Any]]:
+    path, loc, rows = found
+    if rows is None:
+        return probe.rows(path, loc, required=())
+    return read_rows(probe, path, loc, rows.text, rows.optional)
 
 
 def judge(name: str, claim: ClaimSpec, m: Measured) -> ClaimResult:

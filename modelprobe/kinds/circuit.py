@@ -28,7 +28,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Strict, Threshold
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict, Threshold
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject.sites import resolve_sites
@@ -115,8 +115,8 @@ class CircuitControls(Strict):
 
 class CircuitSpec(ProbeSpec[CircuitClaim]):
     kind: Literal["circuit"]
-    prompts: str = Field(description='JSONL file: {"prompt": ..., "answer": " Mary", "wrong": " John"}')
-    reference: str | None = Field(None, description="JSONL file whose activations replace ablated components "
+    prompts: DataFile = Field(description='JSONL file: {"prompt": ..., "answer": " Mary", "wrong": " John"}')
+    reference: DataFile | None = Field(None, description="JSONL file whose activations replace ablated components "
                                   "(means, or resampled prompts); not needed for zero ablation")
     rows: str | None = Field(None, description="use only these lines of the prompt file, a 0-based slice "
                              "'start:stop' (e.g. the held-out part of a file used for discovery)")

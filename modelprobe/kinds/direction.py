@@ -39,6 +39,7 @@ from ..names import canonical_name
 from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
 from ..spec import (
     ClaimSpec,
+    DataFile,
     FiniteFloat,
     OneExpectation,
     ProbeSpec,
@@ -88,12 +89,12 @@ class SplitSpec(Strict):
 
 
 class PromptSets(Strict):
-    positive: str = Field(description='JSONL, one {"prompt": ...} per line: prompts that trigger the behaviour')
-    negative: str = Field(description="JSONL: prompts that do not")
+    positive: DataFile = Field(description='JSONL, one {"prompt": ...} per line: prompts that trigger the behaviour')
+    negative: DataFile = Field(description="JSONL: prompts that do not")
     chat_template: bool = False
     system: str | None = Field(None, description="system prompt, with chat_template")
     split: SplitSpec = Field(default_factory=SplitSpec)
-    neutral: str | None = Field(
+    neutral: DataFile | None = Field(
         None, description="JSONL: prompts the intervention should leave alone, on which the side-effect guard "
                           "runs (the first 16; rendered like the others). Default: the negative set's test prompts, "
                           "right when they are neutral (harmless requests for refusal), not when they show the "

@@ -24,6 +24,7 @@ from .._lazy import torch
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
 from ..spec import (
     ClaimSpec,
+    DataFile,
     FiniteFloat,
     OneExpectation,
     ProbeSpec,
@@ -74,8 +75,8 @@ class UnitSpec(Strict):
 
 
 class InputsSpec(Strict):
-    with_: str = Field(alias="with", description='JSONL of {"prompt": ...} showing the concept')
-    without: str = Field(description='JSONL of {"prompt": ...} without it')
+    with_: DataFile = Field(alias="with", description='JSONL of {"prompt": ...} showing the concept')
+    without: DataFile = Field(description='JSONL of {"prompt": ...} without it')
     rows: str | None = Field(None, description="'start:stop' (0-based) lines of each file used, e.g. the lines "
                              "`modelprobe find` did not see")
     aggregate: Literal["max", "mean"] = Field("max", description="a prompt's activation: max or mean over its tokens")

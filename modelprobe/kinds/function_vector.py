@@ -25,7 +25,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..errors import SiteError
 from ..report.record import ControlResult, HeatMap, LinePlot, Series, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec
 from ..spec.fields import Rate, RateChangeThreshold, Strict
 from ..stats import paired_bootstrap
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
@@ -68,7 +68,7 @@ class FvExpect(OneExpectation):
 class FvClaim(ClaimSpec):
     expect: FvExpect
     algebra: Algebra | None = Field(None, description="composes: named tasks' vectors added and subtracted")
-    task: str | None = Field(None, description="composes: JSONL task file whose zero-shot prompts get the sum")
+    task: DataFile | None = Field(None, description="composes: JSONL task file whose zero-shot prompts get the sum")
 
     @model_validator(mode="after")
     def _fits(self) -> FvClaim:
@@ -87,7 +87,7 @@ class FvClaim(ClaimSpec):
 
 class FunctionVectorSpec(ProbeSpec[FvClaim]):
     kind: Literal["function_vector"]
-    task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
+    task: DataFile = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
     format: IclFormat
     shots: int = Field(10, ge=1, le=64, description="examples per few-shot prompt")
     prompts: int = Field(20, ge=2, le=1024, description="few-shot prompts for the mean head outputs (and their "
@@ -100,7 +100,7 @@ class FunctionVectorSpec(ProbeSpec[FvClaim]):
     test: int = Field(40, ge=5, le=4096, description="held-out queries the claims are measured on")
     min_fewshot_accuracy: Rate = Field(0.5, description="a task answered less often than this with `shots` "
                                                         "examples is untestable (no function to extract)")
-    control_task: str | None = Field(None, description="another task's JSONL file, whose vector is a control "
+    control_task: DataFile | None = Field(None, description="another task's JSONL file, whose vector is a control "
                                                        "(default: the first task an algebra names)")
     tasks: dict[TaskName, str] = Field(default_factory=dict, description="algebra task names -> JSONL files "
                                        "(default: a name N means data/icl_N.jsonl next to the probe)")

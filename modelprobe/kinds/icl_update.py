@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Threshold
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Threshold
 from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
 from ..subject.sites import resolve_layer
 from ..toolkit.prompts import read_rows
@@ -94,8 +94,8 @@ class IclClaim(ClaimSpec):
 
 class IclUpdateSpec(ProbeSpec[IclClaim]):
     kind: Literal["icl_update"]
-    task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
-    control_task: str | None = Field(None, description="another task's JSONL file, for control: other_task")
+    task: DataFile = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
+    control_task: DataFile | None = Field(None, description="another task's JSONL file, for control: other_task")
     format: IclFormat
     shots: int = Field(8, ge=3, le=64, description="context examples per prompt")
     prompts: int = Field(64, ge=8, le=4096, description="(context, query) pairs drawn with the seed")

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ControlResult, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec, RateChangeThreshold
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateChangeThreshold
 from ..spec.fields import Count, Strict
 from ..stats import bootstrap_ci
 from ..toolkit.behaviour import (
@@ -47,12 +47,12 @@ from .graders import Grader, GraderSpec, build_grader
 
 
 class IcvDemos(Strict):
-    pairs: str = Field(description='JSONL file, one {"source": ..., "target": ...} demo pair per line')
+    pairs: DataFile = Field(description='JSONL file, one {"source": ..., "target": ...} demo pair per line')
     chat_template: bool = Field(False, description="render each demo text as a user turn of the chat template")
 
 
 class IcvQueries(Strict):
-    prompts: str = Field(description='JSONL file, one {"prompt": ...} per line: the queries to restyle')
+    prompts: DataFile = Field(description='JSONL file, one {"prompt": ...} per line: the queries to restyle')
     chat_template: bool = True
     max_prompts: Count = Field(200, description="use at most this many queries (the first ones)")
 

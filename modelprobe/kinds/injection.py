@@ -21,6 +21,7 @@ from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Table
 from ..spec import (
     ClaimSpec,
+    DataFile,
     OneExpectation,
     ProbeSpec,
     RateChangeThreshold,
@@ -111,12 +112,12 @@ class InjectionClaim(ClaimSpec):
 
 class InjectionSpec(ProbeSpec[InjectionClaim]):
     kind: Literal["injection"]
-    concepts: str = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
-    baseline_words: str = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
-    no_questions: str | None = Field(None, description='JSONL: {"question": ...} whose honest answer is no')
+    concepts: DataFile = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
+    baseline_words: DataFile = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
+    no_questions: DataFile | None = Field(None, description='JSONL: {"question": ...} whose honest answer is no')
     vector: VectorSpec = Field(default_factory=VectorSpec)
     inject: InjectSpec = Field(default_factory=InjectSpec)
-    trial: str = Field("default", description="default (the published protocol in our words) or a JSONL of "
+    trial: Literal["default"] | DataFile = Field("default", description="default (the published protocol in our words) or a JSONL of "
                        "{role, content} messages; the last holds 'Trial {n}' and '{question}'")
     question: str = Field(intro.DEFAULT_QUESTION, min_length=1, description="the trial question")
     grader: Literal["rules"] | JudgeSpec = "rules"

@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec, Strict
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict
 from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
@@ -79,9 +79,9 @@ class ProtocolClaim(ClaimSpec):
 
 class InjectionProtocolSpec(ProbeSpec[ProtocolClaim]):
     kind: Literal["injection_protocol"]
-    concepts: str = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
-    baseline_words: str = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
-    sentences: str = Field(description='JSONL: {"sentence": ...} plain sentences that name no concept')
+    concepts: DataFile = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
+    baseline_words: DataFile = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
+    sentences: DataFile = Field(description='JSONL: {"sentence": ...} plain sentences that name no concept')
     vector: VectorSpec = Field(default_factory=VectorSpec)
     inject: FixedInjectSpec
     trials: int = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "

@@ -19,7 +19,7 @@ from pydantic import Field
 from .._lazy import torch
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series
-from ..spec import ClaimSpec, Count, OneExpectation, ProbeSpec, RateThreshold
+from ..spec import ClaimSpec, Count, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
 from ..subject.sites import Site, resolve_layer
@@ -48,7 +48,7 @@ class LatentClaim(ClaimSpec):
 
 class LatentLanguageSpec(ProbeSpec[LatentClaim]):
     kind: Literal["latent_language"]
-    prompts: str = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
+    prompts: DataFile = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
                                      '"target_aliases" / "pivot_aliases" lists')
     chat_template: bool = False
     system: str | None = None

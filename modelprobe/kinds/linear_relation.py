@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeSpec, RateThreshold
+from ..spec import ClaimName, ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import Count, FiniteFloat, LayerSpec, Strict
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
@@ -37,7 +37,7 @@ SUBJECT = "{subject}"
 
 
 class Relation(Strict):
-    data: str = Field(description='JSONL file, one {"subject": "France", "object": " Paris"} per line '
+    data: DataFile = Field(description='JSONL file, one {"subject": "France", "object": " Paris"} per line '
                                   '(an optional "prompt" replaces the template for that row)')
     template: str = Field(description='the prompt, with {subject} once: "The capital of {subject} is"')
 

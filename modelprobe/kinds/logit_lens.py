@@ -6,7 +6,7 @@ unembedding; the target's rank and probability per layer give the first layer at
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -17,16 +17,18 @@ from ..report.record import ClaimResult, LinePlot, Series
 from ..spec import (
     ClaimSpec,
     Count,
+    DataFile,
     OneExpectation,
     ProbeSpec,
     RateThreshold,
+    Rows,
     Threshold,
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
 from ..subject.sites import Site, resolve_layer
 from ..toolkit import metrics
-from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
+from ..toolkit.prompts import answer_tokens, data_error, encode_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
 NEVER = 2.0  # first-layer fraction recorded for a target that never reaches top-k (beyond the last layer)
@@ -48,7 +50,8 @@ class LensClaim(ClaimSpec):
 
 class LogitLensSpec(ProbeSpec[LensClaim]):
     kind: Literal["logit_lens"]
-    prompts: str = Field(description='JSONL file, one {"prompt": ..., "answer": ...} per line')
+    prompts: Annotated[DataFile, Rows("prompt", "answer")] = Field(
+        description='JSONL file, one {"prompt": ..., "answer": ...} per line')
     chat_template: bool = False
     system: str | None = None
     target: Literal["first_token", "single_token"] = Field(
@@ -81,14 +84,10 @@ claims:
         {"prompt": "The capital of Italy is", "answer": " Rome"},
     ]}
 
-    @classmethod
-    def check_data(cls, probe) -> list[dict]:
-        return read_rows(probe, probe.spec.prompts, ("prompts",), ("prompt", "answer"))
-
     def setup(self) -> None:
         spec, subject = self.spec, self.subject
         path = self.probe.path.parent / spec.prompts
-        self.rows = self.check_data(self.probe)
+        self.rows = self.data_rows(spec.prompts)
         self.ids = encode_rows(subject, [r["prompt"] for r in self.rows], path, None, spec.chat_template,
                                spec.system)
         self.targets = []

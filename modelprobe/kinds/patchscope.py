@@ -21,7 +21,7 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeSpec, RateThreshold
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
 from ..subject.sites import resolve_layer
@@ -33,7 +33,7 @@ from .base import Measured, Outcome, ProbeKind, judge
 
 
 class PatchscopeSource(Strict):
-    prompts: str = Field(description="JSONL file of source rows")
+    prompts: DataFile = Field(description="JSONL file of source rows")
     field: str = Field("query", description="the row field holding the source prompt")
     position: Literal["bridge_entity_last"] | TokenSpec = Field(  # type: ignore[valid-type]
         "last", description="'last', an int, {token, occurrence}, or bridge_entity_last: the last token of "

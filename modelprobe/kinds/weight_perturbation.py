@@ -48,6 +48,7 @@ from ..errors import SiteError
 from ..report.record import Bars, ControlResult, NullHistogram, Table
 from ..spec import (
     ClaimSpec,
+    DataFile,
     FiniteFloat,
     OneExpectation,
     ProbeSpec,
@@ -104,7 +105,7 @@ class Split(Strict):
 
 
 class WeightBehaviour(Strict):
-    prompts: str = Field(description='JSONL, one {"prompt": ...} per line: prompts that show the behaviour')
+    prompts: DataFile = Field(description='JSONL, one {"prompt": ...} per line: prompts that show the behaviour')
     chat_template: bool = False
     system: str | None = Field(None, description="system prompt, with chat_template")
     grader: GraderSpec = Field(description="refusal | sentiment | {substrings: [...]} | {regex: ...} | "
@@ -133,7 +134,7 @@ class Noise(Strict):
 
 
 class Specificity(Strict):
-    prompts: str = Field("data/harmless_instructions.jsonl", description='JSONL, one {"prompt": ...} per line: '
+    prompts: DataFile = Field("data/harmless_instructions.jsonl", validate_default=True, description='JSONL, one {"prompt": ...} per line: '
                          "unrelated prompts the perturbed model must still answer like the clean one (rendered "
                          "like the behaviour prompts)")
     max_prompts: Count = Field(16, description="use at most this many (the first ones)")

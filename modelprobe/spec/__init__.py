@@ -13,6 +13,7 @@ from .fields import (
     Rate,
     RateChangeThreshold,
     RateThreshold,
+    Rows,
     Seed,
     SiteSpec,
     SplitBase,
@@ -25,5 +26,5 @@ from .fields import (
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
 __all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "DataFile", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
-           "ProbeBase", "ProbeSpec", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "SplitBase", "Strict", "Threshold",
+           "ProbeBase", "ProbeSpec", "Rate", "RateChangeThreshold", "RateThreshold", "Rows", "Seed", "SiteSpec", "SplitBase", "Strict", "Threshold",
            "TokenPosition", "TokenSpec", "Tolerance", "load_probe"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, model_validator
@@ -51,7 +52,22 @@ class DataPath(str):
 
 
 # A JSONL data file named by a probe field: declared once, it is checked at collection with every other.
+# A default path needs `Field(..., validate_default=True)`, so that it is marked too.
 DataFile = Annotated[str, AfterValidator(DataPath)]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What every row of a data file holds, checked at collection: `Annotated[DataFile, Rows("prompt",
+    "answer")]` (non-empty text fields; `optional` ones are text when present). Without it the file is
+    only read; the kind checks its rows itself."""
+
+    text: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    def __init__(self, *text: str, optional: tuple[str, ...] = ()) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "optional", optional)
 # Greedy tokens a grader reads: one bound for every kind that generates replies to grade.
 NewTokens = Annotated[int, Field(ge=1, le=4096, description="greedy reply length the grader reads")]
 
@@ -205,16 +221,20 @@ class SplitBase(Strict):
     seed: Seed = Field(0, description="seed of the split")
 
 
-def data_files(value: Any, loc: tuple = ()) -> Iterator[tuple[str, tuple]]:
-    """(path, YAML loc) of every data file a validated spec (or any part of it) names, in field order."""
+def data_files(value: Any, loc: tuple = (), rows: Rows | None = None) -> Iterator[tuple[str, tuple, Rows | None]]:
+    """(path, YAML loc, what its rows hold) of every data file a validated spec (or any part of it) names,
+    in field order, the claims last."""
     if isinstance(value, DataPath):
-        yield str(value), loc
+        yield str(value), loc, rows
     elif isinstance(value, BaseModel):
-        for name, field in type(value).model_fields.items():
-            yield from data_files(getattr(value, name), (*loc, field.alias or name))
+        fields = type(value).model_fields
+        for name in sorted(fields, key=lambda n: n == "claims"):  # the probe's own files before its claims'
+            field = fields[name]
+            marker = next((m for m in field.metadata if isinstance(m, Rows)), None)
+            yield from data_files(getattr(value, name), (*loc, field.alias or name), marker)
     elif isinstance(value, dict):
         for key, item in value.items():
-            yield from data_files(item, (*loc, key))
+            yield from data_files(item, (*loc, key), rows)
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            yield from data_files(item, (*loc, i))
+            yield from data_files(item, (*loc, i), rows)
