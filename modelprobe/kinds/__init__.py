@@ -1,16 +1,18 @@
 """The claim kinds: a registry that assembles the probe-file specs (spec/ itself knows no kind).
 
 A kind's name is written once, in its spec (`kind: Literal["circuit"]`). The built-in kinds are found
-by looking through this package's modules for `ProbeKind` subclasses, so a source checkout on
-PYTHONPATH works without installed metadata, and a new kind module is registered by being here.
-Another package ships a kind under the entry point group `modelprobe.kinds`
-(`name = "package.module:KindClass"`); it is imported only when its kind is named. Kind modules import
-no torch at import time.
+by reading this package's modules for kind classes, so a source checkout on PYTHONPATH works without
+installed metadata, and a new kind module is registered by being here. Another package ships a kind
+under the entry point group `modelprobe.kinds` (`name = "package.module:KindClass"`). A kind module is
+imported only when its kind is named (and by `modelprobe schema`, which needs them all); kind modules
+import no torch at import time.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
@@ -28,18 +30,42 @@ if TYPE_CHECKING:
 GROUP = "modelprobe.kinds"
 
 
-def builtin_kinds() -> dict[str, type[ProbeKind]]:
-    """name -> class of every kind defined in a module of this package (helper modules define none)."""
-    found: dict[str, type[ProbeKind]] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        for value in vars(module).values():
-            if (isinstance(value, type) and issubclass(value, ProbeKind) and value is not ProbeKind
-                    and value.__module__ == module.__name__ and "name" in vars(value)):
-                if value.name in found:
-                    raise ModelprobeError(f"two built-in kinds are named '{value.name}'")
-                found[value.name] = value
+def builtin_kinds() -> dict[str, str]:
+    """name -> "module:Class" of every kind class in this package: a class that sets `Spec`, named by
+    that spec's `kind` Literal. Read from the source, so that nothing is imported (a kind module loads
+    only when its kind is named, and helper modules may import torch); a spec defined in another module
+    is asked of the imported class."""
+    found: dict[str, str] = {}
+    for info in pkgutil.walk_packages(__path__, f"{__name__}."):
+        spec = importlib.util.find_spec(info.name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        for cls in classes.values():
+            spec_name = next((stmt.value.id for stmt in cls.body if isinstance(stmt, ast.Assign)
+                              and [getattr(t, "id", None) for t in stmt.targets] == ["Spec"]
+                              and isinstance(stmt.value, ast.Name)), None)
+            if spec_name is None:
+                continue
+            name = _literal_kind(classes.get(spec_name))
+            if name is None:
+                name = getattr(importlib.import_module(info.name), cls.name).name
+            if name in found:
+                raise ModelprobeError(f"two built-in kinds are named '{name}'")
+            found[name] = f"{info.name}:{cls.name}"
     return found
+
+
+def _literal_kind(spec: ast.ClassDef | None) -> str | None:
+    """The string of a spec class's `kind: Literal["..."]`, from its source."""
+    for stmt in spec.body if spec is not None else ():
+        if (isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == "kind"
+                and isinstance(stmt.annotation, ast.Subscript)
+                and getattr(stmt.annotation.value, "id", None) == "Literal"
+                and isinstance(stmt.annotation.slice, ast.Constant) and isinstance(stmt.annotation.slice.value, str)):
+            return stmt.annotation.slice.value
+    return None
 
 
 class KindRegistry(Mapping[str, type[ProbeKind]]):
@@ -55,9 +81,7 @@ class KindRegistry(Mapping[str, type[ProbeKind]]):
         if self._targets is None:
             builtin = builtin_kinds()
             found = {ep.name: ep.value for ep in entry_points(group=GROUP) if ep.name not in builtin}
-            found.update({name: f"{cls.__module__}:{cls.__qualname__}" for name, cls in builtin.items()})
-            self._loaded.update(builtin)
-            self._targets = found
+            self._targets = {**found, **builtin}
         return self._targets
 
     def refresh(self) -> None:
@@ -66,8 +90,8 @@ class KindRegistry(Mapping[str, type[ProbeKind]]):
         self._loaded.clear()
 
     def __getitem__(self, name: str) -> type[ProbeKind]:
-        target = self.targets()[name]  # KeyError for an unknown kind, as a Mapping should
         if name not in self._loaded:
+            target = self.targets()[name]  # KeyError for an unknown kind, as a Mapping should
             module, _, attr = target.partition(":")
             try:
                 cls = getattr(importlib.import_module(module), attr)
