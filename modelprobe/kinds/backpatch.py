@@ -32,7 +32,7 @@ from ..spec import (
     ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
-    Seed,
+    SplitBase,
 )
 from ..spec.fields import LayerSpec, Strict
 from ..stats import paired_difference, wilson_interval
@@ -56,9 +56,8 @@ class LayerGrid(Strict):
     stride: int = Field(1, ge=1, le=64, description="keep every stride-th layer of each list (a coarser grid)")
 
 
-class Split(Strict):
+class Split(SplitBase):
     dev: float = Field(0.3, gt=0, lt=1, description="share of the wrong queries that choose the best pair")
-    seed: Seed = Field(0, description="seed of the dev/test split")
 
 
 class BackpatchExpect(OneExpectation):

@@ -38,6 +38,7 @@ from ..errors import SiteError
 from ..names import canonical_name
 from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
 from ..spec import (
+    ChatPrompts,
     ClaimSpec,
     DataFile,
     FiniteFloat,
@@ -45,7 +46,7 @@ from ..spec import (
     ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
-    Seed,
+    SplitBase,
     Strict,
 )
 from ..spec.fields import LayerSpec
@@ -66,7 +67,7 @@ from ..toolkit.metrics import kl as _kl
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
 from ..toolkit.steering import ablate_direction_everywhere, add_at_layer
 from .base import Measured, Outcome, ProbeKind, judge
-from .graders import Grader, GraderSpec, build_grader
+from .graders import BehaviourSpec, Grader, build_grader
 
 if TYPE_CHECKING:
     from ..subject.interventions import Intervention
@@ -81,18 +82,15 @@ EXAMPLES = 3  # replies shown per claim in the report
 
 # ---- probe-file spec ----------------------------------------------------------------------------
 
-class SplitSpec(Strict):
+class SplitSpec(SplitBase):
     train: int = Field(64, ge=1, description="prompts per set for the difference of means")
     validation: int = Field(32, ge=0, description="prompts per set for choosing layer and position")
     test: int = Field(64, ge=1, description="prompts per set for the claims")
-    seed: Seed = Field(0, description="seed of the split")
 
 
-class PromptSets(Strict):
+class PromptSets(ChatPrompts):
     positive: DataFile = Field(description='JSONL, one {"prompt": ...} per line: prompts that trigger the behaviour')
     negative: DataFile = Field(description="JSONL: prompts that do not")
-    chat_template: bool = False
-    system: str | None = Field(None, description="system prompt, with chat_template")
     split: SplitSpec = Field(default_factory=SplitSpec)
     neutral: DataFile | None = Field(
         None, description="JSONL: prompts the intervention should leave alone, on which the side-effect guard "
@@ -126,15 +124,6 @@ class DirectionSearch(Strict):
     max_layer_fraction: float = Field(0.8, gt=0, le=1, description="layer: auto drops l >= int(this * L)")
     select_new_tokens: int = Field(12, ge=1, description="reply length used to score candidates with a "
                                                          "text grader (capped by max_new_tokens)")
-
-
-class BehaviourSpec(Strict):
-    grader: GraderSpec = Field(description="refusal | sentiment | sycophancy | truthfulness | {substrings: [...]} | "
-                                           "{regex: ...} | {tokens: [...]} | {lexicon: {positive: [...], negative: [...]}} | "
-                                           "{fact: ...}")
-    max_new_tokens: int = Field(48, ge=1, description="greedy reply length the grader reads")
-    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a drop needs a base rate of at least this, a "
-                                                                "rise at most 1 - this; otherwise untestable")
 
 
 class DirectionExpect(OneExpectation):

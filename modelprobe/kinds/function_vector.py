@@ -25,13 +25,12 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..errors import SiteError
 from ..report.record import ControlResult, HeatMap, LinePlot, Series, Table
-from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec
+from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec
 from ..spec.fields import Rate, RateChangeThreshold, Strict
 from ..stats import paired_bootstrap
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import answer_tokens, data_error, read_rows, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
-from .icl_update import IclFormat
 
 MIN_SCORED = 5  # held-out items answered with examples, below which no gain is measured
 

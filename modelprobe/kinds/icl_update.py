@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Threshold
-from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
+from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec, Threshold
+from ..spec.fields import CorrelationThreshold, LayerSpec
 from ..subject.sites import resolve_layer
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -27,27 +27,6 @@ from .base import Measured, Outcome, ProbeKind, judge
 Control = Literal["shuffled_labels", "other_task", "random_rank1"]
 CONTROLS = {"spearman_rho": ("shuffled_labels",), "gain_recovered": ("other_task", "random_rank1"),
             "max_rel_error": ()}
-
-
-class IclFormat(Strict):
-    example: str = Field(description="one context example, with {input} and {output}")
-    query: str = Field(description="the query, with {input} and no {output}; the answer follows it")
-
-    @field_validator("example", "query")
-    @classmethod
-    def _placeholders(cls, value: str, info) -> str:
-        need = ("input", "output") if info.field_name == "example" else ("input",)
-        for name in need:
-            if "{" + name + "}" not in value:
-                raise ValueError(f"the {info.field_name} format must contain {{{name}}}")
-        try:
-            value.format(input="x", output="y")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"only {{input}} and {{output}} may appear in braces (use {{{{ }}}} for a brace): "
-                             f"{e}") from None
-        if info.field_name == "query" and "{output}" in value:
-            raise ValueError("the query format must not contain {output}: the model is asked for it")
-        return value
 
 
 class IclExpect(OneExpectation):

@@ -30,7 +30,7 @@ from pydantic import Field
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ControlResult, Table
 from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateChangeThreshold
-from ..spec.fields import Count, Strict
+from ..spec.fields import Count, NewTokens, Strict
 from ..stats import bootstrap_ci
 from ..toolkit.behaviour import (
     COHERENT_RULE,
@@ -43,7 +43,7 @@ from ..toolkit.behaviour import (
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import encode_rows, read_rows, single_token
 from .base import Measured, Outcome, ProbeKind, judge
-from .graders import Grader, GraderSpec, build_grader
+from .graders import BehaviourSpec, Grader, build_grader
 
 
 class IcvDemos(Strict):
@@ -57,10 +57,8 @@ class IcvQueries(Strict):
     max_prompts: Count = Field(200, description="use at most this many queries (the first ones)")
 
 
-class IcvBehaviour(Strict):
-    grader: GraderSpec = Field(description="a preset (refusal, sentiment, sycophancy, truthfulness) or a custom grader")
-    max_new_tokens: int = Field(32, ge=1, le=512)
-    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a rise needs a base rate of at most 1 - this")
+class IcvBehaviour(BehaviourSpec):
+    max_new_tokens: NewTokens = 32
 
 
 class IcvExpect(OneExpectation):

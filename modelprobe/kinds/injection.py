@@ -26,7 +26,7 @@ from ..spec import (
     ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
-    Seed,
+    SplitBase,
     Strict,
 )
 from ..spec.load import parse_jsonl
@@ -80,10 +80,9 @@ class JudgeSpec(Strict):
     judge: str = Field(description="a second local model (path, GGUF or alias, loaded like --model) that grades")
 
 
-class SplitSpec(Strict):
+class SplitSpec(SplitBase):
     dev: int = Field(10, ge=1, description="concepts used to choose layer and strength")
     test: int = Field(40, ge=2, description="held-out concepts the claims are measured on")
-    seed: Seed = 0
 
 
 class InjectionExpect(OneExpectation):

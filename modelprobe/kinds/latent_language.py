@@ -19,7 +19,7 @@ from pydantic import Field
 from .._lazy import torch
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series
-from ..spec import ClaimSpec, Count, DataFile, OneExpectation, ProbeSpec, RateThreshold
+from ..spec import ChatPrompts, ClaimSpec, Count, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
 from ..subject.sites import Site, resolve_layer
@@ -46,12 +46,10 @@ class LatentClaim(ClaimSpec):
                           f"'{WINDOW}' for pivot_leads, the last layer for target_leads")
 
 
-class LatentLanguageSpec(ProbeSpec[LatentClaim]):
+class LatentLanguageSpec(ProbeSpec[LatentClaim], ChatPrompts):
     kind: Literal["latent_language"]
     prompts: DataFile = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
                                      '"target_aliases" / "pivot_aliases" lists')
-    chat_template: bool = False
-    system: str | None = None
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
     by: Literal["probability", "rank"] = Field(
         "probability", description="probability: summed mass of each word's first tokens; rank: best rank")

@@ -15,6 +15,7 @@ from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import ClaimResult, LinePlot, Series
 from ..spec import (
+    ChatPrompts,
     ClaimSpec,
     Count,
     DataFile,
@@ -48,12 +49,10 @@ class LensClaim(ClaimSpec):
     only_correct: bool = Field(False, description="measure only prompts whose target is top-1 at the last layer")
 
 
-class LogitLensSpec(ProbeSpec[LensClaim]):
+class LogitLensSpec(ProbeSpec[LensClaim], ChatPrompts):
     kind: Literal["logit_lens"]
     prompts: Annotated[DataFile, Rows("prompt", "answer")] = Field(
         description='JSONL file, one {"prompt": ..., "answer": ...} per line')
-    chat_template: bool = False
-    system: str | None = None
     target: Literal["first_token", "single_token"] = Field(
         "first_token", description="first_token: the answer's first token; single_token: answers must be one token")
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"

@@ -47,16 +47,17 @@ from .._lazy import LazyModule, torch
 from ..errors import SiteError
 from ..report.record import Bars, ControlResult, NullHistogram, Table
 from ..spec import (
+    ChatPrompts,
     ClaimSpec,
     DataFile,
     FiniteFloat,
     OneExpectation,
     ProbeSpec,
     RateChangeThreshold,
-    Seed,
+    SplitBase,
     Strict,
 )
-from ..spec.fields import Count, LayerSpec, Rate
+from ..spec.fields import Count, LayerSpec, NewTokens, Rate
 from ..stats import paired_difference
 from ..subject.sites import Site, resolve_layer
 from ..toolkit import guard
@@ -80,7 +81,7 @@ from ..toolkit.controls import (
 )
 from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
-from .graders import GraderSpec, build_grader, log_odds
+from .graders import BehaviourSpec, build_grader, log_odds
 
 if TYPE_CHECKING:
     from ..subject.weights import WeightGroup
@@ -98,25 +99,18 @@ DISAGREE = 0.5
 
 # ---- probe-file spec ----------------------------------------------------------------------------
 
-class Split(Strict):
+class Split(SplitBase):
     rank: Count = Field(16, description="prompts the methods rank the groups on")
     test: Count = Field(32, description="other prompts the claims are measured on (generated replies)")
-    seed: Seed = Field(0, description="seed of the split")
 
 
-class WeightBehaviour(Strict):
+class WeightBehaviour(BehaviourSpec, ChatPrompts):
     prompts: DataFile = Field(description='JSONL, one {"prompt": ...} per line: prompts that show the behaviour')
-    chat_template: bool = False
-    system: str | None = Field(None, description="system prompt, with chat_template")
-    grader: GraderSpec = Field(description="refusal | sentiment | {substrings: [...]} | {regex: ...} | "
-                                           "{tokens: [...]} | {lexicon: ...} | {fact: ...}")
     score_tokens: list[str] | None = Field(
         None, min_length=1, description="single tokens whose log-odds at the first reply position is the "
                                         "differentiable score the methods rank by (default: the grader's "
                                         "token form; refusal: I, Sorry, As)")
-    max_new_tokens: int = Field(32, ge=1, le=4096, description="greedy reply length the grader reads")
-    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a drop needs a base rate of at least this, a "
-                                                                "rise at most 1 - this; otherwise untestable")
+    max_new_tokens: NewTokens = 32
     split: Split = Field(default_factory=Split)
 
 

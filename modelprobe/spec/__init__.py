@@ -2,10 +2,12 @@
 
 from .claims import ClaimSpec
 from .fields import (
+    ChatPrompts,
     ClaimName,
     Count,
     DataFile,
     FiniteFloat,
+    IclFormat,
     NonNegativeInt,
     OneExpectation,
     ProbeBase,
@@ -25,6 +27,6 @@ from .fields import (
 )
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
-__all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "DataFile", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
+__all__ = ["PROBE_SUFFIX", "ChatPrompts", "ClaimName", "ClaimSpec", "Count", "DataFile", "FiniteFloat", "IclFormat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
            "ProbeBase", "ProbeSpec", "Rate", "RateChangeThreshold", "RateThreshold", "Rows", "Seed", "SiteSpec", "SplitBase", "Strict", "Threshold",
            "TokenPosition", "TokenSpec", "Tolerance", "load_probe"]

@@ -8,7 +8,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic import Tag as UnionTag
 
 from ..names import COMPONENTS
@@ -213,6 +221,37 @@ class ProbeSpec(ProbeBase, Generic[ClaimT]):
     """A kind's probe file: the common fields and a `claims:` mapping of claim name -> the kind's claim."""
 
     claims: dict[ClaimName, ClaimT] = Field(min_length=1)
+
+
+class IclFormat(Strict):
+    """How an in-context task row becomes text: the context examples and the query (icl_update,
+    function_vector)."""
+
+    example: str = Field(description="one context example, with {input} and {output}")
+    query: str = Field(description="the query, with {input} and no {output}; the answer follows it")
+
+    @field_validator("example", "query")
+    @classmethod
+    def _placeholders(cls, value: str, info) -> str:
+        need = ("input", "output") if info.field_name == "example" else ("input",)
+        for name in need:
+            if "{" + name + "}" not in value:
+                raise ValueError(f"the {info.field_name} format must contain {{{name}}}")
+        try:
+            value.format(input="x", output="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{input}} and {{output}} may appear in braces (use {{{{ }}}} for a brace): "
+                             f"{e}") from None
+        if info.field_name == "query" and "{output}" in value:
+            raise ValueError("the query format must not contain {output}: the model is asked for it")
+        return value
+
+
+class ChatPrompts(Strict):
+    """How a prompt set is rendered: as is, or as a user turn of the tokenizer's chat template."""
+
+    chat_template: bool = Field(False, description="wrap each prompt in the tokenizer's chat template")
+    system: str | None = Field(None, description="system prompt, with chat_template")
 
 
 class SplitBase(Strict):
