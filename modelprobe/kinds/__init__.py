@@ -33,28 +33,34 @@ GROUP = "modelprobe.kinds"
 def builtin_kinds() -> dict[str, str]:
     """name -> "module:Class" of every kind class in this package: a class that sets `Spec`, named by
     that spec's `kind` Literal. Read from the source, so that nothing is imported (a kind module loads
-    only when its kind is named, and helper modules may import torch); a spec defined in another module
-    is asked of the imported class."""
+    only when its kind is named, and helper modules may import torch)."""
     found: dict[str, str] = {}
     for info in pkgutil.walk_packages(__path__, f"{__name__}."):
-        spec = importlib.util.find_spec(info.name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-        for cls in classes.values():
-            spec_name = next((stmt.value.id for stmt in cls.body if isinstance(stmt, ast.Assign)
-                              and [getattr(t, "id", None) for t in stmt.targets] == ["Spec"]
-                              and isinstance(stmt.value, ast.Name)), None)
-            if spec_name is None:
-                continue
-            name = _literal_kind(classes.get(spec_name))
-            if name is None:
-                name = getattr(importlib.import_module(info.name), cls.name).name
+        for name, target in _kinds_in(info.name):
             if name in found:
-                raise ModelprobeError(f"two built-in kinds are named '{name}'")
-            found[name] = f"{info.name}:{cls.name}"
+                raise ModelprobeError(f"two built-in kinds are named '{name}' ({found[name]}, {target})")
+            found[name] = target
     return found
+
+
+def _kinds_in(module: str) -> list[tuple[str, str]]:
+    """(name, "module:Class") of the kind classes a module defines. A module without its source, or a
+    kind whose spec is defined elsewhere, is asked by importing it."""
+    origin = getattr(importlib.util.find_spec(module), "origin", None) or ""
+    if not origin.endswith(".py"):
+        return [(v.name, f"{module}:{k}") for k, v in vars(importlib.import_module(module)).items()
+                if isinstance(v, type) and issubclass(v, ProbeKind) and "Spec" in vars(v) and v.__module__ == module]
+    tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    out = []
+    for cls in classes.values():
+        spec = next((stmt.value.id for stmt in cls.body if isinstance(stmt, ast.Assign)
+                     and [getattr(t, "id", None) for t in stmt.targets] == ["Spec"]
+                     and isinstance(stmt.value, ast.Name)), None)
+        if spec is not None:
+            name = _literal_kind(classes.get(spec)) or getattr(importlib.import_module(module), cls.name).name
+            out.append((name, f"{module}:{cls.name}"))
+    return out
 
 
 def _literal_kind(spec: ast.ClassDef | None) -> str | None:
