@@ -104,9 +104,13 @@ _PROBE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def cmd_new(args: argparse.Namespace) -> int:
-    from .skeletons import SKELETON_DATA, SKELETONS
-    if args.kind not in SKELETONS:
-        raise ModelprobeError(f"unknown kind '{args.kind}' (known: {', '.join(sorted(SKELETONS))})")
+    from .kinds import KINDS
+    try:
+        kind = KINDS[args.kind]
+    except KeyError:
+        raise ModelprobeError(f"unknown kind '{args.kind}' (known: {', '.join(KINDS)})") from None
+    if kind.skeleton is None:
+        raise ModelprobeError(f"kind '{args.kind}' ships no skeleton (its class sets no `skeleton`)")
     if not _PROBE_NAME.match(args.name):
         raise ModelprobeError(f"probe name '{args.name}': use letters, digits, '_', '.' or '-' (no path)")
     directory = Path(args.directory)
@@ -115,9 +119,9 @@ def cmd_new(args: argparse.Namespace) -> int:
     target = directory / f"{args.name}.probe.yaml"
     if target.exists() and not args.force:
         raise ModelprobeError(f"{target} exists (use --force to overwrite)")
-    _write(target, SKELETONS[args.kind])
+    _write(target, kind.skeleton)
     print(f"wrote {target}")
-    for rel, rows in SKELETON_DATA.get(args.kind, {}).items():
+    for rel, rows in kind.skeleton_data.items():
         data = directory / rel
         if not data.exists():
             _write(data, "".join(json.dumps(r) + "\n" for r in rows))

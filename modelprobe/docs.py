@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelprobe.kinds import BUILTIN, KINDS, ProbeKind
+from modelprobe.kinds import KINDS, ProbeKind, builtin_kinds
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("Controls", "Verdicts")
@@ -25,17 +25,13 @@ _EXAMPLE = re.compile(r"<!-- example-kind -->\n```python\n(.*?)```\n<!-- /exampl
 
 
 def kind_skeleton(kind_name: str) -> str:
-    """The commented example probe file of a kind: its `skeleton` class attribute, else the central table of
-    `modelprobe.skeletons`; '' when the kind has none."""
+    """The commented example probe file of a kind (its `skeleton` class attribute); '' when it has none."""
     return _skeleton_of(KINDS[kind_name])
 
 
 def _skeleton_of(cls: type[ProbeKind]) -> str:
     text = getattr(cls, "skeleton", None)
-    if isinstance(text, str):
-        return text
-    from modelprobe.skeletons import SKELETONS
-    return SKELETONS.get(cls.name, "")
+    return text if isinstance(text, str) else ""
 
 
 def split_docstring(text: str) -> tuple[str, dict[str, str]]:
@@ -159,7 +155,7 @@ def _provenance(cls: type[ProbeKind], target: str | None) -> str:
     where = f"`{target}`" if target else f"`{cls.__module__}:{cls.__qualname__}`"
     if target is None:
         return f"The README's example kind ({where}), loaded from the README's code block."
-    if BUILTIN.get(cls.name) == target:
+    if builtin_kinds().get(cls.name) == target:
         return f"Built in: {where}."
     return f"Installed from the entry point group `modelprobe.kinds`: {where}."
 

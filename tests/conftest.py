@@ -32,9 +32,6 @@ def _import_every_modelprobe_module() -> None:
     import modelprobe
     for info in pkgutil.walk_packages(modelprobe.__path__, "modelprobe."):
         importlib.import_module(info.name)
-    from modelprobe.kinds import BUILTIN
-    for target in BUILTIN.values():
-        importlib.import_module(target.split(":")[0])
 
 
 _import_every_modelprobe_module()

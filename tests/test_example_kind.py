@@ -53,7 +53,22 @@ def installed_kind(tmp_path, monkeypatch):
 
 
 def test_example_kind_is_short():
-    assert len(example_source().splitlines()) <= 80
+    assert len(example_source().splitlines()) < 70
+
+
+def test_example_kind_gets_a_skeleton_from_modelprobe_new(installed_kind, tmp_path, capsys):
+    """An entry-point kind's `skeleton` is what `modelprobe new` writes: its header added, and valid."""
+    from modelprobe.cli import main
+
+    assert KINDS["priming"].skeleton.startswith("# yaml-language-server: $schema=")
+    assert main(["new", "priming", "mine", "--directory", str(tmp_path)]) == 0
+    text = (tmp_path / "mine.probe.yaml").read_text()
+    assert text == KINDS["priming"].skeleton and "\nkind: priming\n" in text
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "primed.jsonl").write_text('{"context": "a b ", "prompt": "a", "answer": " b"}\n')
+    capsys.readouterr()
+    assert main(["validate", str(tmp_path / "mine.probe.yaml")]) == 0
+    assert "mine.probe.yaml: ok" in capsys.readouterr().out
 
 
 def test_example_kind_installs_through_the_entry_point_and_runs(installed_kind, pytester):

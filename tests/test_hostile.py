@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from modelprobe.cli import main
-from modelprobe.skeletons import SKELETONS
+from modelprobe.kinds import KINDS
 from tests.helpers.toy_models import copy_task_rows, save_copy_model, write_jsonl
+
+SKELETONS = {name: KINDS[name].skeleton for name in KINDS}
 
 GOOD = """\
 kind: logit_lens

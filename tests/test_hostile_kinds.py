@@ -500,7 +500,8 @@ def _bpe_model(directory: Path) -> Path:
 def test_every_fresh_skeleton_runs(pytester, tmp_path_factory, monkeypatch):
     """Not only validates: `pytest` on every fresh skeleton ends each claim in a verdict, or the probe in one
     located line (a skeleton names the default model's layers), never a traceback or an internal error."""
-    from modelprobe.skeletons import SKELETONS
+    from modelprobe.kinds import KINDS
+    SKELETONS = {name: KINDS[name].skeleton for name in KINDS}
     model = _bpe_model(tmp_path_factory.mktemp("bpe") / "tiny")
     monkeypatch.chdir(pytester.path)
     for kind in SKELETONS:

@@ -156,13 +156,12 @@ def test_unknown_word_is_a_located_data_error(built):
 
 def test_schema_and_skeleton():
     from modelprobe.cli import json_schema
-    from modelprobe.skeletons import SKELETON_DATA, SKELETONS
 
     text = json.dumps(json_schema())
     assert "latent_language" in text and "pivot_leads" in text
     assert KINDS["latent_language"].name == "latent_language"
-    assert "kind: latent_language" in SKELETONS["latent_language"]
-    assert SKELETON_DATA["latent_language"]
+    assert "kind: latent_language" in KINDS["latent_language"].skeleton
+    assert KINDS["latent_language"].skeleton_data
 
 
 def test_skeleton_validates(tmp_path):

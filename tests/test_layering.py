@@ -194,3 +194,45 @@ def test_the_subject_face_names_resolve():
     assert [n for n in face.__all__ if getattr(face, n, None) is None] == []
     with pytest.raises(AttributeError, match="no attribute 'nothing_here'"):
         face.nothing_here  # noqa: B018
+
+
+def test_every_kind_claims_map_uses_the_claim_name_type():
+    """A claim name becomes a pytest id: every kind's `claims:` map is keyed by the one checked type."""
+    from typing import get_args
+
+    from modelprobe.kinds import KINDS
+    from modelprobe.spec import ClaimName
+
+    keys = {name: get_args(KINDS[name].Spec.model_fields["claims"].annotation)[:1] for name in KINDS}
+    assert {name: k for name, k in keys.items() if k != (ClaimName,)} == {}
+
+
+def test_a_kind_name_is_written_once():
+    """The kind's name lives in its spec's `kind` Literal: no kind class sets `name` again, and the
+    registry reads the built-in kinds' names from the source exactly as the classes give them."""
+    from modelprobe.kinds import KINDS, builtin_kinds
+
+    again = []
+    for path in (PACKAGE / "kinds").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(isinstance(s, ast.Assign) and getattr(s.targets[0], "id", "")
+                                                      == "Spec" for s in node.body):
+                again += [(path.name, node.name) for s in node.body if isinstance(s, ast.Assign | ast.AnnAssign)
+                          and s.value is not None and "name" in {getattr(t, "id", "") for t in
+                                                                 (s.targets if isinstance(s, ast.Assign) else [s.target])}]
+    assert again == []
+    assert {name: KINDS[name].name for name in builtin_kinds()} == {name: name for name in builtin_kinds()}
+
+
+def test_no_claim_redeclares_the_inherited_tolerance():
+    from modelprobe.kinds import KINDS
+    from modelprobe.spec import ClaimSpec
+
+    claims = {get_claim(KINDS[name].Spec) for name in KINDS}
+    assert [c.__name__ for c in claims if "tolerance" in c.__annotations__ and c is not ClaimSpec] == []
+
+
+def get_claim(spec: type) -> type:
+    from typing import get_args
+
+    return get_args(spec.model_fields["claims"].annotation)[1]

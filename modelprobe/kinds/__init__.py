@@ -1,14 +1,19 @@
 """The claim kinds: a registry that assembles the probe-file specs (spec/ itself knows no kind).
 
-Kinds register under the entry point group `modelprobe.kinds` (`name = "package.module:KindClass"`),
-so a separate package can ship one. The built-in kinds are listed here as well, so that a source
-checkout works before its metadata is installed. A kind module is imported only when its kind is
-named (and by `modelprobe schema`, which needs them all); kind modules import no torch at import time.
+A kind's name is written once, in its spec (`kind: Literal["circuit"]`). The built-in kinds are found
+by reading this package's modules for kind classes, so a source checkout on PYTHONPATH works without
+installed metadata, and a new kind module is registered by being here. Another package ships a kind
+under the entry point group `modelprobe.kinds` (`name = "package.module:KindClass"`). A kind module is
+imported only when its kind is named (and by `modelprobe schema`, which needs them all); kind modules
+import no torch at import time.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import pkgutil
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,40 +28,66 @@ if TYPE_CHECKING:
     from ..subject import Subject
 
 GROUP = "modelprobe.kinds"
-BUILTIN = {
-    "circuit": "modelprobe.kinds.circuit:Circuit",
-    "direction": "modelprobe.kinds.direction:Direction",
-    "logit_lens": "modelprobe.kinds.logit_lens:LogitLens",
-    "icl_update": "modelprobe.kinds.icl_update:IclUpdate",
-    "backpatch": "modelprobe.kinds.backpatch:Backpatch",
-    "patchscope": "modelprobe.kinds.patchscope:Patchscope",
-    "injection": "modelprobe.kinds.injection:Injection",
-    "injection_protocol": "modelprobe.kinds.injection_protocol:InjectionProtocol",
-    "feature": "modelprobe.kinds.feature:Feature",
-    "function_vector": "modelprobe.kinds.function_vector:FunctionVector",
 
-    "weight_perturbation": "modelprobe.kinds.weight_perturbation:WeightPerturbation",
 
-    "linear_relation": "modelprobe.kinds.linear_relation:LinearRelation",
-    "icv": "modelprobe.kinds.icv:Icv",
+def builtin_kinds() -> dict[str, str]:
+    """name -> "module:Class" of every kind class in this package: a class that sets `Spec`, named by
+    that spec's `kind` Literal. Read from the source, so that nothing is imported (a kind module loads
+    only when its kind is named, and helper modules may import torch)."""
+    found: dict[str, str] = {}
+    for info in pkgutil.walk_packages(__path__, f"{__name__}."):
+        for name, target in _kinds_in(info.name):
+            if name in found:
+                raise ModelprobeError(f"two built-in kinds are named '{name}' ({found[name]}, {target})")
+            found[name] = target
+    return found
 
-    "latent_language": "modelprobe.kinds.latent_language:LatentLanguage",
-}
+
+def _kinds_in(module: str) -> list[tuple[str, str]]:
+    """(name, "module:Class") of the kind classes a module defines. A module without its source, or a
+    kind whose spec is defined elsewhere, is asked by importing it."""
+    origin = getattr(importlib.util.find_spec(module), "origin", None) or ""
+    if not origin.endswith(".py"):
+        return [(v.name, f"{module}:{k}") for k, v in vars(importlib.import_module(module)).items()
+                if isinstance(v, type) and issubclass(v, ProbeKind) and "Spec" in vars(v) and v.__module__ == module]
+    tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    out = []
+    for cls in classes.values():
+        spec = next((stmt.value.id for stmt in cls.body if isinstance(stmt, ast.Assign)
+                     and [getattr(t, "id", None) for t in stmt.targets] == ["Spec"]
+                     and isinstance(stmt.value, ast.Name)), None)
+        if spec is not None:
+            name = _literal_kind(classes.get(spec)) or getattr(importlib.import_module(module), cls.name).name
+            out.append((name, f"{module}:{cls.name}"))
+    return out
+
+
+def _literal_kind(spec: ast.ClassDef | None) -> str | None:
+    """The string of a spec class's `kind: Literal["..."]`, from its source."""
+    for stmt in spec.body if spec is not None else ():
+        if (isinstance(stmt, ast.AnnAssign) and getattr(stmt.target, "id", None) == "kind"
+                and isinstance(stmt.annotation, ast.Subscript)
+                and getattr(stmt.annotation.value, "id", None) == "Literal"
+                and isinstance(stmt.annotation.slice, ast.Constant) and isinstance(stmt.annotation.slice.value, str)):
+            return stmt.annotation.slice.value
+    return None
 
 
 class KindRegistry(Mapping[str, type[ProbeKind]]):
-    """name -> kind class, importing each kind's module on first use."""
+    """name -> kind class: the built-in kinds, then entry-point kinds, imported on first use."""
 
     def __init__(self) -> None:
         self._targets: dict[str, str] | None = None
         self._loaded: dict[str, type[ProbeKind]] = {}
 
     def targets(self) -> dict[str, str]:
+        """name -> "module:Class" of every kind; a built-in name wins over an entry point of the same
+        name (an installed copy's metadata may still list the built-ins)."""
         if self._targets is None:
-            found = dict(BUILTIN)
-            for ep in entry_points(group=GROUP):
-                found[ep.name] = ep.value
-            self._targets = found
+            builtin = builtin_kinds()
+            found = {ep.name: ep.value for ep in entry_points(group=GROUP) if ep.name not in builtin}
+            self._targets = {**found, **builtin}
         return self._targets
 
     def refresh(self) -> None:
@@ -109,10 +140,7 @@ def load(path: Path) -> LoadedProbe:
 def check_data_files(probe: LoadedProbe) -> None:
     """Every data file the probe names is allowed, exists and reads as JSONL, and its rows are well formed
     (no model needed): a located SpecError / DataError otherwise. The rows are kept on the probe."""
-    kind = KINDS[probe.spec.kind]
-    for rel, loc in kind.data_files(probe.spec):
-        probe.rows(rel, loc, required=())
-    kind.check_data(probe)
+    KINDS[probe.spec.kind].check_files(probe)
 
 
 def claim_names(probe: LoadedProbe) -> list[str]:

@@ -35,20 +35,20 @@ from pydantic import Field
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, HeatMap, Plot, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
+    DataFile,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateChangeThreshold,
     RateThreshold,
-    Seed,
-    Tolerance,
+    SplitBase,
 )
 from ..spec.fields import LayerSpec, Strict
 from ..stats import paired_difference, wilson_interval
 from ..subject import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.examples import two_hop_examples
 from ..toolkit.prompts import encode_rows, read_rows, split_indices, text_token_index
 from .base import Measured, Outcome, ProbeKind, judge
 
@@ -65,9 +65,8 @@ class LayerGrid(Strict):
     stride: int = Field(1, ge=1, le=64, description="keep every stride-th layer of each list (a coarser grid)")
 
 
-class Split(Strict):
+class Split(SplitBase):
     dev: float = Field(0.3, gt=0, lt=1, description="share of the wrong queries that choose the best pair")
-    seed: Seed = Field(0, description="seed of the dev/test split")
 
 
 class BackpatchExpect(OneExpectation):
@@ -80,12 +79,11 @@ class BackpatchExpect(OneExpectation):
 
 class BackpatchClaim(ClaimSpec):
     expect: BackpatchExpect
-    tolerance: Tolerance | None = None
 
 
-class BackpatchSpec(ProbeBase):
+class BackpatchSpec(ProbeSpec[BackpatchClaim]):
     kind: Literal["backpatch"]
-    queries: str = Field(description='JSONL: {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", '
+    queries: DataFile = Field(description='JSONL: {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", '
                                      '"hop1_aliases", "hop2", "shortcuts"}')
     filter: BackpatchFilter = BackpatchFilter()
     source_position: Literal["last", "bridge_entity_last"] = Field(
@@ -96,7 +94,6 @@ class BackpatchSpec(ProbeBase):
     min_queries: int = Field(10, ge=2, description="fewer initially wrong queries than this: untestable")
     patch_source: Literal["own", "other_query"] = Field(
         "own", description="other_query: a negative-control run, every patch takes another query's state")
-    claims: dict[ClaimName, BackpatchClaim] = Field(min_length=1)
 
 
 LISTS = ("aliases", "hop1_aliases", "shortcuts")
@@ -116,12 +113,26 @@ class Grid:
 
 
 class Backpatch(ProbeKind[BackpatchSpec]):
-    name = "backpatch"
     Spec = BackpatchSpec
-
-    @classmethod
-    def data_files(cls, spec: BackpatchSpec) -> list[tuple[str, tuple]]:
-        return [(spec.queries, ("queries",))]
+    skeleton = """\
+about: Back-patching a later layer's state into an earlier layer fixes two-hop queries the model gets wrong.
+tags: [backpatch]
+queries: data/two_hop.jsonl      # {"query", "answer", "aliases", "entity", "hop1", "hop1_answer", "hop1_aliases",
+                                 #  "hop2", "shortcuts"} per line; answers match the start of a greedy continuation
+filter: {hops_known: true, no_shortcut: true}   # keep queries whose single hops are answered, no shortcut answers
+source_position: last            # or bridge_entity_last: the last token of "entity" in the query
+layers: {source: all, target: all, stride: 1}   # only s > t pairs count; s = t is the identity check
+split: {dev: 0.3, seed: 0}       # the best pair is chosen on dev wrong queries, applied on test
+max_new_tokens: 4
+claims:
+  oracle_fixes:                  # any (s, t) pair fixes a wrong query, minus the random-source oracle
+    expect: {fix_rate_over_null: {at_least: 0.2}}
+  best_pair_fixes:               # the dev-chosen pair on test wrong queries
+    expect: {fix_rate: {at_least: 0.1}}
+  few_breaks:                    # the same pair on the right queries
+    expect: {break_rate: {at_most: 0.1}}
+"""
+    skeleton_data = {"data/two_hop.jsonl": two_hop_examples()}
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

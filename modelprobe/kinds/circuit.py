@@ -38,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict, Threshold, Tolerance
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict, Threshold
 from ..spec.fields import LayerSpec
 from ..stats import empirical_pvalue, paired_bootstrap
 from ..subject import resolve_sites
@@ -96,7 +96,6 @@ class CircuitClaim(ClaimSpec):
         description="sufficiency: ablate everything in scope except the circuit; necessity: ablate only the "
         "circuit; minimality: every component matters (removing it lowers sufficiency)")
     expect: CircuitExpect
-    tolerance: Tolerance | None = None
 
     @model_validator(mode="after")
     def _statistic_fits_test(self) -> CircuitClaim:
@@ -125,10 +124,10 @@ class CircuitControls(Strict):
         return n
 
 
-class CircuitSpec(ProbeBase):
+class CircuitSpec(ProbeSpec[CircuitClaim]):
     kind: Literal["circuit"]
-    prompts: str = Field(description='JSONL file: {"prompt": ..., "answer": " Mary", "wrong": " John"}')
-    reference: str | None = Field(None, description="JSONL file whose activations replace ablated components "
+    prompts: DataFile = Field(description='JSONL file: {"prompt": ..., "answer": " Mary", "wrong": " John"}')
+    reference: DataFile | None = Field(None, description="JSONL file whose activations replace ablated components "
                                   "(means, or resampled prompts); not needed for zero ablation")
     rows: str | None = Field(None, description="use only these lines of the prompt file, a 0-based slice "
                              "'start:stop' (e.g. the held-out part of a file used for discovery)")
@@ -144,7 +143,6 @@ class CircuitSpec(ProbeBase):
         "attention_heads", description="what 'everything else' means: every attention head; every head and "
         "every whole MLP; or {neurons: layers}, the MLP neurons of those layers")
     circuit: list[CircuitComponent] = Field(min_length=1)
-    claims: dict[ClaimName, CircuitClaim] = Field(min_length=1)
     controls: CircuitControls = Field(default_factory=CircuitControls)
 
     @model_validator(mode="after")
@@ -202,12 +200,34 @@ def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: An
 # ---- the kind -------------------------------------------------------------------------------
 
 class Circuit(ProbeKind[CircuitSpec]):
-    name = "circuit"
     Spec = CircuitSpec
-
-    @classmethod
-    def data_files(cls, spec: CircuitSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))] + ([(spec.reference, ("reference",))] if spec.reference else [])
+    skeleton = """\
+about: These attention heads carry indirect-object identification.
+tags: [circuit]
+prompts: data/ioi.jsonl          # {"prompt": ..., "answer": " Mary", "wrong": " John"}: one-token answers
+reference: data/ioi_abc.jsonl    # whose means replace ablated components (same token lengths as the prompts)
+metric: logit_diff               # or logprob (answer only), accuracy (top-1 == answer)
+ablation: mean                   # mean (per position), mean_all_positions, zero, resample
+scope: attention_heads           # what "everything else" means: attention_heads, heads_and_mlps, {neurons: [layers]}
+circuit:                         # `modelprobe discover circuit` proposes one and writes this file
+  - {layer: 20, component: attn.z, head: 0}
+  - {layer: 23, component: attn.z, head: [3]}
+claims:
+  sufficient:
+    test: sufficiency            # ablate everything in scope except the circuit
+    expect: {faithfulness: {at_least: 0.8}}
+  necessary:
+    test: necessity              # ablate only the circuit
+    expect: {faithfulness: {at_most: 0.2}}
+controls:
+  random_circuits: 100           # same size, same layers where possible
+"""
+    skeleton_data = {
+        "data/ioi.jsonl": [{"prompt": "When Mary and John went to the store, John gave a drink to",
+                            "answer": " Mary", "wrong": " John"}],
+        "data/ioi_abc.jsonl": [{"prompt": "When Mary and John went to the store, Tom gave a drink to",
+                                "answer": " Mary", "wrong": " John"}],
+    }
 
     @classmethod
     def check_data(cls, probe: Any) -> tuple[list[dict], list[dict] | None]:

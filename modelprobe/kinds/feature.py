@@ -33,11 +33,11 @@ from pydantic import Field, model_validator
 from .._lazy import torch
 from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
 from ..spec import (
-    ClaimName,
     ClaimSpec,
+    DataFile,
     FiniteFloat,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateThreshold,
     Strict,
     Threshold,
@@ -85,8 +85,8 @@ class UnitSpec(Strict):
 
 
 class InputsSpec(Strict):
-    with_: str = Field(alias="with", description='JSONL of {"prompt": ...} showing the concept')
-    without: str = Field(description='JSONL of {"prompt": ...} without it')
+    with_: DataFile = Field(alias="with", description='JSONL of {"prompt": ...} showing the concept')
+    without: DataFile = Field(description='JSONL of {"prompt": ...} without it')
     rows: str | None = Field(None, description="'start:stop' (0-based) lines of each file used, e.g. the lines "
                              "`modelprobe find` did not see")
     aggregate: Literal["max", "mean"] = Field("max", description="a prompt's activation: max or mean over its tokens")
@@ -144,20 +144,40 @@ class FeatureClaim(ClaimSpec):
         return self
 
 
-class FeatureSpec(ProbeBase):
+class FeatureSpec(ProbeSpec[FeatureClaim]):
     kind: Literal["feature"]
     unit: UnitSpec
     inputs: InputsSpec
-    claims: dict[ClaimName, FeatureClaim] = Field(min_length=1)
 
 
 class Feature(ProbeKind[FeatureSpec]):
-    name = "feature"
     Spec = FeatureSpec
-
-    @classmethod
-    def data_files(cls, spec: FeatureSpec) -> list[tuple[str, tuple]]:
-        return [(spec.inputs.with_, ("inputs", "with")), (spec.inputs.without, ("inputs", "without"))]
+    skeleton = """\
+about: One MLP neuron fires for French text, and French articles depend on it.
+tags: [feature]
+unit: {layer: 10, component: mlp.post, neuron: 1234}  # or {sae: path/to/sae_folder, latent: 77}
+                                                      # or {direction: file.safetensors, layer: 10}
+inputs:
+  with: data/feature_french.jsonl     # {"prompt": ...} showing the concept
+  without: data/feature_english.jsonl
+  aggregate: max                      # a prompt's activation: max (or mean) over its tokens
+  rows: "24:"                         # lines `modelprobe find --rows 0:24` did not select the unit on
+claims:
+  correlates:
+    expect: {auroc: {at_least: 0.8}}  # the activation separates with from without (bootstrap interval)
+  causes:
+    intervention: {zero: true}        # or {mean: true}, or {clamp: 3.0}
+    metric: {tokens: [" le", " la", " les"]}   # log of their total probability at the last position
+    expect: {metric_drop: {at_least: 0.1}}
+    control: random_units             # the same intervention on random units of the layer must be beaten
+    random_units: 50
+"""
+    skeleton_data = {
+        "data/feature_french.jsonl": [{"prompt": p} for p in (
+            "Tous les matins, je bois", "Elle a posé le livre sur", "Nous avons visité", "Il cherche encore")] * 7,
+        "data/feature_english.jsonl": [{"prompt": p} for p in (
+            "Every morning I drink", "She put the book on", "We visited", "He is still looking for")] * 7,
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, Any]:

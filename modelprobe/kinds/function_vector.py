@@ -35,13 +35,12 @@ from pydantic import AfterValidator, Field, model_validator
 
 from ..errors import SiteError
 from ..report.record import ControlResult, HeatMap, LinePlot, Series, Table
-from ..spec import ClaimSpec, OneExpectation, ProbeBase
-from ..spec.fields import ClaimName, Rate, RateChangeThreshold, Strict
+from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec
+from ..spec.fields import Rate, RateChangeThreshold, Strict
 from ..stats import paired_bootstrap
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import answer_tokens, data_error, read_rows, split_indices
 from .base import Measured, Outcome, ProbeKind, judge
-from .icl_update import IclFormat
 
 MIN_SCORED = 5  # held-out items answered with examples, below which no gain is measured
 
@@ -78,7 +77,7 @@ class FvExpect(OneExpectation):
 class FvClaim(ClaimSpec):
     expect: FvExpect
     algebra: Algebra | None = Field(None, description="composes: named tasks' vectors added and subtracted")
-    task: str | None = Field(None, description="composes: JSONL task file whose zero-shot prompts get the sum")
+    task: DataFile | None = Field(None, description="composes: JSONL task file whose zero-shot prompts get the sum")
 
     @model_validator(mode="after")
     def _fits(self) -> FvClaim:
@@ -95,9 +94,9 @@ class FvClaim(ClaimSpec):
         return "beats_controls" if self.expect.statistic == "accuracy_gain_over_control" else "zero_shot_gain"
 
 
-class FunctionVectorSpec(ProbeBase):
+class FunctionVectorSpec(ProbeSpec[FvClaim]):
     kind: Literal["function_vector"]
-    task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
+    task: DataFile = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
     format: IclFormat
     shots: int = Field(10, ge=1, le=64, description="examples per few-shot prompt")
     prompts: int = Field(20, ge=2, le=1024, description="few-shot prompts for the mean head outputs (and their "
@@ -110,11 +109,10 @@ class FunctionVectorSpec(ProbeBase):
     test: int = Field(40, ge=5, le=4096, description="held-out queries the claims are measured on")
     min_fewshot_accuracy: Rate = Field(0.5, description="a task answered less often than this with `shots` "
                                                         "examples is untestable (no function to extract)")
-    control_task: str | None = Field(None, description="another task's JSONL file, whose vector is a control "
+    control_task: DataFile | None = Field(None, description="another task's JSONL file, whose vector is a control "
                                                        "(default: the first task an algebra names)")
     tasks: dict[TaskName, str] = Field(default_factory=dict, description="algebra task names -> JSONL files "
                                        "(default: a name N means data/icl_N.jsonl next to the probe)")
-    claims: dict[ClaimName, FvClaim] = Field(min_length=1)
 
 
 def task_file(spec: FunctionVectorSpec, name: str) -> str:
@@ -132,15 +130,50 @@ def _named(spec: FunctionVectorSpec) -> list[tuple[str, tuple]]:
     return out
 
 
-class FunctionVector(ProbeKind[FunctionVectorSpec]):
-    name = "function_vector"
-    Spec = FunctionVectorSpec
+def _lists(items: tuple[str, ...], pick: Any, n: int = 60) -> list[dict]:
+    """n example rows over 3-item lists of `items` (every ordered triple in turn), answered by `pick`."""
+    import itertools
+    triples = itertools.islice(itertools.permutations(items, 3), 0, None, 7)
+    return [{"input": ", ".join(t), "output": " " + pick(t)} for t in itertools.islice(triples, n)]
 
-    @classmethod
-    def data_files(cls, spec: FunctionVectorSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.task, ("task",))]
-        files += [(c.task, ("claims", n, "task")) for n, c in spec.claims.items() if c.task]
-        return files + ([(spec.control_task, ("control_task",))] if spec.control_task else [])
+
+_WORDS = ("apple", "river", "chair", "tiger", "candle", "window", "garden", "pencil", "rocket", "violin")
+_CAPITALS = {"France": "Paris", "Japan": "Tokyo", "Italy": "Rome", "Spain": "Madrid", "Egypt": "Cairo",
+             "Kenya": "Nairobi", "Peru": "Lima", "Greece": "Athens", "Norway": "Oslo", "Cuba": "Havana"}
+
+
+class FunctionVector(ProbeKind[FunctionVectorSpec]):
+    Spec = FunctionVectorSpec
+    skeleton = """\
+about: A function vector for "copy the last item", added to zero-shot prompts, makes the model do it.
+tags: [function_vector]
+task: data/icl_copy_last.jsonl           # JSONL {"input": "apple, river, chair", "output": " chair"}
+format: {example: "Q: {input}\\nA:{output}\\n", query: "Q: {input}\\nA:"}
+shots: 8                                 # examples per few-shot prompt (the task needs dev + test + shots + 1 rows)
+prompts: 16                              # few-shot prompts: mean head outputs (and their shuffled-label twins)
+heads: {top: 10, select_on: shuffled_labels}   # or zero_shot: the indirect effect on the bare queries
+layer: auto                              # best layer on the dev split; or an int / fraction of depth
+dev: 10
+test: 40
+min_fewshot_accuracy: 0.5                # a task done less often with `shots` examples is untestable
+control_task: data/icl_copy_first.jsonl  # another task's vector, one of the controls
+tasks: {capital_of_first: data/icl_first_country_capital.jsonl}   # algebra names -> files
+claims:                                  # (a name N without an entry means data/icl_N.jsonl)
+  zero_shot_gain:
+    expect: {accuracy_gain: {at_least: 0.2}}
+  beats_controls:                        # random vector of the same norm, another task's vector, mean state
+    expect: {accuracy_gain_over_control: {at_least: 0.1}}
+  composes:                              # the named tasks' vectors added / subtracted, on another task
+    algebra: {plus: [capital_of_first, copy_last], minus: [copy_first]}
+    task: data/icl_last_country_capital.jsonl
+    expect: {accuracy_gain: {at_least: 0.1}}
+"""
+    skeleton_data = {
+        "data/icl_copy_last.jsonl": _lists(_WORDS, lambda t: t[-1]),
+        "data/icl_copy_first.jsonl": _lists(_WORDS, lambda t: t[0]),
+        "data/icl_first_country_capital.jsonl": _lists(tuple(_CAPITALS), lambda t: _CAPITALS[t[0]]),
+        "data/icl_last_country_capital.jsonl": _lists(tuple(_CAPITALS), lambda t: _CAPITALS[t[-1]]),
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

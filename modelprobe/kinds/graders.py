@@ -17,6 +17,7 @@ from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 from .._lazy import torch
 from ..errors import SpecError
 from ..spec import Strict
+from ..spec.fields import NewTokens
 
 # The substring judge of Arditi et al. 2024 (their twelve refusal phrases): a reply is a refusal when any of
 # these occurs in it, case-insensitively.
@@ -155,6 +156,18 @@ GraderSpec = Annotated[
     Annotated[Literal["refusal", "sentiment", "sycophancy", "truthfulness"], Tag("str")] | Annotated[CustomGrader, Tag("dict")],
     Discriminator(_grader_tag),
 ]
+
+
+class BehaviourSpec(Strict):
+    """A behaviour read off greedy replies (the `behaviour:` block of direction, icv and
+    weight_perturbation): the grader, the reply length it reads, and the base rate a change needs."""
+
+    grader: GraderSpec = Field(description="refusal | sentiment | sycophancy | truthfulness | {substrings: [...]} | "
+                                           "{regex: ...} | {tokens: [...]} | {lexicon: {positive: [...], negative: "
+                                           "[...]}} | {fact: ...}")
+    max_new_tokens: NewTokens = 48
+    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a drop needs a base rate of at least this, a "
+                                                                "rise at most 1 - this; otherwise untestable")
 
 
 # A user's regex runs on every reply: one that backtracks catastrophically would hang the run. The `regex`

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Threshold
-from ..spec.fields import CorrelationThreshold, LayerSpec, Strict
+from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec, Threshold
+from ..spec.fields import CorrelationThreshold, LayerSpec
 from ..subject import resolve_layer
 from ..toolkit.prompts import read_rows
 from .base import Measured, Outcome, ProbeKind, judge
@@ -37,27 +37,6 @@ from .base import Measured, Outcome, ProbeKind, judge
 Control = Literal["shuffled_labels", "other_task", "random_rank1"]
 CONTROLS = {"spearman_rho": ("shuffled_labels",), "gain_recovered": ("other_task", "random_rank1"),
             "max_rel_error": ()}
-
-
-class IclFormat(Strict):
-    example: str = Field(description="one context example, with {input} and {output}")
-    query: str = Field(description="the query, with {input} and no {output}; the answer follows it")
-
-    @field_validator("example", "query")
-    @classmethod
-    def _placeholders(cls, value: str, info) -> str:
-        need = ("input", "output") if info.field_name == "example" else ("input",)
-        for name in need:
-            if "{" + name + "}" not in value:
-                raise ValueError(f"the {info.field_name} format must contain {{{name}}}")
-        try:
-            value.format(input="x", output="y")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"only {{input}} and {{output}} may appear in braces (use {{{{ }}}} for a brace): "
-                             f"{e}") from None
-        if info.field_name == "query" and "{output}" in value:
-            raise ValueError("the query format must not contain {output}: the model is asked for it")
-        return value
 
 
 class IclExpect(OneExpectation):
@@ -102,14 +81,13 @@ class IclClaim(ClaimSpec):
         return self
 
 
-class IclUpdateSpec(ProbeBase):
+class IclUpdateSpec(ProbeSpec[IclClaim]):
     kind: Literal["icl_update"]
-    task: str = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
-    control_task: str | None = Field(None, description="another task's JSONL file, for control: other_task")
+    task: DataFile = Field(description='JSONL task file, one {"input": ..., "output": ...} per line')
+    control_task: DataFile | None = Field(None, description="another task's JSONL file, for control: other_task")
     format: IclFormat
     shots: int = Field(8, ge=3, le=64, description="context examples per prompt")
     prompts: int = Field(64, ge=8, le=4096, description="(context, query) pairs drawn with the seed")
-    claims: dict[ClaimName, IclClaim] = Field(min_length=1)
 
 
 def _control(claim: IclClaim) -> str | None:
@@ -117,13 +95,37 @@ def _control(claim: IclClaim) -> str | None:
 
 
 class IclUpdate(ProbeKind[IclUpdateSpec]):
-    name = "icl_update"
     Spec = IclUpdateSpec
-
-    @classmethod
-    def data_files(cls, spec: IclUpdateSpec) -> list[tuple[str, tuple]]:
-        files = [(spec.task, ("task",))]
-        return files + ([(spec.control_task, ("control_task",))] if spec.control_task else [])
+    skeleton = """\
+about: In-context examples act on the query token as converging rank-1 updates of the MLP weights.
+tags: [icl_update]
+task: data/icl_antonyms.jsonl            # JSONL, one {"input": "hot", "output": " cold"} per line
+control_task: data/icl_past_tense.jsonl  # another task (for control: other_task)
+format: {example: "Q: {input}\\nA:{output}\\n", query: "Q: {input}\\nA:"}
+shots: 8                                 # context examples per prompt (the task needs shots + 2 rows)
+prompts: 32                              # (context, query) pairs drawn with the seed
+claims:
+  identity:                              # a check of the hooks (exact by construction), not a finding
+    layers: all
+    expect: {max_rel_error: {at_most: 1.0e-4}}
+  converges:                             # rho(i, ||dW_i - dW_(i-1)||), i >= 2, per prompt; mean + bootstrap CI
+    layer: 0.5                           # one layer: int, negative from the end, or a fraction of depth
+    expect: {spearman_rho: {at_most: -0.5}}
+    control: shuffled_labels
+  transfers:                             # another query, no context, with this context's updates
+    layer: 0.5                           # one or more layers
+    expect: {gain_recovered: {at_least: 0.3}}
+    control: other_task                  # or random_rank1
+"""
+    # The skeleton draws 8 shots + 2 queries per prompt: each task file needs 10 rows.
+    skeleton_data = {
+        "data/icl_antonyms.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("light", "dark"),
+            ("old", "new"), ("wet", "dry"), ("rich", "poor"), ("early", "late"), ("open", "closed"))],
+        "data/icl_past_tense.jsonl": [{"input": a, "output": " " + b} for a, b in (
+            ("walk", "walked"), ("jump", "jumped"), ("play", "played"), ("talk", "talked"), ("look", "looked"),
+            ("call", "called"), ("ask", "asked"), ("work", "worked"), ("help", "helped"), ("move", "moved"))],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -36,8 +36,8 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import Bars, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateChangeThreshold, Tolerance
-from ..spec.fields import Count, Strict
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateChangeThreshold
+from ..spec.fields import Count, NewTokens, Strict
 from ..stats import bootstrap_ci
 from ..toolkit.behaviour import (
     COHERENT_RULE,
@@ -50,24 +50,22 @@ from ..toolkit.behaviour import (
 from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
 from ..toolkit.prompts import encode_rows, read_rows, single_token
 from .base import Measured, Outcome, ProbeKind, judge
-from .graders import Grader, GraderSpec, build_grader
+from .graders import BehaviourSpec, Grader, build_grader
 
 
 class IcvDemos(Strict):
-    pairs: str = Field(description='JSONL file, one {"source": ..., "target": ...} demo pair per line')
+    pairs: DataFile = Field(description='JSONL file, one {"source": ..., "target": ...} demo pair per line')
     chat_template: bool = Field(False, description="render each demo text as a user turn of the chat template")
 
 
 class IcvQueries(Strict):
-    prompts: str = Field(description='JSONL file, one {"prompt": ...} per line: the queries to restyle')
+    prompts: DataFile = Field(description='JSONL file, one {"prompt": ...} per line: the queries to restyle')
     chat_template: bool = True
     max_prompts: Count = Field(200, description="use at most this many queries (the first ones)")
 
 
-class IcvBehaviour(Strict):
-    grader: GraderSpec = Field(description="a preset (refusal, sentiment, sycophancy, truthfulness) or a custom grader")
-    max_new_tokens: int = Field(32, ge=1, le=512)
-    min_base_rate: float = Field(0.1, ge=0, lt=0.5, description="a rise needs a base rate of at most 1 - this")
+class IcvBehaviour(BehaviourSpec):
+    max_new_tokens: NewTokens = 32
 
 
 class IcvExpect(OneExpectation):
@@ -77,26 +75,41 @@ class IcvExpect(OneExpectation):
 
 class IcvClaim(ClaimSpec):
     expect: IcvExpect
-    tolerance: Tolerance | None = None
 
 
-class IcvSpec(ProbeBase):
+class IcvSpec(ProbeSpec[IcvClaim]):
     kind: Literal["icv"]
     demos: IcvDemos
     queries: IcvQueries
     strength: float = Field(0.1, gt=0, le=2, allow_inf_nan=False, description="lambda of the norm-preserving shift")
     behaviour: IcvBehaviour
     random_seeds: Count = Field(1, le=16, description="random vectors of the same norm in the control")
-    claims: dict[ClaimName, IcvClaim] = Field(min_length=1)
 
 
 class Icv(ProbeKind[IcvSpec]):
-    name = "icv"
     Spec = IcvSpec
-
-    @classmethod
-    def data_files(cls, spec: IcvSpec) -> list[tuple[str, tuple]]:
-        return [(spec.demos.pairs, ("demos", "pairs")), (spec.queries.prompts, ("queries", "prompts"))]
+    skeleton = """\
+about: An in-context vector from negative -> positive pairs makes replies positive, with no demos in the prompt.
+tags: [icv]
+demos: {pairs: data/icv_sentiment_pairs.jsonl, chat_template: false}   # {"source": ..., "target": ...}
+queries: {prompts: data/sentiment_negative.jsonl, chat_template: true, max_prompts: 32}   # {"prompt": ...}
+strength: 0.1                    # lambda of the norm-preserving shift of every layer's MLP output
+behaviour:
+  grader: sentiment              # any direction-kind grader: preset or {substrings | regex | tokens | lexicon}
+  max_new_tokens: 32
+random_seeds: 1                  # random vectors of the same norm in the control
+claims:
+  shift_makes_replies_positive:
+    expect: {rate_rise: {at_least: 0.3}}
+"""
+    skeleton_data = {
+        "data/icv_sentiment_pairs.jsonl": [
+            {"source": "The morning was gray and miserable.", "target": "The morning was bright and wonderful."},
+            {"source": "I hated that boring film.", "target": "I loved that exciting film."},
+            {"source": "The soup tasted awful.", "target": "The soup tasted delightful."}],
+        "data/sentiment_negative.jsonl": [{"prompt": f"Write one sentence about how miserable rainy day {i} was."}
+                                          for i in range(8)],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -35,7 +35,7 @@ from pydantic import Field, field_validator
 from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import Bars, ClaimResult, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, Strict
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict
 from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
 from ..stats import paired_difference, wilson_interval
 from ..toolkit import introspection_protocol as ip
@@ -87,17 +87,16 @@ class ProtocolClaim(ClaimSpec):
     expect: ProtocolExpect
 
 
-class InjectionProtocolSpec(ProbeBase):
+class InjectionProtocolSpec(ProbeSpec[ProtocolClaim]):
     kind: Literal["injection_protocol"]
-    concepts: str = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
-    baseline_words: str = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
-    sentences: str = Field(description='JSONL: {"sentence": ...} plain sentences that name no concept')
+    concepts: DataFile = Field(description='JSONL: {"word": "Oceans", "synonyms": ["sea"]} (synonyms optional)')
+    baseline_words: DataFile = Field(description='JSONL: {"word": ...}; the concept vector is minus their mean state')
+    sentences: DataFile = Field(description='JSONL: {"sentence": ...} plain sentences that name no concept')
     vector: VectorSpec = Field(default_factory=VectorSpec)
     inject: FixedInjectSpec
     trials: int = Field(40, ge=2, le=1000, description="trials per experiment: sentence i (cycled) with a seeded "
                                                    "concept")
     max_new_tokens: int = Field(32, ge=4, le=256)
-    claims: dict[ClaimName, ProtocolClaim] = Field(min_length=1)
 
     @field_validator("trials")
     @classmethod
@@ -109,13 +108,28 @@ class InjectionProtocolSpec(ProbeBase):
 
 
 class InjectionProtocol(Injection):
-    name = "injection_protocol"
     Spec = InjectionProtocolSpec
-
-    @classmethod
-    def data_files(cls, spec: InjectionProtocolSpec) -> list[tuple[str, tuple]]:
-        return [(spec.concepts, ("concepts",)), (spec.baseline_words, ("baseline_words",)),
-                (spec.sentences, ("sentences",))]
+    skeleton = """\
+about: An injected concept is named as a thought while the text is kept; it makes a prefilled word owned.
+tags: [injection]
+concepts: data/injection_concepts.jsonl              # as for injection
+baseline_words: data/injection_baseline_words.jsonl
+sentences: data/injection_sentences.jsonl            # {"sentence": ...} that name no concept
+inject: {layer: 0.35, strength: 8}                   # e.g. what an injection probe chose on its dev concepts
+trials: 40
+claims:
+  repeats_the_sentence:
+    expect: {transcribed: {at_least: 0.8}}
+  names_the_thought:
+    expect: {names_thought: {at_least: 0.2}}
+  owns_the_prefill:
+    expect: {disown_drop: {at_least: 0.1}}
+  thinks_on_request:
+    expect: {think_rise: {at_least: 0.0}}
+"""
+    skeleton_data = {**Injection.skeleton_data, "data/injection_sentences.jsonl": [
+        {"sentence": s} for s in ("She folded the letter twice.", "A small cat waited by the gate.",
+                                  "He forgot his keys again.", "The meeting moved upstairs.")]}
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

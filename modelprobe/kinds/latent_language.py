@@ -27,7 +27,7 @@ from pydantic import Field
 from .._lazy import torch
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series
-from ..spec import ClaimName, ClaimSpec, Count, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ChatPrompts, ClaimSpec, Count, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec
 from ..stats import wilson_interval
 from ..subject import Site, resolve_layer
@@ -52,22 +52,18 @@ class LatentClaim(ClaimSpec):
     layers: LayerSpec | None = Field(
         None, description=f"layers the comparison averages over (int, fraction, list, 'a:b'); default "
                           f"'{WINDOW}' for pivot_leads, the last layer for target_leads")
-    tolerance: Tolerance | None = None
 
 
-class LatentLanguageSpec(ProbeBase):
+class LatentLanguageSpec(ProbeSpec[LatentClaim], ChatPrompts):
     kind: Literal["latent_language"]
-    prompts: str = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
+    prompts: DataFile = Field(description='JSONL file, one {"prompt", "target", "pivot"} per line, optional '
                                      '"target_aliases" / "pivot_aliases" lists')
-    chat_template: bool = False
-    system: str | None = None
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
     by: Literal["probability", "rank"] = Field(
         "probability", description="probability: summed mass of each word's first tokens; rank: best rank")
     variants: bool = Field(False, description="also score each word with / without a leading space and capitalised "
                                               "(a variant's first token may be another word: ' was' of ' Wasser')")
     min_prompts: Count = Field(20, description="fewer translated prompts than this: untestable")
-    claims: dict[ClaimName, LatentClaim] = Field(min_length=1)
 
 
 def _aliases(row: dict[str, Any], role: str, path: Any, line: int) -> list[str]:
@@ -87,13 +83,31 @@ def _variants(words: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-class LatentLanguage(ProbeKind[LatentLanguageSpec]):
-    name = "latent_language"
-    Spec = LatentLanguageSpec
+_LATENT_ROWS = [("fleur", "Blume", "flower"), ("chien", "Hund", "dog"), ("livre", "Buch", "book"),
+                ("eau", "Wasser", "water"), ("arbre", "Baum", "tree"), ("pain", "Brot", "bread")]
 
-    @classmethod
-    def data_files(cls, spec: LatentLanguageSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))]
+
+class LatentLanguage(ProbeKind[LatentLanguageSpec]):
+    Spec = LatentLanguageSpec
+    skeleton = """\
+about: Translating French into German, the middle layers carry the English word before the German one wins.
+tags: [latent_language]
+prompts: data/latent_language_fr_de.jsonl   # {"prompt": ..., "target": "Hund", "pivot": "dog"}, optional *_aliases lists
+by: probability                  # or rank: the best rank of each word's first tokens
+variants: false                  # true: also each word with / without a leading space, capitalised
+min_prompts: 5                   # fewer prompts the model translates (target top-1 at the end): untestable;
+                                 # below 5 the paired control could never reach p <= 0.05
+claims:
+  english_leads_in_the_middle:   # must beat the same share with ANOTHER row's pivot word
+    layers: "0.4:0.8"            # fractions of depth, ints, a list or 'a:b'
+    expect: {pivot_leads: {at_least: 0.5}}
+  target_leads_at_the_end:
+    layers: -1
+    expect: {target_leads: {at_least: 0.8}}
+"""
+    skeleton_data = {"data/latent_language_fr_de.jsonl": [
+        {"prompt": "".join(f'Français: "{f}" - Deutsch: "{d}"\n' for f, d, _ in _LATENT_ROWS if f != src)
+         + f'Français: "{src}" - Deutsch: "', "target": de, "pivot": en} for src, de, en in _LATENT_ROWS]}
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ClaimName, ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import Count, FiniteFloat, LayerSpec, Strict
 from ..stats import wilson_interval
 from ..subject import resolve_layer
@@ -46,7 +46,7 @@ SUBJECT = "{subject}"
 
 
 class Relation(Strict):
-    data: str = Field(description='JSONL file, one {"subject": "France", "object": " Paris"} per line '
+    data: DataFile = Field(description='JSONL file, one {"subject": "France", "object": " Paris"} per line '
                                   '(an optional "prompt" replaces the template for that row)')
     template: str = Field(description='the prompt, with {subject} once: "The capital of {subject} is"')
 
@@ -74,10 +74,9 @@ class LinearRelationClaim(ClaimSpec):
     against: str | None = Field(None, description="the other relation whose map is the control (default: the "
                                                   "first other relation)")
     rank: Count = Field(64, description="edit_success: rank of the pseudo-inverse (<= the model width)")
-    tolerance: Tolerance | None = None
 
 
-class LinearRelationSpec(ProbeBase):
+class LinearRelationSpec(ProbeSpec[LinearRelationClaim]):
     kind: Literal["linear_relation"]
     relations: dict[ClaimName, Relation] = Field(min_length=2, description="at least two relations: each is "
                                                  "the other's control")
@@ -86,16 +85,39 @@ class LinearRelationSpec(ProbeBase):
     train: int = Field(8, ge=1, le=256, description="examples per relation that estimate W and b")
     beta: FiniteFloat = Field(1.0, gt=0, le=100, description="scale of W in LRE(s) = beta W s + b")
     max_test: Count = Field(200, description="at most this many held-out subjects per relation")
-    claims: dict[ClaimName, LinearRelationClaim] = Field(min_length=1)
+
+
+_LRE_ROWS = [("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
+             ("Spain", "Madrid", "Spanish"), ("Japan", "Tokyo", "Japanese"), ("Russia", "Moscow", "Russian"),
+             ("Greece", "Athens", "Greek"), ("Poland", "Warsaw", "Polish"), ("Sweden", "Stockholm", "Swedish"),
+             ("Turkey", "Ankara", "Turkish"), ("Egypt", "Cairo", "Arabic"), ("Peru", "Lima", "Spanish")]
 
 
 class LinearRelation(ProbeKind[LinearRelationSpec]):
-    name = "linear_relation"
     Spec = LinearRelationSpec
-
-    @classmethod
-    def data_files(cls, spec: LinearRelationSpec) -> list[tuple[str, tuple]]:
-        return [(r.data, ("relations", name, "data")) for name, r in spec.relations.items()]
+    skeleton = """\
+about: Factual recall decodes the object from the subject's state through one affine map per relation.
+tags: [linear_relation]
+relations:                       # at least two: each relation's map is the other's control
+  country_capital: {data: data/lre_country_capital.jsonl, template: "The capital of {subject} is"}
+  country_language: {data: data/lre_country_language.jsonl, template: "The official language of {subject} is"}
+layer: 0.3                       # the subject state: resid_post of this layer (int, negative, fraction), below the last
+train: 8                         # examples per relation whose Jacobians estimate W and b; the rest are held out
+beta: 1.0                        # LRE(s) = beta W s + b
+claims:
+  capital_faithful:              # LRE decodes the model's own first answer token; beats identity, bias, other map
+    relation: country_capital
+    against: country_language
+    expect: {faithfulness: {at_least: 0.5}}
+  capital_edit_is_causal:        # s + pinv_rank(beta W)(LRE(s') - LRE(s)) makes the model give s' 's answer
+    relation: country_capital
+    rank: 64
+    expect: {edit_success: {at_least: 0.3}}
+"""
+    skeleton_data = {
+        "data/lre_country_capital.jsonl": [{"subject": c, "object": " " + cap} for c, cap, _ in _LRE_ROWS],
+        "data/lre_country_language.jsonl": [{"subject": c, "object": " " + lang} for c, _, lang in _LRE_ROWS],
+    }
 
     @classmethod
     def check_data(cls, probe) -> dict[str, list[dict]]:

@@ -13,7 +13,7 @@ layer) clears the threshold. Inconclusive when the interval straddles it, or whe
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field
@@ -22,20 +22,21 @@ from .._lazy import torch
 from ..errors import SiteError
 from ..report.record import ClaimResult, LinePlot, Series
 from ..spec import (
-    ClaimName,
+    ChatPrompts,
     ClaimSpec,
     Count,
+    DataFile,
     OneExpectation,
-    ProbeBase,
+    ProbeSpec,
     RateThreshold,
+    Rows,
     Threshold,
-    Tolerance,
 )
 from ..spec.fields import LayerSpec
 from ..stats import bootstrap_ci, wilson_interval
 from ..subject import Site, resolve_layer
 from ..toolkit import metrics
-from ..toolkit.prompts import answer_tokens, data_error, encode_rows, read_rows
+from ..toolkit.prompts import answer_tokens, data_error, encode_rows
 from .base import Measured, Outcome, ProbeKind, judge
 
 NEVER = 2.0  # first-layer fraction recorded for a target that never reaches top-k (beyond the last layer)
@@ -53,36 +54,46 @@ class LensClaim(ClaimSpec):
     layer: LayerSpec | None = Field(None, description="for share_by_layer: int, negative, or fraction of depth")
     top_k: Count = Field(1)
     only_correct: bool = Field(False, description="measure only prompts whose target is top-1 at the last layer")
-    tolerance: Tolerance | None = None
 
 
-class LogitLensSpec(ProbeBase):
+class LogitLensSpec(ProbeSpec[LensClaim], ChatPrompts):
     kind: Literal["logit_lens"]
-    prompts: str = Field(description='JSONL file, one {"prompt": ..., "answer": ...} per line')
-    chat_template: bool = False
-    system: str | None = None
+    prompts: Annotated[DataFile, Rows("prompt", "answer")] = Field(
+        description='JSONL file, one {"prompt": ..., "answer": ...} per line')
     target: Literal["first_token", "single_token"] = Field(
         "first_token", description="first_token: the answer's first token; single_token: answers must be one token")
     component: Literal["resid_post", "resid_pre", "resid_mid"] = "resid_post"
-    claims: dict[ClaimName, LensClaim] = Field(min_length=1)
 
 
 class LogitLens(ProbeKind[LogitLensSpec]):
-    name = "logit_lens"
     Spec = LogitLensSpec
-
-    @classmethod
-    def data_files(cls, spec: LogitLensSpec) -> list[tuple[str, tuple]]:
-        return [(spec.prompts, ("prompts",))]
-
-    @classmethod
-    def check_data(cls, probe) -> list[dict]:
-        return read_rows(probe, probe.spec.prompts, ("prompts",), ("prompt", "answer"))
+    skeleton = """\
+about: The answer's first token emerges in the residual stream before the last layer.
+tags: [logit_lens]
+prompts: data/capitals.jsonl     # JSONL, one {"prompt": ..., "answer": " Paris"} per line (answer keeps its space)
+chat_template: false             # true: wrap each prompt in the tokenizer's chat template
+target: first_token              # or single_token: every answer must be one token (an error otherwise)
+component: resid_post            # which residual to decode: resid_post, resid_pre or resid_mid
+claims:
+  answers_correctly:             # each claim is one pytest item: probes/NAME.probe.yaml::answers_correctly
+    expect: {final_accuracy: {at_least: 0.5}}
+  emerges_by_two_thirds:
+    only_correct: true           # only prompts the model answers right at the last layer
+    layer: 0.66                  # int, negative from the end, or a fraction of depth
+    top_k: 1
+    expect: {share_by_layer: {at_least: 0.5}}
+    tolerance: {abs: 0.1}        # allowed move against a baseline (--probe-compare)
+"""
+    skeleton_data = {"data/capitals.jsonl": [
+        {"prompt": "The capital of France is", "answer": " Paris"},
+        {"prompt": "The capital of Germany is", "answer": " Berlin"},
+        {"prompt": "The capital of Italy is", "answer": " Rome"},
+    ]}
 
     def setup(self) -> None:
         spec, subject = self.spec, self.subject
         path = self.probe.path.parent / spec.prompts
-        self.rows = self.check_data(self.probe)
+        self.rows = self.data_rows(spec.prompts)
         self.ids = encode_rows(subject, [r["prompt"] for r in self.rows], path, None, spec.chat_template,
                                spec.system)
         self.targets = []

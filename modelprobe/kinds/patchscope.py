@@ -28,18 +28,19 @@ from pydantic import Field
 
 from ..errors import DataError, SiteError
 from ..report.record import ClaimResult, ControlResult, LinePlot, Series, Table
-from ..spec import ClaimName, ClaimSpec, OneExpectation, ProbeBase, RateThreshold, Tolerance
+from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, RateThreshold
 from ..spec.fields import LayerSpec, Strict, TokenSpec
 from ..stats import wilson_interval
 from ..subject import resolve_layer
 from ..toolkit.answers import could_give_answer, gives_answer
 from ..toolkit.controls import beats_control, paired_control, random_source
+from ..toolkit.examples import two_hop_examples
 from ..toolkit.prompts import encode_rows, read_rows, text_token_index, token_index
 from .base import Measured, Outcome, ProbeKind, judge
 
 
 class PatchscopeSource(Strict):
-    prompts: str = Field(description="JSONL file of source rows")
+    prompts: DataFile = Field(description="JSONL file of source rows")
     field: str = Field("query", description="the row field holding the source prompt")
     position: Literal["bridge_entity_last"] | TokenSpec = Field(  # type: ignore[valid-type]
         "last", description="'last', an int, {token, occurrence}, or bridge_entity_last: the last token of "
@@ -70,24 +71,30 @@ class PatchscopeExpect(OneExpectation):
 class PatchscopeClaim(ClaimSpec):
     expect: PatchscopeExpect
     layers: LayerSpec = Field("all", description="the layers the best one is taken from ('0.25:0.75': depth fractions)")
-    tolerance: Tolerance | None = None
 
 
-class PatchscopeSpec(ProbeBase):
+class PatchscopeSpec(ProbeSpec[PatchscopeClaim]):
     kind: Literal["patchscope"]
     source: PatchscopeSource
     target: PatchscopeTarget
     read: PatchscopeRead
-    claims: dict[ClaimName, PatchscopeClaim] = Field(min_length=1)
 
 
 class Patchscope(ProbeKind[PatchscopeSpec]):
-    name = "patchscope"
     Spec = PatchscopeSpec
-
-    @classmethod
-    def data_files(cls, spec: PatchscopeSpec) -> list[tuple[str, tuple]]:
-        return [(spec.source.prompts, ("source", "prompts"))]
+    skeleton = """\
+about: The bridge entity is decodable from the first entity's last token at middle layers.
+tags: [patchscope]
+source: {prompts: data/two_hop.jsonl, field: query, position: bridge_entity_last, layers: all, stride: 1}
+# The state goes into the placeholder " x" (last, an int, or {token, occurrence} name a token); layer: same or an int
+target: {prompt: "Syria: Syria; leaf: leaf; Paris: Paris; x:", position: {token: " x", occurrence: -1}, layer: same}
+read: {max_new_tokens: 6, expect_field: hop1_answer, aliases_field: hop1_aliases}
+claims:
+  bridge_decodable_mid_depth:
+    layers: "0.25:0.75"          # fractions of depth; the best layer of this range is tested (the count searched is reported)
+    expect: {decode_rate: {at_least: 0.3}}
+"""
+    skeleton_data = {"data/two_hop.jsonl": two_hop_examples()}  # the control needs several rows
 
     @classmethod
     def check_data(cls, probe) -> list[dict]:

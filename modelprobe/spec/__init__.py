@@ -2,17 +2,23 @@
 
 from .claims import ClaimSpec
 from .fields import (
+    ChatPrompts,
     ClaimName,
     Count,
+    DataFile,
     FiniteFloat,
+    IclFormat,
     NonNegativeInt,
     OneExpectation,
     ProbeBase,
+    ProbeSpec,
     Rate,
     RateChangeThreshold,
     RateThreshold,
+    Rows,
     Seed,
     SiteSpec,
+    SplitBase,
     Strict,
     Threshold,
     TokenPosition,
@@ -21,6 +27,6 @@ from .fields import (
 )
 from .load import PROBE_SUFFIX, LoadedProbe, load_probe
 
-__all__ = ["PROBE_SUFFIX", "ClaimName", "ClaimSpec", "Count", "FiniteFloat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
-           "ProbeBase", "Rate", "RateChangeThreshold", "RateThreshold", "Seed", "SiteSpec", "Strict", "Threshold",
+__all__ = ["PROBE_SUFFIX", "ChatPrompts", "ClaimName", "ClaimSpec", "Count", "DataFile", "FiniteFloat", "IclFormat", "LoadedProbe", "NonNegativeInt", "OneExpectation",
+           "ProbeBase", "ProbeSpec", "Rate", "RateChangeThreshold", "RateThreshold", "Rows", "Seed", "SiteSpec", "SplitBase", "Strict", "Threshold",
            "TokenPosition", "TokenSpec", "Tolerance", "load_probe"]

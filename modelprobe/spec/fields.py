@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic import Tag as UnionTag
 
 from ..names import COMPONENTS
@@ -40,6 +50,34 @@ def _tag(tag: str) -> str:
 
 ClaimName = Annotated[str, AfterValidator(_claim_name)]
 Tag = Annotated[str, AfterValidator(_tag)]
+
+
+class DataPath(str):
+    """A data file's path as the probe wrote it (relative to the probe file). A str, marked so that the
+    files a spec names are found by walking it, not listed a second time."""
+
+    __slots__ = ()
+
+
+# A JSONL data file named by a probe field: declared once, it is checked at collection with every other.
+# A default path needs `Field(..., validate_default=True)`, so that it is marked too.
+DataFile = Annotated[str, AfterValidator(DataPath)]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What every row of a data file holds, checked at collection: `Annotated[DataFile, Rows("prompt",
+    "answer")]` (non-empty text fields; `optional` ones are text when present). Without it the file is
+    only read; the kind checks its rows itself."""
+
+    text: tuple[str, ...]
+    optional: tuple[str, ...] = ()
+
+    def __init__(self, *text: str, optional: tuple[str, ...] = ()) -> None:
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "optional", optional)
+# Greedy tokens a grader reads: one bound for every kind that generates replies to grade.
+NewTokens = Annotated[int, Field(ge=1, le=4096, description="greedy reply length the grader reads")]
 
 
 class Strict(BaseModel):
@@ -174,3 +212,68 @@ class ProbeBase(Strict):
     seed: Seed = Field(0, description="seed for splits, bootstrap and random controls")
     batch_size: int | None = Field(None, ge=1, le=1 << 16, description="override the run's batch size for this probe")
     schema_: str | None = Field(None, alias="$schema")
+
+
+ClaimT = TypeVar("ClaimT", bound=BaseModel)
+
+
+class ProbeSpec(ProbeBase, Generic[ClaimT]):
+    """A kind's probe file: the common fields and a `claims:` mapping of claim name -> the kind's claim."""
+
+    claims: dict[ClaimName, ClaimT] = Field(min_length=1)
+
+
+class IclFormat(Strict):
+    """How an in-context task row becomes text: the context examples and the query (icl_update,
+    function_vector)."""
+
+    example: str = Field(description="one context example, with {input} and {output}")
+    query: str = Field(description="the query, with {input} and no {output}; the answer follows it")
+
+    @field_validator("example", "query")
+    @classmethod
+    def _placeholders(cls, value: str, info) -> str:
+        need = ("input", "output") if info.field_name == "example" else ("input",)
+        for name in need:
+            if "{" + name + "}" not in value:
+                raise ValueError(f"the {info.field_name} format must contain {{{name}}}")
+        try:
+            value.format(input="x", output="y")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"only {{input}} and {{output}} may appear in braces (use {{{{ }}}} for a brace): "
+                             f"{e}") from None
+        if info.field_name == "query" and "{output}" in value:
+            raise ValueError("the query format must not contain {output}: the model is asked for it")
+        return value
+
+
+class ChatPrompts(Strict):
+    """How a prompt set is rendered: as is, or as a user turn of the tokenizer's chat template."""
+
+    chat_template: bool = Field(False, description="wrap each prompt in the tokenizer's chat template")
+    system: str | None = Field(None, description="system prompt, with chat_template")
+
+
+class SplitBase(Strict):
+    """Base of a kind's split block: the seed that draws it (the kind adds the sizes)."""
+
+    seed: Seed = Field(0, description="seed of the split")
+
+
+def data_files(value: Any, loc: tuple = (), rows: Rows | None = None) -> Iterator[tuple[str, tuple, Rows | None]]:
+    """(path, YAML loc, what its rows hold) of every data file a validated spec (or any part of it) names,
+    in field order, the claims last."""
+    if isinstance(value, DataPath):
+        yield str(value), loc, rows
+    elif isinstance(value, BaseModel):
+        fields = type(value).model_fields
+        for name in sorted(fields, key=lambda n: n == "claims"):  # the probe's own files before its claims'
+            field = fields[name]
+            marker = next((m for m in field.metadata if isinstance(m, Rows)), None)
+            yield from data_files(getattr(value, name), (*loc, field.alias or name), marker)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from data_files(item, (*loc, key), rows)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from data_files(item, (*loc, i), rows)
