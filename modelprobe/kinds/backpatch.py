@@ -12,7 +12,7 @@ shortcut answers), then split into the composition-right and -wrong sets:
 - s = t rows are the identity check: the patch writes the state already there.
 
 Every (s, t) row of a query runs in one batch, resumed at the last token from the clean run
-(`subject.lastpatch`).
+(`toolkit.prompt_writes`).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class Backpatch(ProbeKind[BackpatchSpec]):
                    sources: list[int]) -> list[list[int]]:
         """Continuation ids of query q, one per pair; pair k takes its state from query sources[k]."""
         from .._lazy import torch
-        from ..subject.lastpatch import patch_last_and_generate
+        from ..toolkit.prompt_writes import patch_last_and_generate
 
         values = torch.stack([cleans[j].resid[s, self.src_pos[j]] for (s, _), j in zip(pairs, sources)])
         aliases = self._answers(q)
@@ -212,7 +212,7 @@ class Backpatch(ProbeKind[BackpatchSpec]):
 
     def _grid(self, wrong: np.ndarray, clean_texts: list[str]) -> Grid:
         from ..progress import bar
-        from ..subject.lastpatch import clean_pass
+        from ..subject import clean_pass
 
         n_p, n_id = len(self.pairs), len(self.identity)
         other, decoy = self._other_answer(wrong, self.spec.seed), self._other_answer(wrong, self.spec.seed + 1)
@@ -253,7 +253,7 @@ class Backpatch(ProbeKind[BackpatchSpec]):
 
     def _best_on(self, queries: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
         """Whether the pair's patch leaves each (initially right) query answered."""
-        from ..subject.lastpatch import clean_pass
+        from ..subject import clean_pass
 
         out = []
         for q in queries:

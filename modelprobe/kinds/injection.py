@@ -299,9 +299,9 @@ class Injection(ProbeKind[InjectionSpec]):
         """Greedy replies, one batched generation; row i gets vectors[layer][i] added at each layer from
         its start token on (a zero row is no injection), up to its stop token when `stops` is given (the
         reply itself then runs uninjected). The transcript before the earliest start is shared by every
-        trial, so it runs once (subject.prefix)."""
+        trial, so it runs once (subject.generate_shared)."""
+        from ..subject import common_prefix, generate_shared
         from ..subject.interventions import From, Span
-        from ..subject.prefix import common_prefix, generate_shared
         from ..toolkit.steering import add_at_layer
 
         cut = min(common_prefix(ids), min(starts))

@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     from ..subject.weights import WeightGroup
 
 weights: Any = LazyModule("modelprobe.subject.weights")  # torch: loaded when first used
-resume: Any = LazyModule("modelprobe.subject.resume")
+resume: Any = LazyModule("modelprobe.subject")
 
 Method = Literal["gradient", "random", "activation"]
 METHODS: tuple[str, ...] = ("gradient", "random", "activation")
