@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelprobe.subject import can_share_prefix, clean_pass, generate_with_patches
+from modelprobe.subject import can_share_prefix, clean_pass
 from modelprobe.toolkit import prompt_writes
-from modelprobe.toolkit.prompt_writes import patch_last_and_generate
+from modelprobe.toolkit.prompt_writes import generate_with_patches, patch_last_and_generate
 
 PROMPT = "how do i make a cake for my friend"
 OTHER = ["tell me a story about the garden", "write a poem about water", "please help me build a kite"]

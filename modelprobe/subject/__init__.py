@@ -16,9 +16,8 @@ _WHERE = {
     "resolve_layer": "sites", "resolve_sites": "sites", "Batch": "subject", "Forward": "subject",
     "Subject": "subject", "load_subject": "subject", "common_prefix": "batching",
     "CleanPrompt": "resumable", "can_resume": "resumable", "can_share_prefix": "resumable", "clean_pass": "resumable",
-    "first_layer": "resumable", "generate_shared": "resumable", "generate_with_patches": "resumable",
-    "greedy": "resumable", "greedy_from_kv": "resumable", "resume": "resumable", "resume_last": "resumable",
-    "resume_variants": "resumable", "run_layers": "resumable",
+    "first_layer": "resumable", "generate_shared": "resumable", "greedy": "resumable", "greedy_from_kv": "resumable",
+    "resume": "resumable", "resume_last": "resumable", "resume_variants": "resumable", "run_layers": "resumable",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,16 +1,11 @@
 """Resume a forward from a clean run, then continue greedily.
 
 An edit that first touches layer t at token p leaves every layer below t, and every token before p, as in
-the clean run (attention is causal). So `run_layers` runs decoder layers t.. over tokens p.. only, from the
-clean residual stream entering layer t, attending to the clean keys and values of the tokens before p
-(`_KV` stands in for the KV cache and keeps the new tokens' own). Generation then goes on from a KV cache
-per row (`greedy`), so generated tokens see the edit only through that cache. On top: whole batches
-(`resume`), variants sharing a prompt prefix (`resume_variants`), writes at the last token or at any token
-of one prompt, one head's output, and prompts that share a transcript (`generate_shared`).
-
-Only families whose decoder layers we can drive exactly are resumed (rotary embeddings from the model's
-own rotary module, masks from transformers' own builders, no logit post-processing); every other family
-takes the general path (full forwards, `Subject.generate`): the same numbers, only slower.
+the clean run (attention is causal). So `run_layers` runs layers t.. over tokens p.. only, from the clean
+residual stream entering layer t, attending to the clean keys and values of the tokens before p (`_KV`
+stands in for the KV cache and keeps the new tokens' own); `greedy` goes on from a KV cache per row, so
+generated tokens see the edit only through it. Families whose decoder layers we cannot drive exactly
+(see `can_resume`) take full forwards instead: the same numbers, only slower.
 """
 
 from __future__ import annotations
@@ -23,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .interventions import Intervention, Patch, Positions, RunState, WeightDelta, hooked
+from .interventions import Intervention, RunState, WeightDelta, hooked
 from .sites import Site
 from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
 
@@ -102,7 +97,8 @@ class _KV:
         self.new[layer_idx] = (key, value)
         if not self.clean:  # nothing before the new tokens: recording only
             return key, value
-        return tuple(torch.cat([_rows(old, len(key)), new], dim=2) for old, new in zip(self.clean[layer_idx], (key, value)))
+        (ck, cv), n = self.clean[layer_idx], len(key)
+        return torch.cat([_rows(ck, n), key], dim=2), torch.cat([_rows(cv, n), value], dim=2)
 
 
 def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -112,21 +108,23 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, positions: torch.Tensor,
                mask: Any = None, clean: KV | dict | None = None, state: RunState | None = None,
                interventions: Sequence[Intervention] = (), capture: Sequence[Site] = (),
-               logits: str | None = None) -> tuple[torch.Tensor, dict[int, tuple[torch.Tensor, torch.Tensor]], dict]:
+               logits: str | None = None) -> tuple[torch.Tensor, dict[int, Any], dict[Site, torch.Tensor]]:
     """Run decoder layers start..end-1 on `hidden` ([rows, tokens, d], the residual stream entering `start`)
     at `positions`, under `interventions` and `capture` (through `hooked`, `state` describing the rows).
 
-    `mask`: the attention mask (boolean: True where a token may attend), or one per layer type. `clean`: per layer the clean keys/values of the
-    tokens before these ones (None: no cache at all; empty: none, but keep the new ones). Returns the
-    final hidden states (with `logits`, "last" [rows, vocab] or "all", norm and unembedding applied),
-    the new tokens' keys/values per layer, and the captures.
+    `mask`: the attention mask (boolean: True where a token may attend), or one per layer type. `clean`:
+    per layer the clean keys/values of the tokens before these (None: no cache; empty: none, but keep the
+    new ones). Returns the final hidden states (with `logits`, "last" [rows, vocab] or "all", norm and
+    unembedding applied), the new tokens' keys/values per layer, and the captures.
     """
     kv = None if clean is None else _KV(clean)
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and subject.model.config._attn_implementation == "eager":
+    eager = subject.model.config._attn_implementation == "eager"
+    if eager and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # eager attention adds its mask
         mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
-            ~mask, torch.finfo(hidden.dtype).min)  # eager attention adds its mask
+            ~mask, torch.finfo(hidden.dtype).min)
     cache = {} if kv is None else {cache_kwarg(subject.sitemap.layers[0].forward): kv}
-    state = state or RunState(phase="prompt", pad=torch.zeros(len(hidden), dtype=torch.long), prompt_len=hidden.shape[1])
+    state = state or RunState(phase="prompt", pad=torch.zeros(len(hidden), dtype=torch.long),
+                              prompt_len=hidden.shape[1])
     with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, interventions, capture) as cap:
         position_embeddings = subject.model.model.rotary_emb(hidden, positions)
         for layer in range(start, end):
@@ -135,22 +133,20 @@ def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, pos
                 position_ids=positions, position_embeddings=position_embeddings, use_cache=False, **cache)
             if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
                 hidden = hidden[0]
-        if logits:
-            hidden = subject.sitemap.unembed(subject.sitemap.final_norm(hidden[:, -1:] if logits == "last" else hidden))
-            hidden = hidden[:, -1].float() if logits == "last" else hidden.float()
+        if logits == "last":
+            hidden = subject.sitemap.unembed(subject.sitemap.final_norm(hidden[:, -1:]))[:, -1].float()
+        elif logits:
+            hidden = subject.sitemap.unembed(subject.sitemap.final_norm(hidden)).float()
     return hidden, {} if kv is None else kv.new, {s: v[-1] for s, v in cap.items()}
 
 
 def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor | None,
            interventions: InterventionsFor = (), capture: Sequence[Site] = (), logits: str = "last") -> Forward:
-    """Run decoder layers start..L-1, the final norm and the unembedding from `resid_pre` at `start`.
-
-    `resid_pre` ([b, s, d_model], the padded batch) must be the model's own residual stream at the input
-    of layer `start` for this batch: a cache of the clean run, not an intervention. Interventions and
-    captures must all sit at layer `start` or above (ValueError otherwise: the cached stream would
-    silently miss them). Families that cannot be resumed and `resid_pre=None` run the full forward
-    instead, which gives the same numbers. `logits="last"` unembeds only the last position ([b, vocab];
-    captures at `final`/`logits` then see that position only); "all" gives [b, s, vocab].
+    """A forward of `batch` from `resid_pre` ([b, s, d], the clean run's residual stream entering layer
+    `start`, not an intervention): layers start..L-1, the final norm and the unembedding. Interventions and
+    captures below `start` raise ValueError (the cached stream would miss them); families that cannot be
+    resumed and `resid_pre=None` run the full forward: the same numbers. `logits="last"` unembeds only the
+    last position ([b, vocab]; captures at `final`/`logits` then see it only); "all" gives [b, s, vocab].
     """
     chosen = subject.interventions_for(interventions, batch.rows)
     lowest = first_layer([*chosen, *capture], subject)
@@ -163,10 +159,8 @@ def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor |
     if hidden.shape[:2] != batch.input_ids.shape:
         raise ValueError(f"resid_pre has shape {tuple(hidden.shape)}, the batch is {tuple(batch.input_ids.shape)}")
     state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
-    with torch.inference_mode():
-        masks = _masks(subject, batch, hidden)
-    out, _, acts = run_layers(subject, hidden, start, subject.n_layers, batch.position_ids, masks, None, state,
-                              chosen, capture, logits)
+    out, _, acts = run_layers(subject, hidden, start, subject.n_layers, batch.position_ids,
+                              _masks(subject, batch, hidden), None, state, chosen, capture, logits)
     return Forward(batch, acts, out if logits else None)
 
 
@@ -175,10 +169,9 @@ def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch
     """Last-position logits [n_variants * b, vocab] of resuming `batch` at `start` under `n_variants`
     sets of interventions, variant-major (row v * b + i: variant v on prompt i).
 
-    `interventions(n)` gives the interventions for n_variants * n rows, variant-major; they must edit all
-    positions. When `prefix` > 0 the prompts all start with the same `prefix` tokens: those run once per
-    variant and the other tokens attend to their keys and values, which gives the numbers of the full run
-    at a fraction of the cost. Models that cannot share a prefix run every row in full through `resume`.
+    `interventions(n)` gives the interventions for n_variants * n rows (variant-major), on all positions.
+    When `prefix` > 0 the prompts all start with the same `prefix` tokens: those run once per variant and
+    the others attend to their keys and values (the full run's numbers at a fraction of the cost).
     """
     b = len(batch.rows)
     edits_for_rows = interventions(b)
@@ -211,15 +204,13 @@ def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch
     return run_layers(subject, tail, start, L, positions, mask, kv, state, edits_for_rows, logits="last")[0]
 
 
-# ---- greedy generation from per-row caches ------------------------------------------------------
-
 def greedy(subject: Subject, cache: Any, ids: torch.Tensor, positions: torch.Tensor, steps: int,
            mask: torch.Tensor | None = None, interventions: InterventionsFor = (), rows: Sequence[int] = (),
            state: RunState | None = None) -> list[list[int]]:
-    """Greedy continuation of n rows whose earlier tokens sit in `cache` (a transformers cache, one row per
-    row): `ids` [n, t] the tokens still to run, at `positions` [n, t], `mask` [n, cached + t] for padded
-    rows. `interventions` (or a callable of the caller's `rows`) act at every step, `state` describing the
-    first. EOS ends a row, which then leaves the batch and its cache. Returns new ids per row, no EOS."""
+    """Greedy continuation of rows whose earlier tokens sit in `cache` (a transformers cache, one row each):
+    `ids` [n, t] the tokens still to run at `positions`, `mask` [n, cached + t] for padded rows.
+    `interventions` (or a callable of the caller's `rows`) act at every step, `state` describing the
+    first; a row that says EOS leaves the batch and its cache. Returns new ids per row, EOS dropped."""
     model, kw, eos, dev = subject.model, cache_kwarg(subject.model.forward), subject.tokenizer.eos_token_id, ids.device
     active, out = list(range(len(ids))), [[] for _ in range(len(ids))]
     state = state or RunState(phase="generated")
@@ -278,8 +269,6 @@ def generate_shared(subject: Subject, prefix: Sequence[int], suffixes: Sequence[
     return results
 
 
-# ---- one prompt written many ways, one row per write --------------------------------------------
-
 @dataclass
 class CleanPrompt:
     """One prompt's clean run: its ids, the residual stream at every layer and token, its KV cache."""
@@ -309,10 +298,11 @@ def clean_pass(subject: Subject, ids: Sequence[int], resid_pre: bool = False) ->
     state = RunState(phase="prompt", pad=torch.zeros(1, dtype=torch.long), prompt_len=x.shape[1])
     with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, (),
                                         list(dict.fromkeys([*sites, embed, *pre_sites]))) as cap:
-        out = subject.model(input_ids=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(subject.model.forward): cache})
+        out = subject.model(input_ids=x, use_cache=True, logits_to_keep=1,
+                            **{cache_kwarg(subject.model.forward): cache})
     resid = torch.stack([cap[s][-1][0] for s in sites])
     pre = torch.stack([cap[s][-1][0] for s in pre_sites]) if resid_pre else None
-    return CleanPrompt(list(ids), resid, [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers],
+    return CleanPrompt(list(ids), resid, [c.keys for c in cache.layers], [c.values for c in cache.layers],
                        out.logits[0, -1].float(), pre, cap[embed][-1][0])
 
 
@@ -356,19 +346,3 @@ def greedy_from_kv(subject: Subject, keys: Sequence[torch.Tensor], values: Seque
     pos = torch.full((len(first), 1), keys[0].shape[2], dtype=torch.long, device=subject.device)
     cont = greedy(subject, cache, first.to(subject.device)[:, None], pos, steps)
     return [[int(t), *c] for t, c in zip(first, cont)]
-
-
-def generate_with_patches(subject: Subject, ids: Sequence[int], position: Positions, targets: Sequence[int],
-                          values: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
-    """The general path for one prompt written many ways: row r writes values[r] into resid_post of layer
-    targets[r] at `position`, full forwards and generation through Subject.generate (an int or "last"
-    position touches no generated token: the prompt pass only). Any family; the fast paths must equal it."""
-    out: list[list[int]] = [[] for _ in targets]
-    for layer in sorted(set(targets)):
-        rows = [i for i, t in enumerate(targets) if t == layer]
-        vals, site = values[rows], Site("resid_post", layer)
-        gens = subject.generate([list(ids)] * len(rows), max_new_tokens,
-                                lambda r, vals=vals, site=site: [Patch(site, position, values=vals[r])])
-        for i, g in zip(rows, gens):
-            out[i] = g
-    return out

@@ -5,7 +5,7 @@ token, leaves every token before p and every layer below t as in the clean run, 
 tokens and layers it changes (`subject.run_layers`, `subject.resume_last`) and generation goes on from a KV
 cache assembled per row: generated tokens see the write only through that cache. Backpatching writes at
 the last token, patchscopes at any token, function vectors one head at a time. Families the engine cannot
-resume take the general path (`subject.generate_with_patches`, full forwards): the same tokens, only slower.
+resume take the general path (`generate_with_patches`, full forwards): the same tokens, only slower.
 The engine is imported inside functions so that kinds stay importable without torch.
 """
 
@@ -20,6 +20,24 @@ if TYPE_CHECKING:
     from ..subject import CleanPrompt, Patch, Subject
 
 Worth = Callable[[int, int], bool]  # (row, first token) -> whether its continuation can still matter
+
+
+def generate_with_patches(subject: Subject, ids: Sequence[int], position: int | str, targets: Sequence[int],
+                          values: torch.Tensor, max_new_tokens: int) -> list[list[int]]:
+    """The general path for one prompt written many ways: row r writes values[r] into resid_post of layer
+    targets[r] at `position`, full forwards and generation through Subject.generate (an int or "last"
+    position touches no generated token: the prompt pass only). Any family; the fast paths must equal it."""
+    from ..subject import Patch, Site
+
+    out: list[list[int]] = [[] for _ in targets]
+    for layer in sorted(set(targets)):
+        rows = [i for i, t in enumerate(targets) if t == layer]
+        vals, site = values[rows], Site("resid_post", layer)
+        gens = subject.generate([list(ids)] * len(rows), max_new_tokens,
+                                lambda r, vals=vals, site=site: [Patch(site, position, values=vals[r])])
+        for i, g in zip(rows, gens):
+            out[i] = g
+    return out
 
 
 def _continue(subject: Subject, first: torch.Tensor, keys: list, values: list, steps: int, worth: Worth | None,
@@ -48,7 +66,7 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
     `worth_continuing(row, first_token)` lets the caller skip the continuation of rows whose first token
     already decides the outcome (their result is then that token alone).
     """
-    from ..subject import can_resume, generate_with_patches, resume_last
+    from ..subject import can_resume, resume_last
 
     if not can_resume(subject):
         return generate_with_patches(subject, clean.ids, "last", targets, values, max_new_tokens)
@@ -99,7 +117,7 @@ def patch_at_and_generate(subject: Subject, clean: CleanPrompt, position: int, t
     `clean` must come from `clean_pass(..., resid_pre=True)`. `worth_continuing(row, first_token)` lets the
     caller skip the continuation of rows whose first token already decides the outcome.
     """
-    from ..subject import can_share_prefix, generate_with_patches
+    from ..subject import can_share_prefix
 
     T = len(clean.ids)
     if not -T <= position < T:
