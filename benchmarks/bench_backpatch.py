@@ -133,8 +133,8 @@ def main() -> None:
     n = len(pairs) * len(prompts)
     table = [["naive loop (plain, one row per pair)", n, f"{naive_t:.2f}", f"{naive_t / ours_t:.1f}x"],
              ["plain batched (rows = sources of one t)", n, f"{batched_t:.2f}", f"{batched_t / ours_t:.1f}x"],
-             ["modelprobe lastpatch", n, f"{ours_t:.2f}", "1.0x"],
-             ["modelprobe lastpatch + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
+             ["modelprobe patch_last", n, f"{ours_t:.2f}", "1.0x"],
+             ["modelprobe patch_last + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
     print(tabulate(table, headers=["back-patching, every s >= t", "rows", "seconds", "vs modelprobe"]))
     print(f"same tokens: modelprobe vs plain batched {same}/{n}; plain batched vs naive {same_naive}/{n}; "
           f"{args.threads} threads, {args.new} new tokens, {len(prompts)} queries, {len(pairs)} pairs each")

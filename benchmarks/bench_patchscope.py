@@ -123,8 +123,8 @@ def main() -> None:
     early_t, _ = run_ours(subject, ids, p, states, args.new, [[r["hop1_answer"], *r["hop1_aliases"]] for r in rows])
     table = [["naive loop (plain, one row per (query, layer))", n, f"{naive_t:.2f}", f"{naive_t / ours_t:.1f}x"],
              ["plain batched (rows = queries of one layer)", n, f"{batched_t:.2f}", f"{batched_t / ours_t:.1f}x"],
-             ["modelprobe patchat", n, f"{ours_t:.2f}", "1.0x"],
-             ["modelprobe patchat + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
+             ["modelprobe patch_at", n, f"{ours_t:.2f}", "1.0x"],
+             ["modelprobe patch_at + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
     print(tabulate(table, headers=["patchscope, queries x layers", "rows", "seconds", "vs modelprobe"]))
     print(f"same tokens: modelprobe vs plain batched {same}/{n}; plain batched vs naive {same_naive}/{n}; "
           f"{args.threads} threads, {args.new} new tokens, {len(rows)} queries, {subject.n_layers} layers, "

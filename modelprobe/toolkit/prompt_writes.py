@@ -41,9 +41,10 @@ def generate_with_patches(subject: Subject, ids: Sequence[int], position: int | 
 
 
 def _continue(subject: Subject, first: torch.Tensor, keys: list, values: list, steps: int, worth: Worth | None,
-              rows: Sequence[int]) -> dict[int, list[int]]:
+              rows: Sequence[int], head: list | None = None) -> dict[int, list[int]]:
     """Ids per row (first token included, EOS dropped) of the rows whose first token is not EOS; the
-    rows `worth` turns down and every row when `steps` is 0 keep their first token alone."""
+    rows `worth` turns down and every row when `steps` is 0 keep their first token alone. keys/values
+    per layer are the rows' own, after the keys/values `head` (one row, per layer) shared by every row."""
     from ..subject import greedy_from_kv
 
     eos = subject.tokenizer.eos_token_id
@@ -52,7 +53,12 @@ def _continue(subject: Subject, first: torch.Tensor, keys: list, values: list, s
           and (worth is None or worth(r, tok))]
     if go:
         idx = torch.tensor(go, device=first.device)
-        cont = greedy_from_kv(subject, [k[idx] for k in keys], [v[idx] for v in values], first[idx], steps)
+        if head is not None:  # only the continued rows' caches are assembled
+            keys = [torch.cat([hk.expand(len(go), -1, -1, -1), k[idx]], dim=2) for (hk, _), k in zip(head, keys)]
+            values = [torch.cat([hv.expand(len(go), -1, -1, -1), v[idx]], dim=2) for (_, hv), v in zip(head, values)]
+        else:
+            keys, values = [k[idx] for k in keys], [v[idx] for v in values]
+        cont = greedy_from_kv(subject, keys, values, first[idx], steps)
         out.update({rows[i]: seq for i, seq in zip(go, cont)})
     return out
 
@@ -76,10 +82,8 @@ def patch_last_and_generate(subject: Subject, clean: CleanPrompt, targets: Seque
             t = torch.as_tensor(list(targets[start:start + batch_size]), device=subject.device)
             logits, last_k, last_v = resume_last(subject, clean, t, values[start:start + batch_size])
             n = len(t)
-            keys = [torch.cat([k[:, :, :-1].expand(n, -1, -1, -1), new], dim=2) for k, new in zip(clean.keys, last_k)]
-            vals = [torch.cat([v[:, :, :-1].expand(n, -1, -1, -1), new], dim=2) for v, new in zip(clean.values, last_v)]
-            seqs = _continue(subject, logits.argmax(-1), keys, vals, max_new_tokens - 1, worth_continuing,
-                             range(start, start + n))
+            seqs = _continue(subject, logits.argmax(-1), last_k, last_v, max_new_tokens - 1, worth_continuing,
+                             range(start, start + n), clean.before(len(clean.ids) - 1))
             out.extend(seqs.get(start + i, []) for i in range(n))
     return out
 
