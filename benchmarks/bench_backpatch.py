@@ -8,7 +8,7 @@ written into layer t in the prompt pass, then `--new` greedy tokens are generate
 - plain batched: plain transformers, all sources of one target layer as the rows of one batch (the
   fair floor: same batching as a careful hand-written script, but every row runs the whole prompt
   through every layer);
-- modelprobe: `subject.lastpatch` (every pair of a query in one batch, only the last token recomputed,
+- modelprobe: `toolkit.prompt_writes.patch_last_and_generate` (every pair of a query in one batch, only the last token recomputed,
   from layer t + 1 on, over the clean prefix's cached keys/values), without and with the early stop
   the kind uses (rows whose first token already rules every alias out stop there).
 
@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from modelprobe.subject import load_subject
-from modelprobe.subject.lastpatch import clean_pass, patch_last_and_generate
+from modelprobe.subject import clean_pass, load_subject
 from modelprobe.subject.subject import cache_kwarg
 from modelprobe.toolkit.answers import could_give_answer
+from modelprobe.toolkit.prompt_writes import patch_last_and_generate
 
 DATA = Path(__file__).resolve().parent.parent / "probes" / "data" / "two_hop.jsonl"
 
@@ -133,8 +133,8 @@ def main() -> None:
     n = len(pairs) * len(prompts)
     table = [["naive loop (plain, one row per pair)", n, f"{naive_t:.2f}", f"{naive_t / ours_t:.1f}x"],
              ["plain batched (rows = sources of one t)", n, f"{batched_t:.2f}", f"{batched_t / ours_t:.1f}x"],
-             ["modelprobe lastpatch", n, f"{ours_t:.2f}", "1.0x"],
-             ["modelprobe lastpatch + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
+             ["modelprobe patch_last", n, f"{ours_t:.2f}", "1.0x"],
+             ["modelprobe patch_last + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
     print(tabulate(table, headers=["back-patching, every s >= t", "rows", "seconds", "vs modelprobe"]))
     print(f"same tokens: modelprobe vs plain batched {same}/{n}; plain batched vs naive {same_naive}/{n}; "
           f"{args.threads} threads, {args.new} new tokens, {len(prompts)} queries, {len(pairs)} pairs each")

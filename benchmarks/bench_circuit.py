@@ -39,9 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from modelprobe.subject import load_subject  # noqa: E402
+from modelprobe.subject import can_resume, load_subject  # noqa: E402
 from modelprobe.subject.ablation import AblationRunner, Unit, build_scope  # noqa: E402
-from modelprobe.subject.resume import can_resume  # noqa: E402
 from modelprobe.toolkit.ablation_task import prepare_task  # noqa: E402
 from modelprobe.toolkit.controls import random_circuits  # noqa: E402
 

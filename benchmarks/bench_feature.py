@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelprobe.subject import load_subject
-from modelprobe.subject.resume import common_prefix
+from modelprobe.subject import common_prefix, load_subject
 from modelprobe.subject.sites import Site
 from modelprobe.subject.units import coordinate_units
 from modelprobe.toolkit.features import metric_with_units_set, token_set_metric, unit_activations

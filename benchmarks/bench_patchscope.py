@@ -10,7 +10,7 @@ layer l is written into the placeholder " x" of "Syria: Syria; leaf: leaf; Paris
   hook on decoder layer l);
 - plain batched: plain transformers, all queries of one layer as the rows of one batch (the fair floor:
   every row runs the whole target prompt through every layer);
-- modelprobe: `subject.patchat` (rows of one layer resumed at that layer from the target's clean run,
+- modelprobe: `toolkit.prompt_writes.patch_at_and_generate` (rows of one layer resumed at that layer from the target's clean run,
   on the tokens from the placeholder on, with a per-row Patch), without and with the early stop the kind
   uses (rows whose first token already rules the expected answer out stop there).
 
@@ -30,11 +30,10 @@ import torch
 from tabulate import tabulate
 
 from modelprobe.spec import TokenPosition
-from modelprobe.subject import load_subject
-from modelprobe.subject.lastpatch import clean_pass
-from modelprobe.subject.patchat import patch_at_and_generate
+from modelprobe.subject import clean_pass, load_subject
 from modelprobe.subject.subject import cache_kwarg
 from modelprobe.toolkit.answers import could_give_answer
+from modelprobe.toolkit.prompt_writes import patch_at_and_generate
 from modelprobe.toolkit.prompts import text_token_index, token_index
 
 DATA = Path(__file__).resolve().parent.parent / "probes" / "data" / "two_hop.jsonl"
@@ -124,8 +123,8 @@ def main() -> None:
     early_t, _ = run_ours(subject, ids, p, states, args.new, [[r["hop1_answer"], *r["hop1_aliases"]] for r in rows])
     table = [["naive loop (plain, one row per (query, layer))", n, f"{naive_t:.2f}", f"{naive_t / ours_t:.1f}x"],
              ["plain batched (rows = queries of one layer)", n, f"{batched_t:.2f}", f"{batched_t / ours_t:.1f}x"],
-             ["modelprobe patchat", n, f"{ours_t:.2f}", "1.0x"],
-             ["modelprobe patchat + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
+             ["modelprobe patch_at", n, f"{ours_t:.2f}", "1.0x"],
+             ["modelprobe patch_at + early stop", n, f"{early_t:.2f}", f"{early_t / ours_t:.2f}x"]]
     print(tabulate(table, headers=["patchscope, queries x layers", "rows", "seconds", "vs modelprobe"]))
     print(f"same tokens: modelprobe vs plain batched {same}/{n}; plain batched vs naive {same_naive}/{n}; "
           f"{args.threads} threads, {args.new} new tokens, {len(rows)} queries, {subject.n_layers} layers, "

@@ -15,10 +15,9 @@ import torch
 from modelprobe.errors import DataError, SpecError
 from modelprobe.kinds import check_data_files, instantiate, load
 from modelprobe.report.record import HeatMap
-from modelprobe.subject import load_subject
-from modelprobe.subject.lastpatch import clean_pass, patch_last_and_generate
-from modelprobe.subject.resume import generate_with_patches
+from modelprobe.subject import clean_pass, load_subject
 from modelprobe.toolkit.answers import could_give_answer, gives_answer
+from modelprobe.toolkit.prompt_writes import generate_with_patches, patch_last_and_generate
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent

@@ -1,7 +1,7 @@
 """Direction selection (kinds/direction_selection.py): the upper-half planted fixture, the filters and
 their counts, tier 1 (the paper's filters) and tier 2 (the best of the rest, said so), the per-intervention
 layer for `add`, and the exactness of the batched,
-resumed, prefix-sharing scores (subject/resume.py resume_variants) against plain forwards."""
+resumed, prefix-sharing scores (subject.resume_variants) against plain forwards."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ from modelprobe.kinds.direction_selection import (
     token_ids_for,
 )
 from modelprobe.kinds.graders import TOKEN_FORMS, build_grader, log_odds
-from modelprobe.subject import Add, Site, load_subject
-from modelprobe.subject.resume import common_prefix, resume_variants
+from modelprobe.subject import Add, Site, common_prefix, load_subject, resume_variants
 from modelprobe.toolkit.metrics import kl
 from modelprobe.toolkit.steering import ablate_direction_everywhere
 

@@ -113,7 +113,7 @@ def test_batched_unit_rows_equal_one_hooked_forward_per_unit(planted_dir):
     units = coordinate_units(Site("mlp.post", 1), subject.sitemap, [planted.CAUSAL, 5, 60])
     acts = unit_activations(subject, ids, [units], keep_from=1, batch_size=4)
     targets = torch.tensor([0.0, 1.5, -2.0])
-    from modelprobe.subject.resume import common_prefix
+    from modelprobe.subject import common_prefix
 
     assert common_prefix(ids) >= 1  # BOS: the shared-prefix path runs
     got = metric_with_units_set(subject, acts.clean, units, targets,

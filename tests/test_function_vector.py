@@ -13,7 +13,8 @@ import torch
 
 from modelprobe.errors import DataError, SpecError
 from modelprobe.kinds import check_data_files, instantiate, load
-from modelprobe.subject.lastpatch import _patch_heads_full, clean_pass, patch_heads_last
+from modelprobe.subject import clean_pass
+from modelprobe.toolkit.prompt_writes import _patch_heads_full, patch_heads_last
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 import build_function_vector_fixture as fixture  # noqa: E402

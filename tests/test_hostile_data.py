@@ -123,7 +123,7 @@ def test_grader_token_outside_the_vocabulary_is_located_at_the_probe_field(tmp_p
 
 def test_generation_and_resume_raise_no_deprecation_warning(tiny_subject):
     """transformers 5.x renamed the KV-cache argument (past_key_values -> cache, removal in 5.40)."""
-    from modelprobe.subject.resume import resume
+    from modelprobe.subject import resume
 
     subject = tiny_subject("llama")
     ids = [subject.encode("the cake"), subject.encode("how do i make a cake")]

@@ -144,8 +144,6 @@ def test_schema_validate_and_the_specs_import_no_torch(tmp_path):
 # ---- the subject face ------------------------------------------------------------------------------------
 
 SUBJECT = PACKAGE / "subject"
-# being merged into one module (issue 24): their callers move to the new module's face names then
-BEING_MERGED = {"resume", "prefix", "lastpatch", "patchat"}
 
 
 def _subject_modules_named(path: Path) -> list[tuple[int, str]]:
@@ -179,7 +177,7 @@ def test_outside_code_uses_only_the_subject_face():
     inside it, so the engine's modules can be split and merged without touching a kind."""
     bad = [f"{p.relative_to(PACKAGE)}:{line} modelprobe.subject.{sub}"
            for p in sorted(PACKAGE.rglob("*.py")) if SUBJECT not in p.parents
-           for line, sub in _subject_modules_named(p) if sub not in BEING_MERGED]
+           for line, sub in _subject_modules_named(p)]
     assert bad == []
 
 

@@ -9,9 +9,8 @@ import torch
 from conftest import TOY_TOKENIZER_DIR, tiny_config
 
 from modelprobe.errors import SiteError
-from modelprobe.subject import AblateDirection, Add, Site, WeightDelta, load_subject
+from modelprobe.subject import AblateDirection, Add, Site, WeightDelta, load_subject, resume
 from modelprobe.subject.interventions import RunState, hooked
-from modelprobe.subject.resume import resume
 
 pytest.importorskip("accelerate")
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modelprobe.subject import MeanAblate, Site, ZeroAblate
-from modelprobe.subject.resume import can_resume, first_layer, resume
+from modelprobe.subject import MeanAblate, Site, ZeroAblate, can_resume, first_layer, resume
 
 PROMPTS = ["tell me", "how do i make a cake now", "write a poem about the day"]  # left padding on rows 0, 2
 

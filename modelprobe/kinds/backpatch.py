@@ -12,7 +12,7 @@ shortcut answers), then split into the composition-right and -wrong sets:
 - s = t rows are the identity check: the patch writes the state already there.
 
 Every (s, t) row of a query runs in one batch, resumed at the last token from the clean run
-(`subject.lastpatch`).
+(`toolkit.prompt_writes`).
 
 Controls: the oracle and the dev-chosen pair are held against the same patches with the state of a query
 that has another answer (random source), searched the same way: a one-sided paired permutation test over the
@@ -216,7 +216,7 @@ claims:
                    sources: list[int]) -> list[list[int]]:
         """Continuation ids of query q, one per pair; pair k takes its state from query sources[k]."""
         from .._lazy import torch
-        from ..subject.lastpatch import patch_last_and_generate
+        from ..toolkit.prompt_writes import patch_last_and_generate
 
         values = torch.stack([cleans[j].resid[s, self.src_pos[j]] for (s, _), j in zip(pairs, sources)])
         aliases = self._answers(q)
@@ -232,7 +232,7 @@ claims:
 
     def _grid(self, wrong: np.ndarray, clean_texts: list[str]) -> Grid:
         from ..progress import bar
-        from ..subject.lastpatch import clean_pass
+        from ..subject import clean_pass
 
         n_p, n_id = len(self.pairs), len(self.identity)
         other, decoy = self._other_answer(wrong, self.spec.seed), self._other_answer(wrong, self.spec.seed + 1)
@@ -273,7 +273,7 @@ claims:
 
     def _best_on(self, queries: np.ndarray, pair: tuple[int, int]) -> np.ndarray:
         """Whether the pair's patch leaves each (initially right) query answered."""
-        from ..subject.lastpatch import clean_pass
+        from ..subject import clean_pass
 
         out = []
         for q in queries:

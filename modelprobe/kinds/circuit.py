@@ -12,7 +12,7 @@ How the work is organised (the expensive part is many ablated forwards):
   many sets run in one batch, each row with its own unit mask (prompts repeated across rows);
 - two residual streams are cached per prompt, the clean model and the model with the whole scope
   ablated; a row equals the first below its first ablated unit and the second below its first kept
-  unit, and resumes (`subject.resume`) from whichever it follows longer, so the layers below the
+  unit, and resumes (`subject.resumable`) from whichever it follows longer, so the layers below the
   first one it changes are never recomputed;
 - prompts are batched by token length (and `group_by` value), so a batch has no padding and one
   set of per-position means.

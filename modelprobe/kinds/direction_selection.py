@@ -24,7 +24,7 @@ Here, when the grader has a token form (graders.TOKEN_FORMS, a `tokens` grader, 
 direction.select_tokens):
 - every (layer, position) candidate below the depth cap gets its EXACT induce score: the validation
   negatives resume from their clean residual stream at the candidate's layer (cached by the validation
-  pass), all positions of one layer in the same forwards (subject/resume.py `resume_variants`), and the
+  pass), all positions of one layer in the same forwards (`subject.resume_variants`), and the
   chat template's shared prefix runs once per candidate instead of once per prompt. That is about
   (L - l) / L of a forward over the negatives per candidate, without the prefix;
 - bypass and KL (one ablated forward over the validation positives and negatives each, prefix shared
@@ -52,8 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..subject import Add, Site
-from ..subject.resume import common_prefix, resume_variants
+from ..subject import Add, Site, common_prefix, resume_variants
 from ..toolkit.behaviour import behave_variants
 from ..toolkit.metrics import kl as _kl
 from ..toolkit.steering import ablate_direction_everywhere, stack_variants

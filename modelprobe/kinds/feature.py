@@ -360,7 +360,7 @@ claims:
 
     def _causes(self, name: str, claim: FeatureClaim, units, acts, means: np.ndarray) -> ClaimResult:
         from ..stats import paired_difference
-        from ..subject.resume import common_prefix
+        from ..subject import common_prefix
         from ..toolkit.controls import beats_control, empirical_control, sequential_detail
         from ..toolkit.features import ROWS_PER_FORWARD, metric_with_units_set, token_set_metric
 

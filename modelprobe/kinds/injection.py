@@ -340,9 +340,8 @@ claims:
         """Greedy replies, one batched generation; row i gets vectors[layer][i] added at each layer from
         its start token on (a zero row is no injection), up to its stop token when `stops` is given (the
         reply itself then runs uninjected). The transcript before the earliest start is shared by every
-        trial, so it runs once (subject.prefix)."""
-        from ..subject import From, Span
-        from ..subject.prefix import common_prefix, generate_shared
+        trial, so it runs once (subject.generate_shared)."""
+        from ..subject import From, Span, common_prefix, generate_shared
         from ..toolkit.steering import add_at_layer
 
         cut = min(common_prefix(ids), min(starts))

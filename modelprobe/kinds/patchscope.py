@@ -9,7 +9,7 @@ Reported per layer as a curve; a claim takes the best layer of its range, held a
 from another prompt (random source) at that layer.
 
 All (prompt, layer) rows run batched against the target's clean run, resumed at each row's target layer
-from the patched token on, with a per-row Patch (`subject.patchat`).
+from the patched token on, with a per-row Patch (`toolkit.prompt_writes`).
 
 Controls: the same patch at the same layer with another prompt's state (random source), by a one-sided
 paired permutation test over the prompts; the best layer of the claim's range is chosen for both alike.
@@ -163,8 +163,8 @@ claims:
         """decoded[i, k] (own state) and null[i, k] (another prompt's state) per prompt and layer."""
         from .._lazy import torch
         from ..progress import bar
-        from ..subject.lastpatch import clean_pass
-        from ..subject.patchat import patch_at_and_generate
+        from ..subject import clean_pass
+        from ..toolkit.prompt_writes import patch_at_and_generate
 
         n, k = len(self.rows), len(self.layers)
         states = torch.stack([clean_pass(self.subject, self.ids[i]).resid[self.layers, self.pos[i]]

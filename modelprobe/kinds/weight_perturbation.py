@@ -96,7 +96,7 @@ if TYPE_CHECKING:
     from ..subject import WeightGroup
 
 weights: Any = LazyModule("modelprobe.subject")  # its weight-group names; torch when first used
-resume: Any = LazyModule("modelprobe.subject.resume")
+resume: Any = LazyModule("modelprobe.subject")
 
 Method = Literal["gradient", "random", "activation"]
 METHODS: tuple[str, ...] = ("gradient", "random", "activation")

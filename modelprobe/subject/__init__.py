@@ -47,6 +47,11 @@ _WHERE = {
     # weight orthogonalisation
     "check_orthogonalizable": "orthogonalize", "orthogonalization_notes": "orthogonalize",
     "orthogonalizing_deltas": "orthogonalize",
+    # the resumable forward: layers from a cached clean prefix, and greedy continuation from it
+    "common_prefix": "batching", "CleanPrompt": "resumable", "can_resume": "resumable",
+    "can_share_prefix": "resumable", "clean_pass": "resumable", "first_layer": "resumable",
+    "generate_shared": "resumable", "greedy": "resumable", "greedy_from_kv": "resumable", "resume": "resumable",
+    "resume_last": "resumable", "resume_variants": "resumable", "run_layers": "resumable",
 }
 
 __all__ = sorted(_WHERE)
@@ -55,6 +60,7 @@ if TYPE_CHECKING:  # the same names, for editors and type checkers (tests/test_l
     from .ablation import AblationRunner, build_scope
     from .ablation import Scope as AblationScope
     from .ablation import Unit as AblationUnit
+    from .batching import common_prefix
     from .devices import worker_device
     from .hooks import leaked_hooks
     from .interventions import (
@@ -88,6 +94,20 @@ if TYPE_CHECKING:  # the same names, for editors and type checkers (tests/test_l
     from .rank1 import factors as rank1_factors
     from .rank1 import not_applicable as rank1_not_applicable
     from .resolve import unfetched
+    from .resumable import (
+        CleanPrompt,
+        can_resume,
+        can_share_prefix,
+        clean_pass,
+        first_layer,
+        generate_shared,
+        greedy,
+        greedy_from_kv,
+        resume,
+        resume_last,
+        resume_variants,
+        run_layers,
+    )
     from .sitemap import SiteMap, canonical_name
     from .sites import Site, resolve_layer, resolve_sites
     from .subject import Batch, Forward, InterventionsFor, Subject, load_subject

@@ -20,7 +20,7 @@ import torch
 
 from ..progress import bar
 from .interventions import Intervention, MeanAblate, Patch, ZeroAblate
-from .resume import can_resume, resume
+from .resumable import can_resume, resume
 from .sites import Site, resolve_layer
 from .subject import Subject
 

@@ -106,8 +106,8 @@ def metric_with_units_set(subject: Subject, clean: Sequence[tuple[Batch, torch.T
     """[n_units, n_prompts] metric at the last position with unit i set to targets[i] on every token.
 
     The batches resume at the units' layer from the kept residual stream; the units of a chunk are the
-    variant rows of one forward (subject/resume.py `resume_variants`)."""
-    from ..subject.resume import resume_variants
+    variant rows of one forward (`subject.resume_variants`)."""
+    from ..subject import resume_variants
 
     start = units.site.layer
     out = np.zeros((len(units), n_prompts))

@@ -2,7 +2,7 @@
 indirect effect on shuffled-label prompts, the vector of the top heads, and accuracy with it added.
 
 Every read is at the last token (the query's answer position). Head effects run batched through
-`subject.lastpatch.patch_heads_last` (one row per head, only the last token recomputed from the head's
+`toolkit.prompt_writes.patch_heads_last` (one row per head, only the last token recomputed from the head's
 layer on); the engine is imported inside functions so that kinds stay importable without torch.
 """
 
@@ -57,7 +57,8 @@ def head_effects(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequen
     """[n, L, H]: for each prompt and head, the probability of the prompt's answer token with that head's
     output at the last token replaced by its mean over the few-shot prompts, minus the clean probability
     (the head's indirect effect). One batched, resumed run per prompt covers every head."""
-    from ..subject.lastpatch import clean_pass, patch_heads_last
+    from ..subject import clean_pass
+    from .prompt_writes import patch_heads_last
 
     n_layers, n_heads = head_means.shape[:2]
     layers = [layer for layer in range(n_layers) for _ in range(n_heads)]

@@ -1,17 +1,17 @@
-"""subject.patchat: a write at (layer, token) of one prompt, many rows at once, resumed from the clean run.
+"""toolkit.prompt_writes.patch_at_and_generate: a write at (layer, token) of one prompt, many rows at once, resumed from the clean run.
 
 The resumed path must give exactly the tokens of the general path (full forwards with a Patch at that
 token, prompt pass only, through Subject.generate); the identity write (the clean state put back where
-it was) must change nothing; a write at the last token must agree with subject.lastpatch."""
+it was) must change nothing; a write at the last token must agree with patch_last_and_generate."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from modelprobe.subject import patchat
-from modelprobe.subject.lastpatch import clean_pass, patch_last_and_generate
-from modelprobe.subject.resume import generate_with_patches
+from modelprobe.subject import can_share_prefix, clean_pass
+from modelprobe.toolkit import prompt_writes
+from modelprobe.toolkit.prompt_writes import generate_with_patches, patch_last_and_generate
 
 PROMPT = "how do i make a cake for my friend"
 OTHER = ["tell me a story about the garden", "write a poem about water", "please help me build a kite"]
@@ -28,10 +28,10 @@ def _rows(subject):
 @pytest.mark.parametrize("position", [1, 4, -2, -1])
 def test_resumed_rows_equal_full_forwards(tiny_subject, position):
     subject = tiny_subject("llama")
-    assert patchat.can_share_prefix(subject)  # the resumed path is the one under test
+    assert can_share_prefix(subject)  # the resumed path is the one under test
     clean = clean_pass(subject, subject.encode(PROMPT), resid_pre=True)
     targets, values = _rows(subject)
-    fast = patchat.patch_at_and_generate(subject, clean, position, targets, values, 4, batch_size=4)
+    fast = prompt_writes.patch_at_and_generate(subject, clean, position, targets, values, 4, batch_size=4)
     full = generate_with_patches(subject, clean.ids, position % len(clean.ids), targets, values, 4)
     assert fast == full
     assert len({tuple(g) for g in fast}) > 1  # the writes matter: not every row says the same
@@ -45,14 +45,14 @@ def test_identity_write_changes_nothing(tiny_subject):
     for position in range(len(ids)):
         targets = list(range(subject.n_layers))
         values = clean.resid[targets, position]
-        assert patchat.patch_at_and_generate(subject, clean, position, targets, values, 4) == [unpatched] * len(targets)
+        assert prompt_writes.patch_at_and_generate(subject, clean, position, targets, values, 4) == [unpatched] * len(targets)
 
 
-def test_last_token_agrees_with_lastpatch(tiny_subject):
+def test_last_token_agrees_with_patch_last(tiny_subject):
     subject = tiny_subject("llama")
     clean = clean_pass(subject, subject.encode(PROMPT), resid_pre=True)
     targets, values = _rows(subject)
-    assert (patchat.patch_at_and_generate(subject, clean, -1, targets, values, 4)
+    assert (prompt_writes.patch_at_and_generate(subject, clean, -1, targets, values, 4)
             == patch_last_and_generate(subject, clean, targets, values, 4))
 
 
@@ -64,17 +64,17 @@ def test_other_tokens_stay_clean_and_generation_is_unpatched(tiny_subject):
     clean = clean_pass(subject, ids, resid_pre=True)
     targets, values = _rows(subject)
     p = 3
-    _, keys, _ = patchat._resume_from(subject, clean, p, 0, values[:2])
+    _, keys, _ = prompt_writes._resume_from(subject, clean, p, 0, values[:2])
     for layer in range(subject.n_layers):
         assert torch.equal(keys[layer][:, :, :p], clean.keys[layer][:, :, :p].expand(2, -1, -1, -1))
     with pytest.raises(ValueError, match="outside the prompt"):
-        patchat.patch_at_and_generate(subject, clean, len(ids), targets, values, 2)
+        prompt_writes.patch_at_and_generate(subject, clean, len(ids), targets, values, 2)
 
 
 def test_families_without_resume_take_the_general_path(tiny_subject):
     subject = tiny_subject("gpt2")
-    assert not patchat.can_share_prefix(subject)
+    assert not can_share_prefix(subject)
     ids = subject.encode(PROMPT)
     clean = clean_pass(subject, ids, resid_pre=True)
     values = clean.resid[[0, 1], 2]
-    assert patchat.patch_at_and_generate(subject, clean, 2, [0, 1], values, 3) == [subject.generate([ids], 3)[0]] * 2
+    assert prompt_writes.patch_at_and_generate(subject, clean, 2, [0, 1], values, 3) == [subject.generate([ids], 3)[0]] * 2
