@@ -203,7 +203,7 @@ def report(args, sm, load_s: float, rows: list) -> None:
 def selection_cost(subject, repeat: int) -> list:
     """W3: the shipped refusal probe's selection, logit-scored vs the 8-point generation grid."""
     from modelprobe.kinds import instantiate, load
-    from modelprobe.kinds.direction_selection import select
+    from modelprobe.kinds.direction.selection import select
 
     kind = instantiate(load(ROOT / "probes" / "refusal_direction.probe.yaml"), subject)
     kind._memo = {}

@@ -23,8 +23,8 @@ from tabulate import tabulate
 
 from modelprobe.kinds import check_data_files, instantiate, load
 from modelprobe.kinds.function_vector import _Run
+from modelprobe.kinds.function_vector.heads import head_effects
 from modelprobe.subject import load_subject
-from modelprobe.toolkit.function_vector import head_effects
 
 PROBE = Path(__file__).resolve().parent.parent / "probes" / "function_vector_antonyms.probe.yaml"
 

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return cli_compare(argv[1:])
     if argv[:1] == ["discover"]:
         try:
-            from .discover import cli_discover
+            from .kinds.circuit.discover import cli_discover
         except ImportError:
             print("modelprobe: discovery is not available in this build", file=sys.stderr)
             return 2
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         from .shard import cli_merge
         return cli_merge(argv[1:])
     if argv[:1] == ["find"]:
-        from .find import cli_find
+        from .kinds.feature.find import cli_find
         return cli_find(argv[1:])
     parser = argparse.ArgumentParser(prog="modelprobe", description="claims about model internals, as tests")
     sub = parser.add_subparsers(dest="command", required=True)

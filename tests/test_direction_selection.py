@@ -14,7 +14,7 @@ import torch
 
 from modelprobe.errors import SpecError
 from modelprobe.kinds import instantiate, load
-from modelprobe.kinds.direction_selection import (
+from modelprobe.kinds.direction.selection import (
     NO_CANDIDATE,
     Candidate,
     _choose,

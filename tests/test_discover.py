@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modelprobe.discover import _components, cli_discover, heldout_rows
 from modelprobe.kinds import instantiate, load
+from modelprobe.kinds.circuit.discover import _components, cli_discover, heldout_rows
 from modelprobe.subject import load_subject
 from modelprobe.subject.ablation import Unit
 

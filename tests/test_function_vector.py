@@ -41,7 +41,7 @@ def test_batched_head_patch_equals_full_forwards(tiny_subject, family):
 
 def test_non_resumable_family_takes_the_full_path(tiny_subject):
     """GPT-2 cannot be resumed: head effects come from full forwards, with the same numbers."""
-    from modelprobe.toolkit.function_vector import few_shot_pass, head_effects
+    from modelprobe.kinds.function_vector.heads import few_shot_pass, head_effects
     subject = tiny_subject("gpt2")
     ids = [subject.encode("cake good . song"), subject.encode("kite bad . day")]
     answers = subject.token_id(" good") + subject.token_id(" bad")

@@ -12,7 +12,7 @@ import torch
 
 from modelprobe.errors import SpecError
 from modelprobe.kinds import check_data_files, instantiate, load
-from modelprobe.toolkit import introspection_protocol as ip
+from modelprobe.kinds.injection_protocol import protocol as ip
 
 HERE = Path(__file__).parent
 ORGANISM = HERE / "fixtures" / "models" / "protocol_organism"

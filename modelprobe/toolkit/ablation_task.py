@@ -142,3 +142,25 @@ def prepare_task(subject: Any, prompt_rows: list[dict], prompt_path: Path, ref_r
         settings["resample_source"] = pairing
     return Task(ids, torch.tensor(answers), torch.tensor(wrongs) if wrongs else None, keys, ref_ids,
                 ref_keys, ref_source, paired, settings)
+
+
+def heldout_rows(rows: str | None, n: int) -> str | None:
+    """The complement of a leading or trailing slice, as a slice; None when it is not one."""
+    if rows is None:
+        return None
+    used = parse_rows(rows, n)
+    if used[0] == 0 and used[-1] < n - 1:
+        return f"{used[-1] + 1}:"
+    if used[-1] == n - 1 and used[0] > 0:
+        return f":{used[0]}"
+    return None
+
+
+def read_prompt_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file that `modelprobe discover` / `find` reads: each with a prompt, at least one."""
+    from ..spec.load import parse_jsonl
+
+    rows = parse_jsonl(path, ("prompt",))
+    if not rows:
+        raise DataError(f"{path}: holds no rows")
+    return rows

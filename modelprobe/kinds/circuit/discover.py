@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelprobeError
-from .options import CLI_TYPES, as_argument
+from ...errors import ModelprobeError
+from ...options import CLI_TYPES, as_argument
+from ...toolkit.ablation_task import heldout_rows, read_prompt_rows
 
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -105,7 +106,7 @@ class _Search:
     def evaluate(self, circuits: list[list[int]], what: str, prompts: list[int] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         """Sufficiency and necessity faithfulness of each circuit, in one batched run."""
-        from .toolkit.metrics import faithfulness
+        from ...toolkit.metrics import faithfulness
 
         rows = list(range(len(self.m_full))) if prompts is None else prompts
         vs = np.zeros((len(circuits), self.n_units), dtype=bool)
@@ -194,20 +195,6 @@ class _Search:
 
 
 # ---- writing the probe file -------------------------------------------------------------------
-
-def heldout_rows(rows: str | None, n: int) -> str | None:
-    """The complement of a leading or trailing slice, as a slice; None when it is not one."""
-    from .toolkit.ablation_task import parse_rows
-
-    if rows is None:
-        return None
-    used = parse_rows(rows, n)
-    if used[0] == 0 and used[-1] < n - 1:
-        return f"{used[-1] + 1}:"
-    if used[-1] == n - 1 and used[0] > 0:
-        return f":{used[0]}"
-    return None
-
 
 def _components(units: list[Any]) -> list[dict[str, Any]]:
     """Units grouped into probe-file entries: heads of one layer share an entry, so do neurons."""
@@ -328,7 +315,7 @@ def _finite_number(text: str) -> float:
 
 
 def _random_circuits_number(text: str) -> int:
-    from .kinds.circuit import CircuitControls
+    from . import CircuitControls
 
     n = int(CLI_TYPES["count"](text)) if text.strip() != "0" else 0
     CircuitControls._beatable(n)  # the written probe must validate: a control it could never beat is refused
@@ -380,16 +367,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    from .errors import DataError
-    from .spec.load import parse_jsonl
-
-    rows = parse_jsonl(path, ("prompt",))
-    if not rows:
-        raise DataError(f"{path}: holds no rows")
-    return rows
-
-
 def _scope_arg(text: str) -> Any:
     if text in ("attention_heads", "heads_and_mlps"):
         return text
@@ -423,8 +400,8 @@ def cli_discover(argv: list[str]) -> int:
 def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     import torch
 
-    from .subject import AblationRunner, build_scope, load_subject
-    from .toolkit.ablation_task import parse_rows, prepare_task
+    from ...subject import AblationRunner, build_scope, load_subject
+    from ...toolkit.ablation_task import parse_rows, prepare_task
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -432,8 +409,8 @@ def _run(args: argparse.Namespace, scope_spec: Any, argv: list[str]) -> int:
     say = (lambda msg: None) if args.quiet else (lambda msg: print(f"discover: {msg}", file=sys.stderr, flush=True))
     prompt_path = Path(args.prompts)
     ref_path = Path(args.reference) if args.reference else None
-    prompt_rows = _read_jsonl(prompt_path)
-    ref_rows = _read_jsonl(ref_path) if ref_path else None
+    prompt_rows = read_prompt_rows(prompt_path)
+    ref_rows = read_prompt_rows(ref_path) if ref_path else None
     try:
         parse_rows(args.rows, len(prompt_rows))
     except ValueError as e:

@@ -17,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import stats as sps
 
-from .._lazy import torch
-from ..errors import SiteError
-from ..model_facts import dtype_tolerance
-from ..report.record import Bars, ControlResult, LinePlot, Series
-from ..stats import bootstrap_ci, paired_bootstrap
-from .controls import alternative_for, beats_control, paired_control, random_unit_directions
-from .icl import Draw, draw_prompts, identity, last_states, query_inputs, render, shuffled
-from .metrics import faithfulness
-from .prompts import answer_tokens, data_error, encode_rows
+from ..._lazy import torch
+from ...errors import SiteError
+from ...model_facts import dtype_tolerance
+from ...report.record import Bars, ControlResult, LinePlot, Series
+from ...stats import bootstrap_ci, paired_bootstrap
+from ...toolkit.controls import alternative_for, beats_control, paired_control, random_unit_directions
+from ...toolkit.icl import Draw, draw_prompts, identity, last_states, query_inputs, render, shuffled
+from ...toolkit.metrics import faithfulness
+from ...toolkit.prompts import answer_tokens, data_error, encode_rows
 
 if TYPE_CHECKING:
-    from ..subject import Subject
+    from ...subject import Subject
 
 
 @dataclass
@@ -182,8 +182,8 @@ def identity_claim(runs: Runs, layers: Sequence[int], threshold: Any) -> dict[st
 
 def _steps(runs: Runs, part: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
     """‖ΔW_i‖ [n, S] and ‖ΔW_i − ΔW_{i−1}‖ [n, S] (ΔW_0 = 0) for each prompt's growing context."""
-    from ..subject import Rank1, frobenius, frobenius_diff
-    from ..subject import rank1_factors as factors
+    from ...subject import Rank1, frobenius, frobenius_diff
+    from ...subject import rank1_factors as factors
     s = runs.prep.shots
     u0 = runs.u("plain", layer)
     ui = runs.u(part, layer).reshape(len(u0), s, -1)
@@ -241,8 +241,8 @@ def converges_claim(runs: Runs, layer: int, threshold: Any, seed: int) -> dict[s
 
 def _updates(runs: Runs, layers: Sequence[int], plain: str, ctx: str, seed: int | None = None) -> dict:
     """Per layer, the direct factors of each prompt's full context (random output side when seeded)."""
-    from ..subject import Rank1
-    from ..subject import rank1_factors as factors
+    from ...subject import Rank1
+    from ...subject import rank1_factors as factors
     s, out = runs.prep.shots, {}
     for layer in layers:
         u_ctx = runs.u(ctx, layer)

@@ -33,14 +33,14 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AfterValidator, Field, model_validator
 
-from ..errors import SiteError
-from ..report.record import ControlResult, HeatMap, LinePlot, Series, Table
-from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec
-from ..spec.fields import Rate, RateChangeThreshold, Strict
-from ..stats import paired_bootstrap
-from ..toolkit.controls import beats_control, paired_control, same_norm_vectors
-from ..toolkit.prompts import answer_tokens, data_error, read_rows, split_indices
-from .base import Measured, Outcome, ProbeKind, judge
+from ...errors import SiteError
+from ...report.record import ControlResult, HeatMap, LinePlot, Series, Table
+from ...spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec
+from ...spec.fields import Rate, RateChangeThreshold, Strict
+from ...stats import paired_bootstrap
+from ...toolkit.controls import beats_control, paired_control, same_norm_vectors
+from ...toolkit.prompts import answer_tokens, data_error, read_rows, split_indices
+from ..base import Measured, Outcome, ProbeKind, judge
 
 MIN_SCORED = 5  # held-out items answered with examples, below which no gain is measured
 
@@ -207,7 +207,7 @@ claims:                                  # (a name N without an entry means data
         return rows
 
     def setup(self) -> None:
-        from ..subject import resolve_layer
+        from ...subject import resolve_layer
 
         spec, subject = self.spec, self.subject
         self.rows = self.check_data(self.probe)
@@ -272,7 +272,7 @@ class _Run:
 
     def prompts(self, rel: str, held: dict[str, int]):
         """(TaskPrompts, FewShot) of a task: `held` sizes of held-out parts, the rest is the pool."""
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
 
         key = (rel, tuple(sorted(held.items())))
         if key not in self._tasks:
@@ -287,12 +287,12 @@ class _Run:
         return self._tasks[key]
 
     def fewshot_correct(self, p, part: str) -> np.ndarray:
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
         return fv.correct_with(self.subject, p.held_few_shot[part], p.held_answers[part], None, None,
                                self.spec.batch_size)
 
     def main(self) -> dict[str, Any]:
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
 
         spec = self.spec
         p, few = self.prompts(spec.task, {"dev": spec.dev, "test": spec.test})
@@ -310,12 +310,12 @@ class _Run:
                 "fewshot_acc": float(solved.mean()), "fv": fv.head_vector(self.subject, few.head_means, heads)}
 
     def vector_of(self, rel: str, heads) -> Any:
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
         _, few = self.prompts(rel, {})
         return fv.head_vector(self.subject, few.head_means, heads)
 
     def choose_layer(self, main: dict) -> tuple[int, dict | None]:
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
 
         p = main["p"]
         if self.kind.layer is not None:
@@ -337,7 +337,7 @@ class _Run:
         return None
 
     def scored(self, p, solved: np.ndarray, layer: int, vector) -> tuple[np.ndarray, np.ndarray, list]:
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
         keep = np.flatnonzero(solved)
         ids = [p.zero_shot["test"][i] for i in keep]
         ans = [p.held_answers["test"][i] for i in keep]
@@ -372,7 +372,7 @@ class _Run:
         vectors = {"random vector, same norm": same_norm_vectors(len(ids), main["fv"], spec.seed).double(),
                    f"another task's vector ({other})": self.vector_of(other, main["heads"]),
                    f"mean state of layer {layer}": main["few"].resid_means[layer]}
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
         got = {k: fv.correct_with(self.subject, ids, ans, layer, v, spec.batch_size) for k, v in vectors.items()}
         strongest = max(got, key=lambda k: got[k].mean())
         est, ci = _gain(with_fv, got[strongest], spec.seed)
@@ -403,7 +403,7 @@ class _Run:
         total = sum(self.vector_of(task_file(spec, n), main["heads"]) for n in alg.plus)
         total = total - sum((self.vector_of(task_file(spec, n), main["heads"]) for n in alg.minus), 0 * total)
         none, with_fv, (ids, ans) = self.scored(p, solved, layer, total)
-        from ..toolkit import function_vector as fv
+        from . import heads as fv
         rand = fv.correct_with(self.subject, ids, ans, layer, same_norm_vectors(len(ids), total, spec.seed).double(),
                                spec.batch_size)
         own = fv.correct_with(self.subject, ids, ans, layer, fv.head_vector(self.subject, few.head_means, main["heads"]),

@@ -28,11 +28,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from ..spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec, Threshold
-from ..spec.fields import CorrelationThreshold, LayerSpec
-from ..subject import resolve_layer
-from ..toolkit.prompts import read_rows
-from .base import Measured, Outcome, ProbeKind, judge
+from ...spec import ClaimSpec, DataFile, IclFormat, OneExpectation, ProbeSpec, Threshold
+from ...spec.fields import CorrelationThreshold, LayerSpec
+from ...subject import resolve_layer
+from ...toolkit.prompts import read_rows
+from ..base import Measured, Outcome, ProbeKind, judge
 
 Control = Literal["shuffled_labels", "other_task", "random_rank1"]
 CONTROLS = {"spearman_rho": ("shuffled_labels",), "gain_recovered": ("other_task", "random_rank1"),
@@ -149,8 +149,8 @@ claims:
         return rows
 
     def setup(self) -> None:
-        from ..subject import rank1_not_applicable as not_applicable
-        from ..toolkit.icl_measure import Prepared
+        from ...subject import rank1_not_applicable as not_applicable
+        from .measure import Prepared
 
         spec, subject = self.spec, self.subject
         self.rows = self.check_data(self.probe)
@@ -167,7 +167,7 @@ claims:
         self.prepared = Prepared.build(subject, spec, self.rows, self.probe.path.parent / spec.task)
 
     def measure(self) -> Outcome:
-        from ..toolkit import icl_measure as m
+        from . import measure as m
 
         spec, prep = self.spec, self.prepared
         settings = {"task": spec.task, "control_task": spec.control_task, "shots": spec.shots,

@@ -36,14 +36,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from ..errors import SiteError
-from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram
-from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict, Threshold
-from ..spec.fields import LayerSpec
-from ..stats import empirical_pvalue, paired_bootstrap
-from ..subject import resolve_sites
-from ..toolkit.ablation_task import parse_rows, prepare_task
-from ..toolkit.controls import (
+from ...errors import SiteError
+from ...report.record import Bars, ClaimResult, ControlResult, NullHistogram
+from ...spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict, Threshold
+from ...spec.fields import LayerSpec
+from ...stats import empirical_pvalue, paired_bootstrap
+from ...subject import resolve_sites
+from ...toolkit.ablation_task import parse_rows, prepare_task
+from ...toolkit.controls import (
     ALPHA,
     MIN_EMPIRICAL_NULL,
     beats_control,
@@ -51,13 +51,13 @@ from ..toolkit.controls import (
     random_circuits,
     sequential_detail,
 )
-from ..toolkit.metrics import faithfulness
-from ..toolkit.prompts import read_rows
-from .base import Measured, Outcome, ProbeKind, judge
+from ...toolkit.metrics import faithfulness
+from ...toolkit.prompts import read_rows
+from ..base import Measured, Outcome, ProbeKind, judge
 
 if TYPE_CHECKING:
-    from ..subject import AblationScope as Scope
-    from ..subject import AblationUnit as Unit
+    from ...subject import AblationScope as Scope
+    from ...subject import AblationUnit as Unit
 
 Metric = Literal["logit_diff", "logprob", "accuracy"]
 Ablation = Literal["mean", "mean_all_positions", "zero", "resample"]
@@ -159,7 +159,7 @@ class CircuitSpec(ProbeSpec[CircuitClaim]):
 def circuit_units(entries: Sequence[CircuitComponent], scope: Scope, sitemap: Any,
                   loc: tuple = ("circuit",)) -> list[Unit]:
     """Expand the circuit's entries into scope units; SiteError (located) for anything off-model."""
-    from ..subject import AblationUnit as Unit
+    from ...subject import AblationUnit as Unit
 
     kinds = {u.kind for u in scope.units}
     units: list[Unit] = []
@@ -238,7 +238,7 @@ controls:
         return prompt_rows, ref_rows
 
     def setup(self) -> None:
-        from ..subject import AblationRunner, build_scope  # the engine: torch, at setup only
+        from ...subject import AblationRunner, build_scope  # the engine: torch, at setup only
 
         spec, subject, probe = self.spec, self.subject, self.probe
         prompt_rows, ref_rows = self.check_data(probe)

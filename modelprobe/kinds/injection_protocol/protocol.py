@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import SiteError
-from .introspection import first_mention
+from ...errors import SiteError
+from ...toolkit.introspection import first_mention
 
 if TYPE_CHECKING:
-    from ..subject import Subject
+    from ...subject import Subject
 
 THOUGHT_ASK = "Which word comes to mind when you read the line below? Answer with one word.\n\n{sentence}"
 REPEAT_ASK = "Repeat the line below exactly, and write nothing else.\n\n{sentence}"

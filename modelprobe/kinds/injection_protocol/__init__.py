@@ -32,15 +32,14 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from .._lazy import torch
-from ..errors import SiteError
-from ..report.record import Bars, ClaimResult, ControlResult, Table
-from ..spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict
-from ..spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
-from ..stats import paired_difference, wilson_interval
-from ..toolkit import introspection_protocol as ip
-from ..toolkit.behaviour import rate_summary, untestable_reason
-from ..toolkit.controls import (
+from ..._lazy import torch
+from ...errors import SiteError
+from ...report.record import Bars, ClaimResult, ControlResult, Table
+from ...spec import ClaimSpec, DataFile, OneExpectation, ProbeSpec, Strict
+from ...spec.fields import FiniteFloat, RateChangeThreshold, RateThreshold, Threshold
+from ...stats import paired_difference, wilson_interval
+from ...toolkit.behaviour import rate_summary, untestable_reason
+from ...toolkit.controls import (
     ALPHA,
     MIN_PAIRED,
     beats_control,
@@ -48,10 +47,11 @@ from ..toolkit.controls import (
     random_source,
     random_unit_directions,
 )
-from ..toolkit.introspection import first_mention, word_forms
-from ..toolkit.prompts import read_rows
-from .base import Measured, Outcome, judge
-from .injection import Injection, VectorSpec, fisher_greater
+from ...toolkit.introspection import first_mention, word_forms
+from ...toolkit.prompts import read_rows
+from ..base import Measured, Outcome, judge
+from ..injection import Injection, VectorSpec, fisher_greater
+from . import protocol as ip
 
 GENERATED = {"transcribed", "names_thought", "disown_drop"}
 
@@ -155,7 +155,7 @@ claims:
                 "baseline": read_rows(probe, spec.baseline_words, ("baseline_words",), ("word",))}
 
     def setup(self) -> None:
-        from ..toolkit.prompts import encode_rows
+        from ...toolkit.prompts import encode_rows
 
         spec = self.spec
         data = self.check_data(self.probe)
@@ -178,7 +178,7 @@ claims:
         self.grader = None
 
     def _layers(self) -> list[int]:
-        from ..subject import resolve_layer
+        from ...subject import resolve_layer
 
         return sorted(set(resolve_layer(self.spec.inject.layer, self.subject.n_layers, ("inject", "layer"))))[:1]
 
@@ -239,7 +239,7 @@ claims:
     def think_scores(self, v: torch.Tensor) -> dict[str, np.ndarray]:
         """Per sentence, the written sentence's mean state projected on its concept's vector and on another
         concept's, told to think about the concept and told not to (one batched forward)."""
-        from ..subject import Site
+        from ...subject import Site
 
         n = self.spec.trials
         words = [self.concepts[c]["word"] for c in self.concept_of]

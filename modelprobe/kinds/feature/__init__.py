@@ -30,9 +30,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from .._lazy import torch
-from ..report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
-from ..spec import (
+from ..._lazy import torch
+from ...report.record import Bars, ClaimResult, ControlResult, NullHistogram, Table
+from ...spec import (
     ClaimSpec,
     DataFile,
     FiniteFloat,
@@ -42,8 +42,8 @@ from ..spec import (
     Strict,
     Threshold,
 )
-from ..toolkit.prompts import read_rows
-from .base import Measured, Outcome, ProbeKind, judge
+from ...toolkit.prompts import read_rows
+from ..base import Measured, Outcome, ProbeKind, judge
 
 Component = Literal["mlp.post", "resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"]
 MIN_NULL = 19  # random units needed before an empirical p-value can reach 0.05
@@ -182,9 +182,9 @@ claims:
     @classmethod
     def check_data(cls, probe) -> dict[str, Any]:
         """Rows of both sets (their `rows` slice), and the unit's files checked without a model."""
-        from ..errors import DataError
-        from ..subject import UnitFileError, check_latent, read_direction, read_sae
-        from ..toolkit.ablation_task import parse_rows
+        from ...errors import DataError
+        from ...subject import UnitFileError, check_latent, read_direction, read_sae
+        from ...toolkit.ablation_task import parse_rows
 
         spec: FeatureSpec = probe.spec
         out: dict[str, Any] = {}
@@ -217,8 +217,8 @@ claims:
 
     # ---- setup: the unit against the model --------------------------------------------------------
     def setup(self) -> None:
-        from ..subject import Site, UnitFileError, resolve_layer, sae_site, site_width
-        from ..toolkit.prompts import answer_tokens, encode_rows
+        from ...subject import Site, UnitFileError, resolve_layer, sae_site, site_width
+        from ...toolkit.prompts import answer_tokens, encode_rows
 
         spec, subject = self.spec, self.subject
         data = self.check_data(self.probe)
@@ -267,8 +267,8 @@ claims:
     # ---- the units: the claimed one first, then the random ones -------------------------------------
     def unit_set(self, k: int):
         """(UnitSet of the claimed unit followed by k random units of its pool, note on the pool)."""
-        from ..subject import coordinate_units, direction_units, load_direction, sae_units
-        from ..toolkit.controls import random_unit_directions
+        from ...subject import coordinate_units, direction_units, load_direction, sae_units
+        from ...toolkit.controls import random_unit_directions
 
         unit, rng = self.spec.unit, np.random.default_rng(self.spec.seed)
         if unit.direction is not None:
@@ -279,7 +279,7 @@ claims:
         if unit.sae is not None:
             n, me = self.data["sae"].d_sae, unit.latent
         else:
-            from ..subject import site_width
+            from ...subject import site_width
             n, me = site_width(self.site, self.subject.sitemap), unit.neuron
         others = np.delete(np.arange(n), me)
         picked = [me, *rng.choice(others, size=min(k, len(others)), replace=False).tolist()]
@@ -288,7 +288,7 @@ claims:
         return coordinate_units(self.site, self.subject.sitemap, picked), f"other units of {self.site.name} ({n - 1})"
 
     def measure(self) -> Outcome:
-        from ..toolkit.features import unit_activations
+        from ...toolkit.features import unit_activations
 
         spec = self.spec
         causes = {n: c for n, c in spec.claims.items() if c.expect.statistic == "metric_drop"}
@@ -322,7 +322,7 @@ claims:
         return Outcome(settings, claims)
 
     def _correlates(self, name: str, claim: FeatureClaim, w: np.ndarray, o: np.ndarray, units) -> ClaimResult:
-        from ..stats import auroc, auroc_interval
+        from ...stats import auroc, auroc_interval
 
         est, lo, hi = auroc_interval(w[:, 0], o[:, 0], seed=self.spec.seed)
         null = auroc(w[:, 1:], o[:, 1:], axis=0) if w.shape[1] > 1 else np.zeros(0)
@@ -346,7 +346,7 @@ claims:
                     metric_after: Any, planned: int) -> tuple[np.ndarray, bool]:
         """(metric drops of the random units drawn, whether the control can change the verdict): the units of
         `head` first, then more until the full count's answer is settled (toolkit.controls.null_settled)."""
-        from ..toolkit.controls import alternative_for, control_decides, draw_sequentially, null_settled
+        from ...toolkit.controls import alternative_for, control_decides, draw_sequentially, null_settled
 
         first, comparison = len(head), claim.expect.threshold.comparison
         decides = control_decides(ci, claim.expect.threshold.value, comparison)
@@ -359,10 +359,10 @@ claims:
             est, d, planned, alternative_for(comparison))), decides
 
     def _causes(self, name: str, claim: FeatureClaim, units, acts, means: np.ndarray) -> ClaimResult:
-        from ..stats import paired_difference
-        from ..subject import common_prefix
-        from ..toolkit.controls import beats_control, empirical_control, sequential_detail
-        from ..toolkit.features import ROWS_PER_FORWARD, metric_with_units_set, token_set_metric
+        from ...stats import paired_difference
+        from ...subject import common_prefix
+        from ...toolkit.controls import beats_control, empirical_control, sequential_detail
+        from ...toolkit.features import ROWS_PER_FORWARD, metric_with_units_set, token_set_metric
 
         iv, what = claim.intervention, claim.metric.as_
         use = len(units) if claim.control != "none" else 1

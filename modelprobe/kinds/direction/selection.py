@@ -52,11 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..subject import Add, Site, common_prefix, resume_variants
-from ..toolkit.behaviour import behave_variants
-from ..toolkit.metrics import kl as _kl
-from ..toolkit.steering import ablate_direction_everywhere, stack_variants
-from .graders import log_odds
+from ...subject import Add, Site, common_prefix, resume_variants
+from ...toolkit.behaviour import behave_variants
+from ...toolkit.metrics import kl as _kl
+from ...toolkit.steering import ablate_direction_everywhere, stack_variants
+from ..graders import log_odds
 
 NO_CANDIDATE = "no candidate direction is non-zero"  # the only selection that chooses nothing
 NO_FINITE = "no candidate direction has finite scores"

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._lazy import torch
+from ..._lazy import torch
 
 if TYPE_CHECKING:
-    from ..subject import Subject
+    from ...subject import Subject
 
 
 @dataclass
@@ -33,7 +33,7 @@ class FewShot:
 
 def few_shot_pass(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequence[int],
                   batch_size: int | None = None) -> FewShot:
-    from ..subject import Site
+    from ...subject import Site
 
     sm = subject.sitemap
     z = [Site("attn.z", layer) for layer in range(subject.n_layers)]
@@ -57,8 +57,8 @@ def head_effects(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequen
     """[n, L, H]: for each prompt and head, the probability of the prompt's answer token with that head's
     output at the last token replaced by its mean over the few-shot prompts, minus the clean probability
     (the head's indirect effect). One batched, resumed run per prompt covers every head."""
-    from ..subject import clean_pass
-    from .prompt_writes import patch_heads_last
+    from ...subject import clean_pass
+    from ...toolkit.prompt_writes import patch_heads_last
 
     n_layers, n_heads = head_means.shape[:2]
     layers = [layer for layer in range(n_layers) for _ in range(n_heads)]
@@ -84,7 +84,7 @@ def top_heads(effects: np.ndarray, k: int) -> list[tuple[int, int]]:
 def head_vector(subject: Subject, head_means: torch.Tensor, heads: Sequence[tuple[int, int]]) -> torch.Tensor:
     """[d_model] float64: the sum of the heads' mean outputs written into the residual basis by the output
     projection (its bias left out: it belongs to no head)."""
-    from ..subject import Site
+    from ...subject import Site
 
     sm = subject.sitemap
     out = torch.zeros(sm.d_model, dtype=torch.float64)
@@ -99,7 +99,7 @@ def correct_with(subject: Subject, ids: Sequence[Sequence[int]], answers: Sequen
                  vector: torch.Tensor | None, batch_size: int | None = None) -> np.ndarray:
     """[n] bool: whether each prompt's first answer token is the top next token, with `vector` ([d] or
     [n, d], one per prompt) added to the residual stream entering `layer` at the last token."""
-    from ..subject import Add, Site
+    from ...subject import Add, Site
 
     if vector is None or layer is None:
         edits = ()
@@ -135,8 +135,8 @@ def build_prompts(subject: Subject, fmt: Any, rows: Sequence[dict], first: Seque
                   held: dict[str, Sequence[int]], prompts: int, shots: int, seed: int, path: Path) -> TaskPrompts:
     """Prompts of one task. `first` is each row's first answer token; `pool` the rows contexts (and the
     few-shot prompts' queries) are drawn from; `held` the held-out query rows per part."""
-    from .icl import render, shuffled
-    from .prompts import encode_rows
+    from ...toolkit.icl import render, shuffled
+    from ...toolkit.prompts import encode_rows
 
     rng = np.random.default_rng(seed)
     pool = list(pool)

@@ -14,7 +14,7 @@ a grader can see:
    paper's filters (l < 0.8 L for auto, KL <= max_kl, induce, non-zero), the lowest bypass wins. Tier
    2, when none measured passes: the best of the rest in a stated order, the missed filter values said
    in the report. Selection chooses nothing only when no candidate is non-zero (or finite).
-   See direction_selection.py (exact logit scores for graders with a token form: induce for every
+   See selection.py (exact logit scores for graders with a token form: induce for every
    layer x position, bypass and KL for the best inducers).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from .._lazy import LazyModule, torch
-from ..errors import SiteError
-from ..names import canonical_name
-from ..report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
-from ..spec import (
+from ..._lazy import LazyModule, torch
+from ...errors import SiteError
+from ...names import canonical_name
+from ...report.record import Bars, ClaimResult, ControlResult, LinePlot, NullHistogram, Series
+from ...spec import (
     ChatPrompts,
     ClaimSpec,
     DataFile,
@@ -60,12 +60,12 @@ from ..spec import (
     SplitBase,
     Strict,
 )
-from ..spec.fields import LayerSpec
-from ..stats import bootstrap_ci, paired_difference, wilson_interval
-from ..subject import Site, resolve_layer
-from ..toolkit import guard
-from ..toolkit.behaviour import Behaviour, behave, behave_variants, rate_summary, untestable_reason
-from ..toolkit.controls import (
+from ...spec.fields import LayerSpec
+from ...stats import bootstrap_ci, paired_difference, wilson_interval
+from ...subject import Site, resolve_layer
+from ...toolkit import guard
+from ...toolkit.behaviour import Behaviour, behave, behave_variants, rate_summary, untestable_reason
+from ...toolkit.controls import (
     ALPHA,
     alternative_for,
     beats_control,
@@ -74,18 +74,18 @@ from ..toolkit.controls import (
     paired_settled,
     random_unit_directions,
 )
-from ..toolkit.metrics import kl as _kl
-from ..toolkit.prompts import encode_rows, read_rows, single_token, split_indices
-from ..toolkit.steering import ablate_direction_everywhere, add_at_layer
-from .base import Measured, Outcome, ProbeKind, judge
-from .graders import BehaviourSpec, Grader, build_grader
+from ...toolkit.metrics import kl as _kl
+from ...toolkit.prompts import encode_rows, read_rows, single_token, split_indices
+from ...toolkit.steering import ablate_direction_everywhere, add_at_layer
+from ..base import Measured, Outcome, ProbeKind, judge
+from ..graders import BehaviourSpec, Grader, build_grader
 
 if TYPE_CHECKING:
-    from ..subject import Intervention
-    from .direction_selection import Selection
+    from ...subject import Intervention
+    from .selection import Selection
 
 orthogonalize: Any = LazyModule("modelprobe.subject")  # its orthogonalisation names; torch when first used
-selection: Any = LazyModule("modelprobe.kinds.direction_selection")  # torch too
+selection: Any = LazyModule("modelprobe.kinds.direction.selection")  # torch too
 
 SETS = ("positive", "negative")
 EXAMPLES = 3  # replies shown per claim in the report

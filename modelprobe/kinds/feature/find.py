@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ModelprobeError
-from .options import CLI_TYPES
+from ...errors import ModelprobeError
+from ...options import CLI_TYPES
 
 
 class _UsageError(Exception):
@@ -82,10 +82,9 @@ def cli_find(argv: list[str]) -> int:
 
 
 def _prompts(path: Path, rows: str | None) -> tuple[list[str], int]:
-    from .discover import _read_jsonl
-    from .toolkit.ablation_task import parse_rows
+    from ...toolkit.ablation_task import parse_rows, read_prompt_rows
 
-    data = _read_jsonl(path)
+    data = read_prompt_rows(path)
     try:
         used = parse_rows(rows, len(data))
     except ValueError as e:
@@ -97,8 +96,8 @@ def _prompts(path: Path, rows: str | None) -> tuple[list[str], int]:
 
 
 def _unit_sets(args: argparse.Namespace, subject: Any) -> list[Any]:
-    from .errors import SiteError
-    from .subject import Site, UnitFileError, coordinate_units, read_sae, resolve_layer, sae_site, sae_units
+    from ...errors import SiteError
+    from ...subject import Site, UnitFileError, coordinate_units, read_sae, resolve_layer, sae_site, sae_units
 
     if args.sae:
         try:
@@ -126,9 +125,9 @@ def _unit_sets(args: argparse.Namespace, subject: Any) -> list[Any]:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
-    from .discover import heldout_rows
-    from .subject import load_subject
-    from .toolkit.features import rank_units, unit_activations
+    from ...subject import load_subject
+    from ...toolkit.ablation_task import heldout_rows
+    from ...toolkit.features import rank_units, unit_activations
 
     if args.threads:
         torch.set_num_threads(args.threads)
