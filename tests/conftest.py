@@ -23,9 +23,8 @@ torch.set_num_threads(1)
 def _import_every_modelprobe_module() -> None:
     """pytester's in-process runs put sys.modules back as they found it: a module first imported inside one is
     dropped afterwards, and a later test would monkeypatch a fresh copy of it while the code under test still
-    calls the old one (the patch silently does nothing: a kind class in the registry, `load_subject` behind
-    the session's lazy import). Imported here, before any test, every modelprobe module is in the snapshot and
-    stays one module for the whole session."""
+    runs the old one (the patch silently does nothing; seen with kind classes held by the registry). Imported
+    here, before any test, every modelprobe module is in the snapshot and stays one module for the session."""
     import importlib
     import pkgutil
 
@@ -35,6 +34,21 @@ def _import_every_modelprobe_module() -> None:
 
 
 _import_every_modelprobe_module()
+
+
+@pytest.fixture(autouse=True)
+def _subject_face_stays_lazy():
+    """`modelprobe.subject` hands out its names lazily. A test that monkeypatches a name on the face leaves,
+    after undo, a concrete attribute there, and every later patch of the name's own module is then bypassed
+    (a load counted 0 times, on whichever worker ran the two tests in that order). Patch names where they live."""
+    import modelprobe.subject as face
+
+    yield
+    pinned = sorted(set(face._WHERE) & set(vars(face)))
+    for name in pinned:
+        delattr(face, name)
+    assert not pinned, f"this test left {pinned} set on the modelprobe.subject face: patch the defining module"
+
 
 TOY_TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "toy_tokenizer"
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2", "gpt_neox")

@@ -33,7 +33,9 @@ def test_no_gpu_visible_leaves_cuda_to_fail_with_its_own_message(monkeypatch):
 
 
 def test_the_session_loads_the_model_on_the_workers_gpu(two_gpus, monkeypatch, tmp_path):
-    import modelprobe.subject as subject_mod
+    # Patched where it lives: patching the lazy face would leave, after undo, a concrete `load_subject` on the
+    # package that later tests' patches of its module could not reach.
+    import modelprobe.subject.subject as subject_mod
     from modelprobe.session import Options, ProbeSession
 
     asked: list[str] = []
