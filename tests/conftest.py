@@ -31,6 +31,10 @@ def _import_every_modelprobe_module() -> None:
     import modelprobe
     for info in pkgutil.walk_packages(modelprobe.__path__, "modelprobe."):
         importlib.import_module(info.name)
+    # transformers imports its model-loading code (and with it torch.distributed.tensor) on the first load; when
+    # that load ran inside a pytester run, the restore drops those modules, and importing them again registers
+    # torch's c10d_functional operators twice, which torch refuses ("Only a single TORCH_LIBRARY ...").
+    importlib.import_module("transformers.modeling_utils")
 
 
 _import_every_modelprobe_module()
