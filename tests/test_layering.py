@@ -141,6 +141,21 @@ def test_schema_validate_and_the_specs_import_no_torch(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def test_finding_the_builtin_kinds_imports_none_of_them():
+    """The registry reads kind modules and kind packages as source: a kind loads only when it is named."""
+    code = (
+        "import sys\n"
+        "from modelprobe.kinds import KINDS\n"
+        "assert len(KINDS) >= 14\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('modelprobe.kinds.') and m != 'modelprobe.kinds.base')\n"
+        "assert not loaded, loaded\n"
+        "KINDS['direction']\n"
+        "assert 'modelprobe.kinds.direction' in sys.modules and 'modelprobe.kinds.circuit' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ---- the subject face ------------------------------------------------------------------------------------
 
 SUBJECT = PACKAGE / "subject"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
 import pkgutil
 from collections.abc import Iterator, Mapping
 from importlib.metadata import entry_points
@@ -33,24 +32,35 @@ GROUP = "modelprobe.kinds"
 def builtin_kinds() -> dict[str, str]:
     """name -> "module:Class" of every kind class in this package: a class that sets `Spec`, named by
     that spec's `kind` Literal. Read from the source, so that nothing is imported (a kind module loads
-    only when its kind is named, and helper modules may import torch)."""
+    only when its kind is named, and helper modules may import torch); kind packages are walked as folders,
+    not imported."""
     found: dict[str, str] = {}
-    for info in pkgutil.walk_packages(__path__, f"{__name__}."):
-        for name, target in _kinds_in(info.name):
+    for module, source in _modules_under(Path(__file__).parent, __name__):
+        for name, target in _kinds_in(module, source):
             if name in found:
                 raise ModelprobeError(f"two built-in kinds are named '{name}' ({found[name]}, {target})")
             found[name] = target
     return found
 
 
-def _kinds_in(module: str) -> list[tuple[str, str]]:
+def _modules_under(folder: Path, package: str) -> Iterator[tuple[str, Path]]:
+    """(module name, its source file) of every module below a package folder, without importing any."""
+    for info in pkgutil.iter_modules([str(folder)]):
+        module = f"{package}.{info.name}"
+        if info.ispkg:
+            yield module, folder / info.name / "__init__.py"
+            yield from _modules_under(folder / info.name, module)
+        else:
+            yield module, folder / f"{info.name}.py"
+
+
+def _kinds_in(module: str, source: Path) -> list[tuple[str, str]]:
     """(name, "module:Class") of the kind classes a module defines. A module without its source, or a
     kind whose spec is defined elsewhere, is asked by importing it."""
-    origin = getattr(importlib.util.find_spec(module), "origin", None) or ""
-    if not origin.endswith(".py"):
+    if not source.is_file():
         return [(v.name, f"{module}:{k}") for k, v in vars(importlib.import_module(module)).items()
                 if isinstance(v, type) and issubclass(v, ProbeKind) and "Spec" in vars(v) and v.__module__ == module]
-    tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+    tree = ast.parse(source.read_text(encoding="utf-8"))
     classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
     out = []
     for cls in classes.values():
