@@ -44,6 +44,10 @@ def pytest_configure(config: pytest.Config) -> None:
     progress_mod.set_uncaptured(_uncaptured(config))
     config.stash[SESSION_KEY] = ProbeSession(options, Path(str(config.rootpath)), progress=progress,
                                              worker=worker)
+    if not worker and getattr(config.option, "loadscopereorder", None):
+        # xdist would reorder the groups by their number of claims; the workers' order (longest probe
+        # first, by recorded duration) is the one that balances the workers.
+        config.option.loadscopereorder = False
     _install_sigterm(config)
 
 
@@ -112,9 +116,15 @@ def pytest_collect_directory(path: Path, parent: pytest.Collector):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """--probe-shard=i/n: keep the claims of this shard's probe files; the others' are deselected."""
+    """--probe-shard=i/n: keep the claims of this shard's probe files; the others' are deselected. Under
+    xdist the longest probes are put first (shard.longest_first)."""
     ps = config.stash.get(SESSION_KEY, None)
-    if ps is None or ps.options.shard is None:
+    if ps is None:
+        return
+    if _is_worker(config):
+        from .shard import longest_first
+        longest_first(ps, items)
+    if ps.options.shard is None:
         return
     from .collect import ClaimItem
     from .shard import share

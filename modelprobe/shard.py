@@ -101,6 +101,26 @@ def share(session: Any) -> set[str]:
     return set(mine)
 
 
+def longest_first(session: Any, items: list) -> None:
+    """Under xdist: the claims reordered so that the probe files with the longest recorded durations come
+    first (a file's claims stay together, in their order). The scheduler hands out work in collection
+    order, so the longest probes start first and the last to start are short ones: the
+    longest-processing-time rule, which keeps one slow probe from starting when the other workers are
+    nearly done. Every worker computes the same order from the same committed durations."""
+    from .collect import ClaimItem
+
+    compared = session.gate.before if session.gate else None
+    costs, _ = cost_source(session.options.report_dir, session.record.model.slug, compared,
+                           session.options.compare)
+    if not costs:
+        return
+    files = {item.parent.identity for item in items if isinstance(item, ClaimItem)}
+    known = sorted(costs[f] for f in files if f in costs)
+    default = known[len(known) // 2] if known else 1.0
+    rank = {f: i for i, f in enumerate(sorted(files, key=lambda f: (-costs.get(f, default), _hash(f))))}
+    items.sort(key=lambda item: rank[item.parent.identity] if isinstance(item, ClaimItem) else -1)
+
+
 # ---- merge ---------------------------------------------------------------------------------------------
 
 class MergeError(ValueError):

@@ -130,3 +130,24 @@ def test_a_shard_under_xdist_reports_its_share(pytester, probes, copy_model):
         rec = json.loads((pytester.path / f"s{i}" / copy_model.name / "report.json").read_text())
         assert rec["shard"]["index"] == i and len(rec["shard"]["files"]) == 1
         assert [p["file"] for p in rec["probes"]] == rec["shard"]["files"]
+
+
+def test_under_xdist_the_longest_recorded_probes_run_first(pytester, probes, copy_model):
+    """The workers put the probe files with the longest recorded durations first, and xdist's own
+    reordering (by claim count) is off, so one worker runs them longest first."""
+    (probes / "lens_broken.probe.yaml").unlink()
+    run(pytester, copy_model, "out")
+    last = pytester.path / "out" / copy_model.name / "report.json"
+    rec = json.loads(last.read_text())
+    seconds = {"probes/lens_c.probe.yaml": 90.0, "probes/lens_a.probe.yaml": 60.0,
+               "probes/lens_d.probe.yaml": 30.0, "probes/lens_b.probe.yaml": 5.0}
+    for p in rec["probes"]:
+        p["duration_s"] = seconds[p["file"]]
+    last.write_text(json.dumps(rec))
+    result = pytester.runpytest_subprocess("probes", f"--model={copy_model}", "--probe-report-dir=out", "-p",
+                                           "no:cacheprovider", "-p", "no:randomly", "-n", "1", "--dist",
+                                           "loadgroup", "-v")
+    ran = [line.split("probes/")[1].split(".probe.yaml")[0] for line in result.outlines
+           if "probe.yaml::" in line and ("PASSED" in line or "FAILED" in line)]
+    order = list(dict.fromkeys(ran))
+    assert order == ["lens_c", "lens_a", "lens_d", "lens_b"], result.outlines
