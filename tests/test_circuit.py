@@ -194,31 +194,53 @@ def test_batched_resumed_ablations_equal_hand_ablations(induction, tiny_subject,
         assert not subject.leaked_hooks()
 
 
-def test_random_circuits_run_batched_and_resume_at_the_first_changed_layer(induction, monkeypatch):
+def _distinct_layer_rows(configs: np.ndarray, runner, prompts: int) -> int:
+    """Layer-rows a shared run computes: per layer, the distinct (prompt, ablated units up to that layer)
+    among rows that have started there (a row starts at its plan's layer)."""
+    total = 0
+    starts = [runner.plan(c)[1] for c in configs]
+    for layer in range(runner.subject.n_layers):
+        cut = runner.cut[layer]
+        total += prompts * len({configs[k][:cut].tobytes() for k in range(len(configs)) if starts[k] <= layer})
+    return total
+
+
+def test_random_circuits_share_the_layers_below_where_they_part(induction, monkeypatch):
     import modelprobe.subject.ablation as circuit_module
 
     calls: list[tuple[int, int]] = []
-    real = circuit_module.resume
+    real = circuit_module.run_layers
 
-    def spy(subject, batch, start, resid, interventions=(), capture=(), logits="last"):
-        calls.append((start, batch.input_ids.shape[0]))
-        return real(subject, batch, start, resid, interventions, capture, logits)
+    def spy(subject, hidden, start, end, *args, **kwargs):
+        calls.append((start, end, hidden.shape[0]))
+        return real(subject, hidden, start, end, *args, **kwargs)
 
-    monkeypatch.setattr(circuit_module, "resume", spy)
+    monkeypatch.setattr(circuit_module, "run_layers", spy)
     kind = instantiate(load(PROBES / "induction_circuit.probe.yaml"), induction)
     circ = kind.scope.vector(kind.circuit)
     nulls, _ = random_circuits(kind.circuit, kind.scope, 100, 0)
-    kind.runner.prime(nulls, ~nulls)
-    calls.clear()
-    kind.runner.run(np.concatenate([~nulls, nulls]), desc="random circuits")
-    # 200 configs x 96 prompts: each forward stacks many configs (prompts repeated across rows), so
-    # there are about rows / batch forwards, not one forward (or more) per config
-    largest_group = max(len(m) for m in kind.runner.groups.values())
-    assert sum(b for _, b in calls) == 200 * 96
-    assert max(b for _, b in calls) > 2 * largest_group
+    configs = np.concatenate([~nulls, nulls])
     runner = kind.runner
-    expected = sum(-(-200 * len(m) // runner._rows_per_batch(key)) for key, m in runner.groups.items())
-    assert len(calls) == expected
+    runner.prime(configs)
+    calls.clear()
+    before = runner.layers_run
+    got = runner.run(configs, desc="random circuits")
+    # 200 configs x 96 prompts, but random circuits of a 2-layer circuit differ in layer 0 in 3 ways: each
+    # layer runs once per distinct (prompt, prefix), each forward stacks many of them
+    assert all(end == start + 1 for start, end, _ in calls)
+    computed = sum(b for _, _, b in calls)
+    assert computed == runner.layers_run - before
+    # (rows are run in groups of a few forwards: a class split by a group boundary runs once in each)
+    assert _distinct_layer_rows(configs, runner, 96) <= computed < 1.2 * _distinct_layer_rows(configs, runner, 96)
+    assert computed < 200 * 96 * induction.n_layers / 3
+    largest_group = max(len(m) for m in runner.groups.values())
+    assert max(b for _, _, b in calls) > 2 * largest_group
+    # the same numbers as one resumed forward per config (up to the last float bits, which on this tiny
+    # model already move with the batch's size: batch_size 1 and 4 differ by 1e-6 on the plain path)
+    plain = circuit_module.AblationRunner(induction, kind.task, kind.scope, kind.task.row_metric("logit_diff"),
+                                          "mean", batch_size=4)
+    plain.layer_sorted = False  # the per-config path: every row its own resumed forward
+    np.testing.assert_allclose(plain.run(configs), got, rtol=1e-5, atol=1e-5)
     # an ablation of layer-1 heads only runs layer 1; keeping only layer-1 heads resumes from the
     # cached all-ablated stream, also at layer 1
     only_l1 = np.array([u.layer == 1 for u in kind.scope.units])
@@ -227,7 +249,28 @@ def test_random_circuits_run_batched_and_resume_at_the_first_changed_layer(induc
     runner.prime(pair)  # the cached streams themselves are computed once, up front
     calls.clear()
     runner.run(pair)
-    assert {s for s, _ in calls} == {1}
+    assert {s for s, _, _ in calls} == {1}
+
+
+def test_prefix_states_announced_by_prime_are_kept_across_sequential_steps(induction):
+    from modelprobe.subject.ablation import AblationRunner
+
+    kind = instantiate(load(PROBES / "induction_circuit.probe.yaml"), induction)
+    nulls, _ = random_circuits(kind.circuit, kind.scope, 40, 0)
+    task, scope, metric = kind.task, kind.scope, kind.task.row_metric("logit_diff")
+    whole = AblationRunner(induction, task, scope, metric, "mean")
+    want = whole.run(nulls)
+    stepped = AblationRunner(induction, task, scope, metric, "mean")
+    stepped.prime(nulls)
+    before = stepped.layers_run
+    got = np.concatenate([stepped.run(nulls[k:k + 8]) for k in range(0, 40, 8)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # layer 0 of a necessity null (its layer-0 head ablated) has 3 forms per prompt: run once each
+    n = len(task.prompt_ids)
+    layer0 = n * len({c[:stepped.cut[0]].tobytes() for c in nulls})
+    layer1 = n * sum(len({c.tobytes() for c in nulls[k:k + 8]}) for k in range(0, 40, 8))  # the last layer: per step
+    assert stepped.layers_run - before == layer0 + layer1
+    assert not stepped.branch and not stepped.pending  # every kept state is freed after its last user
 
 
 def test_means_are_computed_once_per_reference_set_and_reused(induction, monkeypatch):

@@ -19,13 +19,17 @@ import numpy as np
 import torch
 
 from ..progress import bar
-from .interventions import Intervention, MeanAblate, Patch, ZeroAblate
-from .resumable import can_resume, resume
+from .interventions import Intervention, MeanAblate, Patch, RunState, ZeroAblate
+from .resumable import _masks, can_resume, resume, run_layers
 from .sites import Site, resolve_layer
 from .subject import Subject
 
 # metric(last-position logits [b, vocab], prompt indices of the rows) -> [b] values
 RowMetric = Callable[[torch.Tensor, list[int]], torch.Tensor]
+# Rows (in forwards' worth) run layer by layer together: prefixes are shared within such a group.
+SHARED_GROUP = 8
+# At most this much memory holds prefix states kept across `run` calls (a cap costs speed, never numbers).
+BRANCH_BYTES = 512 * 2**20
 
 
 # ---- units: what can be ablated -------------------------------------------------------------
@@ -167,6 +171,16 @@ class AblationRunner:
         self.values: dict[Site, Any] = {}
         self.layers_run = 0  # token-rows x layers actually computed, for the report
         self.rows_run = 0
+        # Units in layer order: config[:cut[l]] is everything a config ablates at layers <= l, and the state
+        # entering layer l + 1 depends on the prompt and that prefix alone (cut[-1] = 0: the embeddings).
+        order = scope.unit_layer
+        self.layer_sorted = bool(np.all(np.diff(order) >= 0)) if len(order) else True
+        self.cut = {layer: int(np.searchsorted(order, layer, side="right")) for layer in range(-1, subject.n_layers)}
+        # Branch states kept across `run` calls: (prompt, layer, prefix) -> resid entering that layer, for
+        # prefixes that configs announced by `prime` and not yet run still share (sequential null steps).
+        self.branch: dict[tuple[int, int, bytes], torch.Tensor] = {}
+        self.pending: dict[tuple[int, bytes], int] = {}
+        self.branch_bytes = 0
 
     # -- replacement values ------------------------------------------------------------------
     def _sites(self) -> list[Site]:
@@ -235,13 +249,41 @@ class AblationRunner:
         return ("empty", first_kept) if first_kept > first_ablated else ("clean", first_ablated)
 
     def prime(self, *configs: np.ndarray) -> None:
-        """Run the clean and empty passes once, caching every start layer these configs will need."""
+        """Run the clean and empty passes once, caching every start layer these configs will need; and
+        note where these configs (to be run later, in any number of `run` calls) share a prefix, so that
+        a state two of them share is computed once (`run` keeps it until the last one has run)."""
+        blocks = [np.asarray(b, dtype=bool).reshape(-1, len(self.scope)) for b in configs]
+        self._prime_streams(*blocks)
+        if self.resumes and self.layer_sorted:
+            self._note_branches(np.concatenate(blocks) if blocks else np.zeros((0, len(self.scope)), bool))
+
+    def _prime_streams(self, *configs: np.ndarray) -> None:
         need: dict[str, set[int]] = {"clean": set(), "empty": set()}
         for block in configs:
             for c in np.asarray(block, dtype=bool).reshape(-1, len(self.scope)):
                 stream, start = self.plan(c)
                 need[stream].add(start)
         self._ensure_streams(need)
+
+    def _note_branches(self, configs: np.ndarray) -> None:
+        """Count, per (layer, prefix), the announced configs that pass through a branch point there: a prefix
+        (what is ablated below the layer) that two of them share and after which they part."""
+        n_layers = self.subject.n_layers
+        for layer in range(1, n_layers):
+            lo, hi = self.cut[layer - 1], self.cut[layer]
+            if hi == lo:
+                continue
+            groups: dict[bytes, set[bytes]] = defaultdict(set)
+            members: dict[bytes, int] = defaultdict(int)
+            for c in configs:
+                if not c[:lo].any() or c[:lo].all():  # the clean or the empty stream: cached anyway
+                    continue
+                p = c[:lo].tobytes()
+                groups[p].add(c[lo:hi].tobytes())
+                members[p] += 1
+            for p, after in groups.items():
+                if len(after) > 1:
+                    self.pending[(layer, p)] = self.pending.get((layer, p), 0) + members[p]
 
     def _ensure_streams(self, need: dict[str, set[int]]) -> None:
         n_layers = self.subject.n_layers
@@ -306,7 +348,7 @@ class AblationRunner:
         col = {p: j for j, p in enumerate(prompts)}
         plans = [self.plan(c) for c in configs]
         self.prepare_values()
-        self.prime(configs)
+        self._prime_streams(configs)
         n_layers = self.subject.n_layers
         out = np.empty((len(configs), len(prompts)))
         by_layer: dict[int, list[int]] = defaultdict(list)  # resume layer -> configs (from either stream)
@@ -322,6 +364,9 @@ class AblationRunner:
         wanted = set(prompts)
         for key, members in self.groups.items():
             by_length[key[0]].extend((key, pos, i) for pos, i in enumerate(members) if i in wanted)
+        if self.resumes and self.layer_sorted:
+            self._run_shared(configs, plans, by_layer, by_length, out, col, desc)
+            return out
         jobs = []
         for length, mine in by_length.items():
             for start, ks in sorted(by_layer.items()):
@@ -342,15 +387,139 @@ class AblationRunner:
             self._count(len(chunk), start)
         return out
 
+    # -- shared prefixes ---------------------------------------------------------------------------
+    # The state entering layer l + 1 depends only on the prompt and on what a config ablates at layers <= l
+    # (its prefix). Rows are run layer by layer, each layer once per distinct (prompt, prefix): configs that
+    # agree below a layer (random circuits with the same head in the circuit's lowest layer) share the
+    # layers up to it. Rows are independent in every kernel, so each row's numbers are those of its own
+    # resumed forward. Prefix states that configs announced by `prime` still need are kept across calls.
+    def _run_shared(self, configs: np.ndarray, plans: list[tuple[str, int]], by_layer: dict[int, list[int]],
+                    by_length: dict[int, list[tuple[tuple, int, int]]], out: np.ndarray, col: dict[int, int],
+                    desc: str) -> None:
+        todo = sorted(k for ks in by_layer.values() for k in ks)
+        if not todo:
+            return
+        for k in todo:  # these configs are run now: the prefixes they announced are needed once less
+            self._consume(configs[k])
+        groups = []
+        for length, mine in by_length.items():
+            # Rows sorted by config in layer order (prompt last), so rows that share prefixes sit together.
+            rows = sorted(((k, key, pos, i) for k in todo for key, pos, i in mine),
+                          key=lambda r: (configs[r[0]].tobytes(), r[3]))
+            size = self._rows_per_batch((length,)) * SHARED_GROUP
+            groups.extend(_chunks(rows, size))
+        for chunk in bar(groups, desc, total=len(groups), enabled=self.subject.progress):
+            vals = self._shared_group(configs, plans, chunk)
+            for (k, _, _, i), v in zip(chunk, vals):
+                out[k, col[i]] = v
+        self._drop_spent()
+
+    def _consume(self, config: np.ndarray) -> None:
+        for layer in range(1, self.subject.n_layers):
+            key = (layer, config[:self.cut[layer - 1]].tobytes())
+            if key in self.pending:
+                self.pending[key] -= 1
+
+    def _drop_spent(self) -> None:
+        spent = {key for key, n in self.pending.items() if n <= 0}
+        for key in spent:
+            del self.pending[key]
+        for key in [b for b in self.branch if (b[1], b[2]) in spent]:
+            self.branch_bytes -= self.branch[key].numel() * self.branch[key].element_size()
+            del self.branch[key]
+
+    def _shared_group(self, configs: np.ndarray, plans: list[tuple[str, int]],
+                      rows: list[tuple[int, tuple, int, int]]) -> np.ndarray:
+        """Metric per row (config k, mean group, position in the group, prompt) of rows of one token length."""
+        n_layers, cut = self.subject.n_layers, self.cut
+        # Where each row starts: its cached stream, or a deeper prefix state kept from an earlier call.
+        start, state = [], {}
+        for k, key, pos, i in rows:
+            stream, s = plans[k]
+            c = configs[k]
+            for layer in range(n_layers - 1, s, -1):
+                kept = self.branch.get((i, layer, c[:cut[layer - 1]].tobytes()))
+                if kept is not None:
+                    s = layer
+                    state.setdefault((layer, i, c[:cut[layer - 1]].tobytes()), kept)
+                    break
+            else:
+                state.setdefault((s, i, c[:cut[s - 1]].tobytes()), self.resid[(stream, key, s)][pos])
+            start.append(s)
+        n = len(rows)
+        width = len(self.task.prompt_ids[rows[0][3]])
+        last: dict[tuple[int, int, bytes], int] = {}
+        logits_rows = np.full(n, -1)
+        final: list[torch.Tensor] = []
+        for layer in range(min(start), n_layers):
+            lo, hi = cut[layer - 1], cut[layer]
+            # The distinct (prompt, prefix through this layer) among rows that have started; each one's parent.
+            # (States are keyed by the layer they enter: a layer without units leaves the prefix as it was.)
+            classes: dict[tuple[int, int, bytes], tuple[tuple[int, int, bytes], int]] = {}
+            for r, (k, _, _, i) in enumerate(rows):
+                if start[r] > layer:
+                    continue
+                c = configs[k]
+                child = (layer + 1, i, c[:hi].tobytes())
+                if child not in classes:
+                    classes[child] = ((layer, i, c[:lo].tobytes()), r)
+            items = list(classes.items())
+            new: dict[tuple[int, int, bytes], torch.Tensor] = {}
+            keep_new = layer + 1 < n_layers
+            for part in _chunks(items, self._rows_per_batch((width,))):
+                reps = [r for _, (_, r) in part]
+                hidden = torch.stack([state[parent] for _, (parent, _) in part])
+                members = [rows[r][3] for r in reps]
+                batch = self.subject.make_batch([self.task.prompt_ids[i] for i in members], list(range(len(reps))))
+                ivs = self._interventions([rows[r][1] for r in reps], configs[[rows[r][0] for r in reps]], members,
+                                          layer, layer + 1)
+                st = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
+                hidden = hidden.to(self.subject.device).to(next(self.subject.model.parameters()).dtype)
+                res, _, _ = run_layers(self.subject, hidden, layer, layer + 1, batch.position_ids,
+                                       _masks(self.subject, batch, hidden), None, st, ivs,
+                                       logits=None if keep_new else "last")
+                self.layers_run += len(reps)
+                if keep_new:
+                    for j, (child, _) in enumerate(part):
+                        new[child] = res[j]
+                else:
+                    for j, (child, _) in enumerate(part):
+                        last[child] = len(final) + j
+                    final.extend(res)
+            if keep_new:
+                for child, h in new.items():
+                    self._keep_branch(child, h)
+                state = {**{c: h for c, h in state.items() if c[0] > layer}, **new}
+        for r, (k, _, _, i) in enumerate(rows):
+            logits_rows[r] = last[(n_layers, i, configs[k].tobytes())]
+        self.rows_run += n
+        vals = np.empty(n)
+        members = [i for _, _, _, i in rows]
+        for part in _chunks(list(range(n)), self._rows_per_batch((width,))):
+            lg = torch.stack([final[int(logits_rows[r])] for r in part])
+            vals[part] = self._metric(lg, [members[r] for r in part]).cpu().numpy()
+        return vals
+
+    def _keep_branch(self, cls: tuple[int, int, bytes], hidden: torch.Tensor) -> None:
+        """Keep a state entering a layer when configs still to run share its prefix (and memory allows)."""
+        layer, i, prefix = cls
+        if self.pending.get((layer, prefix), 0) <= 0 or (i, layer, prefix) in self.branch:
+            return
+        size = hidden.numel() * hidden.element_size()
+        if self.branch_bytes + size > BRANCH_BYTES:
+            return
+        self.branch[(i, layer, prefix)] = hidden.clone()  # not a view that would keep its whole batch
+        self.branch_bytes += size
+
     def _interventions(self, key: tuple | list[tuple], configs: np.ndarray, members: list[int],
-                       start: int = 0) -> list[Intervention]:
-        """The batch's ablations at layers >= start (below it the cached stream already holds them).
+                       start: int = 0, stop: int | None = None) -> list[Intervention]:
+        """The batch's ablations at layers start..stop-1 (below start the cached stream already holds them).
         `key`: the batch's mean group, or each row's (rows of one token length from several groups)."""
         ivs: list[Intervention] = []
         keys = key if isinstance(key, list) else [key] * len(members)
         one = keys[0] if len(set(keys)) == 1 else None
         for site, mask in self.scope.site_masks(configs):
-            if site.layer < start:
+            if site.layer < start or (stop is not None and site.layer >= stop):
                 continue
             if self.ablation == "zero":
                 ivs.append(ZeroAblate(site, unit_mask=mask))

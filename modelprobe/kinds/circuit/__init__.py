@@ -14,6 +14,9 @@ How the work is organised (the expensive part is many ablated forwards):
   ablated; a row equals the first below its first ablated unit and the second below its first kept
   unit, and resumes (`subject.resumable`) from whichever it follows longer, so the layers below the
   first one it changes are never recomputed;
+- from there rows run layer by layer, each layer once per distinct (prompt, units ablated up to it): random
+  circuits with the same head in the circuit's lowest layer share every layer up to the next one, across
+  sequential null steps too (`AblationRunner.prime` announces them);
 - prompts are batched by token length (and `group_by` value), so a batch has no padding and one
   set of per-position means.
 
