@@ -72,6 +72,19 @@ def test_generation_and_resume_match(pair):
         torch.testing.assert_close(resume(split, b.batch, 2, b.acts[site]).logits, b.logits)
 
 
+def test_suffix_jacobians_match(pair):
+    """The Jacobians of linear relational embeddings (layers run one by one, with grad) on the split model."""
+    from modelprobe.subject import jacobians
+
+    whole, split = pair
+    ids = whole.encode_all(PROMPTS)
+    pos = [1, 0, 3, 0]
+    a, sa = jacobians(whole, ids, 1, pos, chunk=16)
+    b, sb = jacobians(split, ids, 1, pos, chunk=16)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sa.o, sb.o)
+
+
 def test_weight_edit_on_an_offloaded_parameter_is_an_error(pair):
     """A weight edit on a parameter accelerate keeps on disk would silently do nothing: refuse it."""
     _, split = pair

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,21 @@ def can_share_prefix(subject: Subject) -> bool:
     """Whether a run can start after the first token (plain causal attention in every layer)."""
     return (can_resume(subject) and getattr(subject.model.config, "_attn_implementation", None) in ("sdpa", "eager")
             and all(_layer_type(subject, layer) == "full_attention" for layer in range(subject.n_layers)))
+
+
+def can_cut(subject: Subject) -> bool:
+    """Whether a batch's run can be cut at a token column (`cut_masks`): the tokens before it given as clean
+    keys/values, the rest run by `run_layers` under the model's own masks, sliced (plain tensor masks)."""
+    return can_resume(subject) and getattr(subject.model.config, "_attn_implementation", None) in ("sdpa", "eager")
+
+
+def cut_masks(subject: Subject, batch: Batch, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masks the model's own forward of `batch` uses, per layer type, as [b or 1, 1, W, W] tensors: a
+    mask the model leaves out (sdpa's plain causal case) is made explicit, so that its slices
+    [:, :, q0:q1, :k1] mask a run of columns q0..q1-1 attending to columns ..k1-1 as the full run does."""
+    width = batch.input_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=hidden.device).tril()[None, None]
+    return {kind: causal if m is None else m for kind, m in _masks(subject, batch, hidden).items()}
 
 
 def first_layer(sites_or_interventions: Sequence[Intervention | WeightDelta | Site], subject: Subject) -> int:
@@ -105,10 +121,17 @@ def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return t.expand(n, *t.shape[1:]) if len(t) == 1 else t.repeat_interleave(n // len(t), 0)
 
 
+def _normal(t: Any) -> Any:
+    """A tensor autograd may save for backward: inference tensors (made under inference mode, e.g. a
+    clean pass's keys/values) are cloned (call outside inference mode)."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
 def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, positions: torch.Tensor,
                mask: Any = None, clean: KV | dict | None = None, state: RunState | None = None,
                interventions: Sequence[Intervention] = (), capture: Sequence[Site] = (),
-               logits: str | None = None) -> tuple[torch.Tensor, dict[int, Any], dict[Site, torch.Tensor]]:
+               logits: str | None = None,
+               grad: bool = False) -> tuple[torch.Tensor, dict[int, Any], dict[Site, torch.Tensor]]:
     """Run decoder layers start..end-1 on `hidden` ([rows, tokens, d], the residual stream entering `start`)
     at `positions`, under `interventions` and `capture` (through `hooked`, `state` describing the rows).
 
@@ -116,16 +139,29 @@ def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, pos
     per layer the clean keys/values of the tokens before these (None: no cache; empty: none, but keep the
     new ones). Returns the final hidden states (with `logits`, "last" [rows, vocab] or "all", norm and
     unembedding applied), the new tokens' keys/values per layer, and the captures.
+
+    `grad`: run with autograd (for gradients w.r.t. `hidden`), even inside a caller's inference mode;
+    inference tensors among `mask` and `clean` are cloned first, as autograd cannot save them.
     """
-    kv = None if clean is None else _KV(clean)
     eager = subject.model.config._attn_implementation == "eager"
     if eager and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:  # eager attention adds its mask
         mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
             ~mask, torch.finfo(hidden.dtype).min)
+    if grad:
+        with torch.inference_mode(False):
+            hidden = _normal(hidden)
+            mask = {k: _normal(m) for k, m in mask.items()} if isinstance(mask, dict) else _normal(mask)
+            if clean:
+                items = clean.items() if isinstance(clean, dict) else enumerate(clean)
+                clean = {i: (_normal(k), _normal(v)) for i, (k, v) in items}
+    kv = None if clean is None else _KV(clean)
     cache = {} if kv is None else {cache_kwarg(subject.sitemap.layers[0].forward): kv}
     state = state or RunState(phase="prompt", pad=torch.zeros(len(hidden), dtype=torch.long),
                               prompt_len=hidden.shape[1])
-    with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, interventions, capture) as cap:
+    # Without grad: inference mode (no autograd bookkeeping). With grad: out of any inference mode a
+    # caller holds (enable_grad alone does not leave it), or the graph would not be recorded.
+    mode = (torch.inference_mode(False), torch.enable_grad()) if grad else (torch.inference_mode(), nullcontext())
+    with mode[0], mode[1], hooked(subject.model, subject.sitemap, state, interventions, capture) as cap:
         position_embeddings = subject.model.model.rotary_emb(hidden, positions)
         for layer in range(start, end):
             hidden = subject.sitemap.layers[layer](
