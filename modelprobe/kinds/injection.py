@@ -20,6 +20,7 @@ to rise (or there are none).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -327,20 +328,52 @@ claims:
         """{layer: [n_concepts, d]} each concept's state at the vector prompt's last token minus the
         baseline words' mean state, at the input of every candidate layer (one forward for all)."""
         from ..subject import Site
-        from ..toolkit.activations import states_at
 
         sites = [Site("resid_pre", layer) for layer in self.layers]
-        states = states_at(self.subject, self.vector_ids, sites, -1, batch_size=self.spec.batch_size,
-                           desc="concept vectors")
+        states = self.vector_states(sites)
         n = len(self.concepts)
         return {s.layer: states[s][:n] - states[s][n:].double().mean(0).float() for s in sites}
 
+    def vector_states(self, sites: list) -> dict:
+        """{site: [n_words, d]} the vector prompts' last-token states, one forward per batch stopping at the
+        highest site (toolkit.activations.states_at). With a fixed batch size they are kept per model, prompts
+        and site in subject.cache: injection and injection_protocol read the same prompts, and the same
+        batches give the same numbers whichever other sites a pass captured."""
+        from ..toolkit.activations import states_at
+
+        def run(want: list) -> dict:
+            return states_at(self.subject, self.vector_ids, want, -1, batch_size=self.spec.batch_size,
+                             desc="concept vectors")
+
+        if self.spec.batch_size is None:  # the auto batch size may cut the batches differently next time
+            return run(sites)
+        import hashlib
+
+        model = self.subject.model
+        digest = hashlib.sha256(repr((self.vector_ids, self.spec.batch_size)).encode()).hexdigest()
+        info = self.subject.info
+        stamp = (info.id, info.hash, info.dtype, str(self.subject.device), digest,
+                 sum(p._version for p in model.parameters()))  # an in-place weight edit bumps a version
+        store = self.subject.cache.setdefault("injection.vector_states", {})
+        missing = [site for site in sites if (stamp, site) not in store]
+        if missing:
+            got = run(missing)
+            for site in missing:
+                store[(stamp, site)] = got[site]
+        return {site: store[(stamp, site)] for site in sites}
+
     def generate(self, ids: list[list[int]], starts: list[int], vectors: dict[int, torch.Tensor],
-                 desc: str, stops: list[int] | None = None) -> list[str]:
+                 desc: str, stops: list[int] | None = None,
+                 readers: list[list[Callable[[str], object]] | None] | None = None) -> list[str]:
         """Greedy replies, one batched generation; row i gets vectors[layer][i] added at each layer from
         its start token on (a zero row is no injection), up to its stop token when `stops` is given (the
         reply itself then runs uninjected). The transcript before the earliest start is shared by every
-        trial, so it runs once (subject.generate_shared)."""
+        trial, so it runs once (subject.generate_shared).
+
+        `readers[i]`: every rule that reads row i's reply, each giving its verdict on a reply's beginning
+        or intro.OPEN (e.g. intro.affirmative_final); row i stops as soon as none is OPEN, as no later
+        token could change a verdict (its kept reply ends there). None: the row runs to EOS or the limit.
+        """
         from ..subject import From, Span, common_prefix, generate_shared
         from ..toolkit.steering import add_at_layer
 
@@ -356,13 +389,37 @@ claims:
                     out += add_at_layer(layer, v[r], 1.0, From(start[r]) if stop is None else Span(start[r], stop[r]))
             return out
 
+        def settled(row: int, reply: list[int]) -> bool:
+            rules = readers[row]
+            if not rules:
+                return False
+            text = intro.stable_text(self.subject, reply)
+            return all(rule(text) is not intro.OPEN for rule in rules)
+
         if cut > 0:
             gens = generate_shared(self.subject, ids[0][:cut], [x[cut:] for x in ids], self.spec.max_new_tokens,
-                                   edits, self.spec.batch_size, desc)
+                                   edits, self.spec.batch_size, desc, settled if readers is not None else None)
         else:
             gens = self.subject.generate(ids, self.spec.max_new_tokens, edits, batch_size=self.spec.batch_size,
                                          desc=desc)
         return [self.subject.decode(g) for g in gens]
+
+    def readers(self, forms: list[list[str]], coherence: bool = False,
+                also: list[list[str]] | None = None) -> list[list[Callable[[str], object]] | None]:
+        """Per row, the rules grader's reads of its reply: affirmative, identifies (with `forms`, and with
+        `also` where permuted labels grade the same reply) and, with `coherence`, coherent. None per row
+        with a judge: it reads the whole reply."""
+        if self.grader is not None:
+            return [None] * len(forms)
+        out: list[list[Callable[[str], object]] | None] = []
+        for i, f in enumerate(forms):
+            rules = [intro.affirmative_final, lambda t, f=f: intro.identifies_final(t, f)]
+            if also is not None:
+                rules.append(lambda t, f=also[i]: intro.identifies_final(t, f))
+            if coherence:
+                rules.append(intro.coherent_final)
+            out.append(rules)
+        return out
 
     def grade(self, replies: list[str], forms: list[list[str]]) -> intro.Graded:
         if self.grader is None:
@@ -380,8 +437,10 @@ claims:
         for i, (c, k) in enumerate(rows):
             layer, s = cells[k]
             vectors[layer][i] = s * vecs[layer][self.dev[c]]
-        replies = self.generate([base_ids[c] for c, _ in rows], [base_starts[c] for c, _ in rows], vectors, "dev grid")
-        g = self.grade(replies, [self.forms[self.dev[c]] for c, _ in rows])
+        forms = [self.forms[self.dev[c]] for c, _ in rows]
+        replies = self.generate([base_ids[c] for c, _ in rows], [base_starts[c] for c, _ in rows], vectors, "dev grid",
+                                readers=self.readers(forms, coherence=True))
+        g = self.grade(replies, forms)
         shape = (len(self.layers), len(strengths), len(self.dev))
         grid = {name: getattr(g, name).reshape(shape).mean(-1) for name in ("identified", "affirmative", "coherent")}
         n_layers = self.subject.n_layers
@@ -422,10 +481,15 @@ claims:
             ids += x
             starts += s
             rows.append(vec if vec is not None and len(x) else torch.zeros(len(x), v.shape[-1]))
-        replies = self.generate(ids, starts, {layer: torch.cat(rows)}, "test trials")
-        out = {name: replies[sl] for name, sl in spans.items()}
         forms = [self.forms[c] for c in test]
         other = random_source_forms(forms, self.spec.seed)
+        yes: list[Callable[[str], object]] = [intro.says_yes_final]
+        reads = {"injected": self.readers(forms, coherence=True, also=other), "random": self.readers(forms),
+                 "word": self.readers(forms), "control": self.readers([[]] * n_ctl),
+                 "noq_injected": [yes] * nq, "noq_plain": [yes] * nq}  # what grades each group below
+        replies = self.generate(ids, starts, {layer: torch.cat(rows)}, "test trials",
+                                readers=[r for name in groups for r in reads[name]])
+        out = {name: replies[sl] for name, sl in spans.items()}
         g = {"injected": self.grade(out["injected"], forms), "random": self.grade(out["random"], forms),
              "word": self.grade(out["word"], forms), "permuted": self.grade(out["injected"], other),
              "control": self.grade(out["control"], [[]] * n_ctl)}

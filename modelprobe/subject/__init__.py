@@ -52,6 +52,7 @@ _WHERE = {
     "can_share_prefix": "resumable", "clean_pass": "resumable", "first_layer": "resumable",
     "generate_shared": "resumable", "greedy": "resumable", "greedy_from_kv": "resumable", "resume": "resumable",
     "resume_last": "resumable", "resume_variants": "resumable", "run_layers": "resumable",
+    "run_until": "resumable", "stop_point": "resumable",
 }
 
 __all__ = sorted(_WHERE)
@@ -107,6 +108,8 @@ if TYPE_CHECKING:  # the same names, for editors and type checkers (tests/test_l
         resume_last,
         resume_variants,
         run_layers,
+        run_until,
+        stop_point,
     )
     from .sitemap import SiteMap, canonical_name
     from .sites import Site, resolve_layer, resolve_sites

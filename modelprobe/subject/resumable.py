@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .hooks import add_hook
 from .interventions import Intervention, RunState, WeightDelta, hooked
 from .sites import Site
 from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
@@ -176,6 +177,65 @@ def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, pos
     return hidden, {} if kv is None else kv.new, {s: v[-1] for s, v in cap.items()}
 
 
+class _Enough(Exception):
+    """Raised by the hook at the last layer a capture-only pass needs: the layers above it would be wasted."""
+
+
+def stop_point(subject: Subject, capture: Sequence[Site]) -> tuple[int, bool] | None:
+    """Where a forward that only captures `capture` may stop: (layer, before), `before` True when every
+    capture at the highest layer is its input (resid_pre), so that layer need not run either. None when a
+    capture sits outside the decoder layers (embeddings, final norm, logits): the full forward is needed."""
+    layer_path = re.compile(re.escape(subject.sitemap.family.layers) + r"\.(\d+)(\.|$)")
+    top, before = -1, True
+    for site in capture:
+        hp = site.hook_point(subject.sitemap)
+        m = layer_path.match(hp.path)
+        if m is None:
+            return None
+        layer = int(m.group(1))
+        pre = hp.module is subject.sitemap.layers[layer] and hp.io == "input"
+        if layer > top:
+            top, before = layer, pre
+        elif layer == top:
+            before = before and pre
+    return (top, before) if top >= 0 else None
+
+
+def run_until(subject: Subject, ids: Sequence[Sequence[int]], capture: Sequence[Site],
+              interventions: InterventionsFor = (), batch_size: int | None = None,
+              desc: str = "forward") -> Iterator[Forward]:
+    """`subject.run(ids, capture, interventions, logits=None)`, each forward stopping once the highest
+    layer a capture reads has run: a layer above it (or an intervention there) cannot change what a lower
+    layer computes, so the captures are the full forward's, bit for bit (same batches, same layers below).
+    Captures outside the decoder layers take the full forward."""
+    from ..progress import bar
+
+    stop = stop_point(subject, capture) if capture else None
+    if stop is None:
+        yield from subject.run(ids, capture, interventions, None, batch_size, desc)
+        return
+    layer, before = stop
+
+    def enough(*args: Any) -> None:
+        raise _Enough
+
+    for batch in bar(list(subject.batches(ids, batch_size)), desc, enabled=subject.progress):
+        state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
+        edits = subject.interventions_for(interventions, batch.rows)
+        with torch.inference_mode(), hooked(subject.model, subject.sitemap, state, edits, capture) as cap:
+            # registered after hooked's own hooks on the same module, so it runs after their captures
+            handle = add_hook(subject.sitemap.layers[layer], enough, "run_until: stop after the last capture",
+                              pre=before)
+            try:
+                subject.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False, logits_to_keep=1)
+            except _Enough:
+                pass
+            finally:
+                handle.remove()
+        yield Forward(batch, {s: v[-1] for s, v in cap.items()}, None)
+
+
 def resume(subject: Subject, batch: Batch, start: int, resid_pre: torch.Tensor | None,
            interventions: InterventionsFor = (), capture: Sequence[Site] = (), logits: str = "last") -> Forward:
     """A forward of `batch` from `resid_pre` ([b, s, d], the clean run's residual stream entering layer
@@ -242,11 +302,14 @@ def resume_variants(subject: Subject, batch: Batch, start: int, resid_pre: torch
 
 def greedy(subject: Subject, cache: Any, ids: torch.Tensor, positions: torch.Tensor, steps: int,
            mask: torch.Tensor | None = None, interventions: InterventionsFor = (), rows: Sequence[int] = (),
-           state: RunState | None = None) -> list[list[int]]:
+           state: RunState | None = None,
+           settled: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
     """Greedy continuation of rows whose earlier tokens sit in `cache` (a transformers cache, one row each):
     `ids` [n, t] the tokens still to run at `positions`, `mask` [n, cached + t] for padded rows.
     `interventions` (or a callable of the caller's `rows`) act at every step, `state` describing the
-    first; a row that says EOS leaves the batch and its cache. Returns new ids per row, EOS dropped."""
+    first; a row that says EOS leaves the batch and its cache, and so does a row for which
+    `settled(its caller row, its ids so far)` is True (whatever reads the reply can no longer change its
+    verdict: the reply ends there). Returns new ids per row, EOS dropped."""
     model, kw, eos, dev = subject.model, cache_kwarg(subject.model.forward), subject.tokenizer.eos_token_id, ids.device
     active, out = list(range(len(ids))), [[] for _ in range(len(ids))]
     state = state or RunState(phase="generated")
@@ -260,6 +323,8 @@ def greedy(subject: Subject, cache: Any, ids: torch.Tensor, positions: torch.Ten
             keep = [j for j in range(len(active)) if eos is None or int(nxt[j]) != eos]
             for j in keep:
                 out[active[j]].append(int(nxt[j]))
+            if settled is not None:
+                keep = [j for j in keep if not settled(rows[active[j]] if rows else active[j], out[active[j]])]
             if not keep:
                 break
             if len(keep) < len(active):  # drop finished rows from the batch and its cache
@@ -275,8 +340,10 @@ def greedy(subject: Subject, cache: Any, ids: torch.Tensor, positions: torch.Ten
 
 def generate_shared(subject: Subject, prefix: Sequence[int], suffixes: Sequence[Sequence[int]], max_new_tokens: int,
                     interventions: InterventionsFor = (), batch_size: int | None = None,
-                    desc: str = "generate") -> list[list[int]]:
-    """Greedy continuation of prefix + suffix[i] per row, the shared prefix run once (EOS stops a row).
+                    desc: str = "generate",
+                    settled: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+    """Greedy continuation of prefix + suffix[i] per row, the shared prefix run once (EOS stops a row, and
+    so does `settled(row, ids so far)` returning True, as in `greedy`).
     `interventions` (or a callable of the caller's row indices) must not touch the prefix: they act on the
     suffix and generated tokens, their positions index the suffix (From(0) = the suffix's first token)."""
     from transformers import DynamicCache
@@ -299,7 +366,7 @@ def generate_shared(subject: Subject, prefix: Sequence[int], suffixes: Sequence[
         mask = torch.cat([torch.ones(b, plen, dtype=torch.long, device=dev), batch.attention_mask], dim=1)
         state = RunState(phase="prompt", pad=batch.pad, prompt_len=batch.input_ids.shape[1])
         seqs = greedy(subject, cache, batch.input_ids, batch.position_ids + plen, max_new_tokens, mask,
-                      interventions, batch.rows, state)
+                      interventions, batch.rows, state, settled)
         for row, seq in zip(batch.rows, seqs):
             results[row] = seq
     return results

@@ -16,10 +16,12 @@ def states_at(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[Si
               interventions: InterventionsFor = (), batch_size: int | None = None,
               desc: str = "states") -> dict[Site, torch.Tensor]:
     """{site: [n, ...]} the activation of each prompt at token `position` (unpadded; negative from the
-    end), in the caller's order, float32 on the CPU; one forward per batch captures every site."""
+    end), in the caller's order, float32 on the CPU; one forward per batch captures every site, and stops
+    after the highest layer a site reads (subject.run_until: the layers above cannot change them)."""
+    from ..subject import run_until
+
     out: dict[Site, torch.Tensor] = {}
-    for fw in subject.run(ids, capture=sites, interventions=interventions, logits=None, batch_size=batch_size,
-                          desc=desc):
+    for fw in run_until(subject, ids, sites, interventions, batch_size, desc):
         for site in sites:
             x = fw.at(site, position).float().cpu()
             if site not in out:
@@ -30,9 +32,12 @@ def states_at(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[Si
 
 def mean_state(subject: Subject, ids: Sequence[Sequence[int]], sites: Sequence[Site], position: int = -1,
                batch_size: int | None = None) -> dict[Site, torch.Tensor]:
-    """{site: [...]} the mean activation at `position` over the prompts, summed in float64."""
+    """{site: [...]} the mean activation at `position` over the prompts, summed in float64 (each forward
+    stops after the highest layer a site reads)."""
+    from ..subject import run_until
+
     sums: dict[Site, torch.Tensor] = {}
-    for fw in subject.run(ids, capture=sites, logits=None, batch_size=batch_size, desc="mean state"):
+    for fw in run_until(subject, ids, sites, batch_size=batch_size, desc="mean state"):
         for site in sites:
             x = fw.at(site, position).double().cpu().sum(0)
             sums[site] = sums[site] + x if site in sums else x

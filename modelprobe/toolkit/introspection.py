@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import SiteError
-from .behaviour import COHERENT_RULE, coherent
+from .behaviour import COHERENT_RULE, _units, coherent  # _units: the units the coherence rule counts
 
 if TYPE_CHECKING:
     from ..subject import Subject
@@ -121,6 +121,105 @@ def grade_rules(replies: Sequence[str], forms: Sequence[Sequence[str]]) -> Grade
     return Graded(np.array([affirmative_at(r) is not None for r in replies], dtype=bool),
                   np.array([identifies(r, f) for r, f in zip(replies, forms)], dtype=bool),
                   np.array([coherent(r) for r in replies], dtype=bool))
+
+
+# ---- settled verdicts: what a reply's beginning already decides ----------------------------------
+# Generation may stop a row once every rule that reads its reply is settled: no continuation can change
+# that rule's verdict. Each `*_final` below returns the verdict the full reply will get, or OPEN while
+# more text could still change it. They see `stable_text` (the part of a decoded prefix that later tokens
+# cannot rewrite), and trust a match only when a character follows it (its word boundary is seen).
+
+OPEN = object()  # a verdict that more text could still change
+
+
+def stable_text(subject: Subject, ids: Sequence[int]) -> str:
+    """The decoded reply so far, less what later tokens could still rewrite: a trailing U+FFFD (bytes of a
+    character not yet complete) and, where the tokenizer cleans up spaces (" ." -> "."), the last 4
+    characters (" n't" is the longest pattern it rewrites)."""
+    text = subject.decode(ids).rstrip("\ufffd")
+    if getattr(subject.tokenizer, "clean_up_tokenization_spaces", False):
+        text = text[:-4]
+    return text
+
+
+def nests_safely(phrases: Sequence[str], groups: Sequence[int] | range | None = None) -> bool:
+    """Whether the earliest stable match of a list of phrases is the earliest match of any continuation:
+    no phrase holds another inside it except as its own ending (a phrase still growing past the text's
+    end could then start before a match already seen), or at its start within the same group."""
+    groups = groups if groups is not None else [0] * len(phrases)
+    for p, gp in zip(phrases, groups):
+        for q, gq in zip(phrases, groups):
+            at = p.find(q) if p != q else -1
+            while at >= 0:
+                if (at > 0 and at + len(q) != len(p)) or (at == 0 and gp != gq):
+                    return False
+                at = p.find(q, at + 1)
+    return True
+
+
+# each phrase its own group: the negation checks depend on which phrase matched, not only where
+_AFF_NESTS = nests_safely(AFFIRMATIVE, range(len(AFFIRMATIVE)))
+
+
+def affirmative_final(reply: str) -> int | None | object:
+    """`affirmative_at` of every continuation of `reply`, or OPEN."""
+    text = reply.lower()
+    m = _AFF.search(text)
+    if m is None or m.end() >= len(text) or not _AFF_NESTS:
+        return OPEN
+    if m.group(1) == "yes":
+        return None if _NEG.search(text[:m.start()]) else m.start()
+    sentence_start = max(text.rfind(c, 0, m.start()) for c in ".!?\n") + 1
+    if _NEG.search(text[sentence_start:m.start()]):
+        return None
+    tail = text[m.end():]
+    after = [w.group() for w in _WORD.finditer(tail) if w.end() < len(tail)][:3]  # complete words only
+    if any(_NEG.search(w) for w in after):
+        return None
+    return m.start() if len(after) == 3 else OPEN
+
+
+def identifies_final(reply: str, forms: Sequence[str]) -> bool | object:
+    """`identifies` of every continuation of `reply`, or OPEN."""
+    if not forms:
+        return False
+    text = reply.lower()
+    first = _WORD.search(text)
+    opened = first is not None and first.end() < len(text)
+    if opened and first.group() in forms:
+        return False
+    aff = affirmative_final(reply)
+    if aff is None:
+        return False
+    if aff is OPEN or not opened or not nests_safely(forms):
+        return OPEN
+    hits = [m.start() for f in forms for m in re.finditer(r"\b" + re.escape(f) + r"\b", text) if m.end() < len(text)]
+    if not hits:
+        return OPEN
+    return min(hits) >= max(text.rfind(c, 0, aff) for c in ".!?\n") + 1
+
+
+def coherent_final(reply: str) -> bool | object:
+    """`coherent` of every continuation of `reply` when a repetition already breaks it (False), else OPEN:
+    the other parts of the rule (a word; 30% distinct) can go either way while the reply grows."""
+    units = _units(reply)[:-1]  # the last unit may still grow
+    for n in range(1, 5):
+        for i in range(len(units) - 4 * n + 1):
+            gram = units[i:i + n]
+            if all(units[i + k * n:i + (k + 1) * n] == gram for k in range(1, 4)):
+                return False
+    return OPEN
+
+
+def says_yes_final(reply: str) -> bool | object:
+    """`says_yes` of every continuation of `reply`, or OPEN."""
+    text = reply.lower()
+    for w in _WORD.finditer(text):
+        if w.end() >= len(text):
+            return OPEN
+        if w.group() in ("yes", "no"):
+            return w.group() == "yes"
+    return OPEN
 
 
 RULES_SHOWN = {

@@ -228,18 +228,33 @@ claims:
             rows.append(vec)
         return ids, starts, stops, torch.cat(rows) if rows else torch.zeros(0, d), spans
 
+    def readers_of(self, spans: dict[str, slice]) -> list:
+        """Per row, the rule that grades its reply in `measure` (named, transcribed or disowns), as a verdict
+        on the reply's beginning or OPEN (Injection.generate stops the row once it is settled)."""
+        out: list = [None] * max((sl.stop for sl in spans.values()), default=0)
+        for name, sl in spans.items():
+            for i, row in enumerate(range(sl.start, sl.stop)):
+                if name.startswith("thought"):
+                    out[row] = [lambda t, f=self.forms[self.concept_of[i]]: ip.named_final(t, f)]
+                elif name.startswith("repeat"):
+                    out[row] = [lambda t, s=self.sentence_of[i]: ip.transcribed_final(t, s)]
+                else:
+                    out[row] = [ip.disowns_final]
+        return out
+
     def generated_trials(self, v: torch.Tensor) -> dict[str, list[str]]:
         """The generated arms in one batched generation, each row with its own vector over its sentence."""
         ids, starts, stops, vectors, spans = self.trial_rows(v)
         if not ids:
             return {}
-        replies = self.generate(ids, starts, {self.layer: vectors}, "protocol trials", stops)
+        replies = self.generate(ids, starts, {self.layer: vectors}, "protocol trials", stops, self.readers_of(spans))
         return {name: replies[sl] for name, sl in spans.items()}
 
     def think_scores(self, v: torch.Tensor) -> dict[str, np.ndarray]:
         """Per sentence, the written sentence's mean state projected on its concept's vector and on another
-        concept's, told to think about the concept and told not to (one batched forward)."""
-        from ...subject import Site
+        concept's, told to think about the concept and told not to (one batched forward, stopping at the
+        layer read: subject.run_until)."""
+        from ...subject import Site, run_until
 
         n = self.spec.trials
         words = [self.concepts[c]["word"] for c in self.concept_of]
@@ -247,8 +262,8 @@ claims:
                    for think in (True, False) for s, w in zip(self.sentence_of, words)]
         site = Site("resid_pre", self.layer)
         means = torch.empty(len(encoded), v.shape[-1], dtype=torch.float64)
-        for fw in self.subject.run([e[0] for e in encoded], capture=[site], logits=None,
-                                   batch_size=self.spec.batch_size, desc="intentional control"):
+        for fw in run_until(self.subject, [e[0] for e in encoded], [site], batch_size=self.spec.batch_size,
+                            desc="intentional control"):
             acts = fw.acts[site]
             for j, row in enumerate(fw.batch.rows):
                 _, a, b = encoded[row]

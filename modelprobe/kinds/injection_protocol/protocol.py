@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...errors import SiteError
-from ...toolkit.introspection import first_mention
+from ...toolkit.introspection import OPEN, first_mention, nests_safely
 
 if TYPE_CHECKING:
     from ...subject import Subject
@@ -82,6 +82,44 @@ def disowns(reply: str) -> bool:
     if not hits_disown:
         return False
     return not hits_own or min(hits_disown) < min(hits_own)
+
+
+# ---- settled verdicts (toolkit.introspection.OPEN): what a reply's beginning already decides --------
+# A match counts only when a character follows it (its word boundary is seen); words are complete then.
+
+def transcribed_final(reply: str, sentence: str) -> bool | object:
+    """`transcribed` of every continuation of `reply`: True once the sentence's words appear among its
+    complete words (it can only become True), else OPEN."""
+    text = reply.lower()
+    got = [w.group() for w in _WORDS.finditer(text) if w.end() < len(text)]
+    return True if transcribed(" ".join(got), sentence) else OPEN
+
+
+def named_final(reply: str, forms: Sequence[str]) -> bool | object:
+    """`named` of every continuation of `reply`: True once a form is mentioned and complete, else OPEN."""
+    text = reply.lower()
+    return True if any(m.end() < len(text) for f in forms
+                       for m in re.finditer(r"\b" + re.escape(f) + r"\b", text)) else OPEN
+
+
+# Which side a phrase counts for unnegated: disowning (0) or owning (1).
+_SIDES = [0] * len(DISOWN) + [1] * len(OWN)
+_DISOWN_NESTS = nests_safely(DISOWN + OWN, _SIDES)
+
+
+def disowns_final(reply: str) -> bool | object:
+    """`disowns` of every continuation of `reply`, or OPEN: the earliest phrase of either list (a negated
+    one counting for the other side) decides, so once it is complete no later text changes the verdict."""
+    text = reply.lower().replace("’", "'")
+    first = None
+    for p, side in zip(DISOWN + OWN, _SIDES):
+        for m in _PHRASE[p].finditer(text):
+            neg = bool(_NEGATED_BEFORE.search(text[max(0, m.start() - 24):m.start()]))
+            if first is None or m.start() < first[0]:
+                first = (m.start(), m.end(), side != neg)  # True: counts for owning
+    if first is None or first[1] >= len(text) or not _DISOWN_NESTS:
+        return OPEN
+    return not first[2]
 
 
 def grade(replies: Sequence[str], rule, args: Sequence) -> np.ndarray:
