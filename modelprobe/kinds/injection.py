@@ -6,7 +6,8 @@ is added from the token before "Trial n" on, generated tokens included, while th
 notices an inserted thought. Layer and strength are chosen on dev concepts, then frozen; the test concepts are
 held against uninjected trials, a random vector of the same norm, the word written in the prompt and permuted
 labels. Each step (dev grid; test trials with their controls) is one batched generation with one injected
-vector per row.
+vector per row. A reply ends where every rule grading it is settled (the first "yes"/"no" of a no-question,
+say): no later token could change a verdict, so the kept reply stops there.
 
 Controls: on test trials, detection is held against every control at once: the same trials uninjected, a
 random vector of the same norm, and permuted concept labels (Fisher's exact test each, the weakest decides);
@@ -530,6 +531,8 @@ claims:
                                                            "hash": self.grader.info.hash},
             "rules": intro.RULES_SHOWN, "decoding": "greedy; uninjected trials differ only by their trial number",
             "control_trials": self.spec.control_trials, "n_no_questions": len(self.questions),
+            "replies_end": "at EOS, at max_new_tokens, or where every rule grading the reply is settled (no later "
+                           "token could change its verdict; the judge settles nothing but the yes rule)",
             "example_replies": {k: v[:3] for k, v in t["replies"].items()}, "dev_examples": dev["examples"],
         }
         return Outcome(settings, claims)

@@ -12,7 +12,9 @@
 
 Concept vectors, the per-row injected generation and the word checks are `injection`'s; the injection
 covers the sentence only (subject.interventions.Span), so every reply is written uninjected. All trials
-of the generated experiments share one batched generation; intentional control is one batched forward.
+of the generated experiments share one batched generation, each reply ending where the rule grading it is
+settled (a disowning phrase seen, say: no later token could change it); intentional control is one batched
+forward up to the layer it reads.
 
 Controls: names_thought is held against the same trials uninjected and with a random vector of the same norm
 (Fisher's exact test, the weaker control decides); disown_drop against injecting another word's concept
@@ -311,6 +313,8 @@ claims:
             "vector_norm_at_layer": norm, "strength_x_norm": self.spec.inject.strength * norm,
             "injection_over": "the sentence's tokens only; replies are generated uninjected",
             "rules": ip.RULES_SHOWN, "decoding": "greedy",
+            "replies_end": "at EOS, at max_new_tokens, or where the rule grading the reply is settled (no later "
+                           "token could change its verdict)",
             "prompts": {"thought": ip.THOUGHT_ASK, "repeat": ip.REPEAT_ASK, "meant": ip.MEANT_ASK,
                         "think": ip.THINK, "dont_think": ip.DONT_THINK},
             "example_replies": {k: r[:3] for k, r in replies.items()},
