@@ -450,7 +450,7 @@ claims:
             variants = [[] if k == base else todo[k] for k in keys]
             got = behave_variants(self.subject, self.grader, self.ids["test"][on], variants,
                                   self.spec.behaviour.max_new_tokens, self.spec.batch_size,
-                                  f"direction: base and intervened ({on})")
+                                  f"direction: {'base and ' if base in keys else ''}intervened ({on})")
             self._memo.update(zip(keys, got))
 
     def _base(self, which: str) -> Behaviour:
@@ -470,9 +470,12 @@ claims:
 
         The base rows of a set run alone, first, only where a claim on it could be settled (a set whose
         claims cannot be keeps its base rows beside the intervened ones, one run, as `_prefetch` does).
-        Alone or side by side, each row's reply is the same (checked on the shipped probes: identical
-        texts); run first they cost one more pass over the generation steps when no claim on the set turns
-        out settled, and save the set's intervened rows, guard and controls when one does.
+        Alone or side by side, each generated reply is the same (checked on the five shipped direction
+        probes on SmolLM2, CPU: every base and intervened text identical).
+        A logit grader's rows are a prompt pass, cut into batches by length and padding, so there the
+        log-odds may move in the last bits, as they did before whenever an earlier probe had the base rows.
+        Run first, they cost one more pass over the generation steps when no claim on the set turns out
+        settled, and save the set's intervened rows, guard and controls when one does.
         """
         spec = self.spec
         for on in SETS:
@@ -674,7 +677,7 @@ claims:
         # The base rates first: a claim they leave untestable needs nothing else, and when every claim is
         # settled so, the difference of means, the selection and the guard are most of the probe's cost.
         settled = self._settled_by_base_rate()
-        if len(settled) == len(spec.claims):
+        if settled and len(settled) == len(spec.claims):
             return self._all_settled(settled)
         diffs = self._means()
         sel = selection.select(self, diffs)
