@@ -163,3 +163,17 @@ def test_every_claim_settled_skips_the_direction_altogether(planted, tmp_path, m
     assert s["selection"]["skipped"].startswith("every claim is settled by its base rate")
     assert s["settled_by_base_rate"] == ["nothing_to_suppress", "nothing_to_induce"]
     assert set(s["base_rates"]) == {"positive", "negative"}
+
+
+def test_failed_selection_keeps_the_base_rate_answer(planted, tmp_path, monkeypatch):
+    """When no direction can be chosen, a claim its base rate settled says so (it was settled first); the
+    other claim is inconclusive for the selection, as before."""
+    import modelprobe.kinds.direction.selection as selection_module
+    path = _probe(tmp_path, "toy_refusal.probe.yaml", NOTHING_TO_SUPPRESS + ADDITION)
+    monkeypatch.setattr(selection_module, "select", lambda kind, diffs: selection_module.Selection(
+        None, None, [], {"failed": selection_module.NO_CANDIDATE}))
+    claims = _run(path, planted)
+    settled, unselected = claims["nothing_to_suppress"], claims["addition_induces_refusal"]
+    assert settled.verdict == unselected.verdict == "inconclusive"
+    assert "nothing to suppress" in settled.reason and settled.details["base_rate"]["rate"] == 0.0
+    assert unselected.reason == selection_module.NO_CANDIDATE and unselected.effect is None
