@@ -228,9 +228,11 @@ claims:
     assert claim.verdict != "pass", claim.reason
     base = claim.details["base_rate"]["rate"]
     assert base < 0.5  # the model mostly complies
-    if base < 0.1:
+    if base < 0.1:  # settled by its base rate first: no direction is computed, the ablation never runs
         assert claim.verdict == "inconclusive" and "nothing to suppress" in claim.reason
-    assert out.settings["layer"] == 12 and out.settings["collateral_kl"]["n"] == 16
+        assert claim.effect is None and out.settings["layer"] is None
+    else:
+        assert out.settings["layer"] == 12 and out.settings["collateral_kl"]["n"] == 16
 
 
 # ---- sequential random-direction controls ---------------------------------------------------------

@@ -18,6 +18,8 @@ a grader can see:
    layer x position, bypass and KL for the best inducers).
 4. On test, each claim compares the behaviour rate with and without its intervention (paired over
    the same prompts), and against the same intervention along random directions of the same norm.
+   The base replies are graded first, before step 2: a claim whose base rate leaves it untestable is
+   settled there and nothing else runs for it; when that settles every claim, steps 2, 3 and 5 do not run.
 5. The side-effect guard (toolkit/guard.py) on the neutral prompts (prompts.neutral, or the first
    negative test prompts):
    an ablate or weight_orthogonalize claim whose intervention breaks the model there is inconclusive,
@@ -27,12 +29,15 @@ a grader can see:
 Controls: every claim is held against the same intervention along random directions of the same norm
 (`control_directions` of them, drawn one at a time unless `sequential_controls: false`), by a one-sided paired
 test over the test prompts; the direction must beat them (p <= 0.05). Ablate and weight_orthogonalize claims
-must also pass the side-effect guard on the neutral prompts.
+must also pass the side-effect guard on the neutral prompts. A claim its base rate settles gets neither: its
+intervention is not run at all.
 
 Verdicts: pass when the interval of the rate change clears the threshold and the direction beats the random
 ones; fail when it misses, or when random directions do as well. Inconclusive when the interval straddles the
-threshold; when the base rate leaves nothing to suppress (a drop) or induce (a rise); when the intervention
-breaks the model on the neutral prompts (the guard); or when no candidate direction is non-zero.
+threshold; when the base rate leaves nothing to suppress (a drop) or induce (a rise), known from the base
+replies alone (then the intervention is not run: no intervened replies, guard or controls, and the effect is
+not measured); when the intervention breaks the model on the neutral prompts (the guard); or when no
+candidate direction is non-zero.
 """
 
 from __future__ import annotations
@@ -89,6 +94,9 @@ selection: Any = LazyModule("modelprobe.kinds.direction.selection")  # torch too
 
 SETS = ("positive", "negative")
 EXAMPLES = 3  # replies shown per claim in the report
+NOT_RUN = ("the intervention was not run: the base rate settles the claim (untestable), so no intervened reply, "
+           "side-effect guard or control was generated")
+SKIPPED = "skipped: the base rate settles the claim, so the intervention was not run"
 
 
 # ---- probe-file spec ----------------------------------------------------------------------------
@@ -427,7 +435,8 @@ claims:
 
     def _prefetch(self, plan: list[tuple[DirectionClaim, torch.Tensor, int]]) -> None:
         """Base and intervened behaviour of every claim, each prompt set's in one batched run (base rows and
-        each claim's intervened rows side by side: toolkit.behaviour.behave_variants)."""
+        each claim's intervened rows side by side: toolkit.behaviour.behave_variants). A set whose base
+        rows ran first (`_settled_by_base_rate`) runs its intervened rows only."""
         for on in SETS:
             todo: dict[tuple, list] = {}
             for claim, r, layer in plan:
@@ -441,7 +450,7 @@ claims:
             variants = [[] if k == base else todo[k] for k in keys]
             got = behave_variants(self.subject, self.grader, self.ids["test"][on], variants,
                                   self.spec.behaviour.max_new_tokens, self.spec.batch_size,
-                                  f"direction: base and intervened ({on})")
+                                  f"direction: {'base and ' if base in keys else ''}intervened ({on})")
             self._memo.update(zip(keys, got))
 
     def _base(self, which: str) -> Behaviour:
@@ -449,6 +458,78 @@ claims:
         if key not in self._memo:
             self._memo[key] = self._behave(self.ids["test"][which], (), desc=f"direction: base ({which})")
         return self._memo[key]
+
+    # ---- the cheap answer: claims the base rate settles --------------------------------------------
+    def _could_settle(self, claim: DirectionClaim) -> bool:
+        """Whether the base rate alone can leave this claim untestable: a drop or a rise, with a floor
+        (`untestable_reason` returns None for a rate, and for any base rate when min_base_rate is 0)."""
+        return claim.expect.statistic != "rate" and self.spec.behaviour.min_base_rate > 0
+
+    def _settled_by_base_rate(self) -> dict[str, str]:
+        """{claim: why it is untestable} for the claims the base rate settles, graded before anything else.
+
+        The base rows of a set run alone, first, only where a claim on it could be settled (a set whose
+        claims cannot be keeps its base rows beside the intervened ones, one run, as `_prefetch` does).
+        Alone or side by side, each generated reply is the same (checked on the five shipped direction
+        probes on SmolLM2, CPU: every base and intervened text identical).
+        A logit grader's rows are a prompt pass, cut into batches by length and padding, so there the
+        log-odds may move in the last bits, as they did before whenever an earlier probe had the base rows.
+        Run first, they cost one more pass over the generation steps when no claim on the set turns out
+        settled, and save the set's intervened rows, guard and controls when one does.
+        """
+        spec = self.spec
+        for on in SETS:
+            if any(c.on == on and self._could_settle(c) for c in spec.claims.values()):
+                self._base(on)
+        settled = {}
+        for name, claim in spec.claims.items():
+            if self._could_settle(claim):
+                reason = untestable_reason(claim.expect.statistic, self._base(claim.on).flags,
+                                           spec.behaviour.min_base_rate, f"the {claim.on} test prompts")
+                if reason:
+                    settled[name] = reason
+        return settled
+
+    def _settled_claim(self, name: str, claim: DirectionClaim, reason: str) -> ClaimResult:
+        """A claim its base rate settles: inconclusive with that reason, its effect not measured (no
+        intervened reply, guard or control was generated for it); the base rate and replies are shown."""
+        base = self._base(claim.on)
+        label = self.grader.name if self.grader.name != "custom" else "behaviour"
+        change = {"rate_drop": "rate drop (base - intervened)", "rate_rise": "rate rise (intervened - base)",
+                  "rate": "rate"}[claim.expect.statistic]
+        metric = (f"{label} {change} on {claim.on} test prompts ({claim.intervention}): not measured, the base "
+                  "rate settles the claim")
+        details: dict[str, Any] = {"intervention": claim.intervention, "on": claim.on, "grader": self.grader.name,
+                                   "base_rate": rate_summary(base.flags), "not_run": NOT_RUN}
+        if claim.intervention == "add":
+            details["scale"] = claim.scale
+        if base.texts is None:
+            details["mean_score"] = {"base": float(base.scores.mean())}
+        else:
+            prompts = self.prompts["test"][claim.on]
+            details["examples"] = [{"prompt": prompts[i][:160], "base": base.texts[i][:160]}
+                                   for i in range(min(EXAMPLES, len(prompts)))]
+        details["guard"] = details["controls"] = SKIPPED
+        bars = Bars(title=f"{label} rate on {claim.on} test prompts", value_label=f"{label} rate",
+                    labels=[claim.intervention], before=[float(base.flags.mean())], after=[None],
+                    before_label="base", after_label="intervened (not run)")
+        return judge(name, claim, Measured(None, None, len(base.flags), metric, details=details, plots=[bars],
+                                           untestable=reason))
+
+    def _all_settled(self, settled: dict[str, str]) -> Outcome:
+        """Every claim settled by its base rate: the answer, without a difference of means, a selection,
+        an intervened reply, a guard or a control."""
+        claims = [self._settled_claim(name, claim, settled[name]) for name, claim in self.spec.claims.items()]
+        settings = {"layer": None, "position": None, "n_layers": self.subject.n_layers,
+                    "candidate_layers": "auto" if self.auto else self.layers,
+                    "candidate_positions": [str(p) for p in self.positions],
+                    "selection": {"skipped": "every claim is settled by its base rate (untestable), so no "
+                                             "direction was computed or selected"},
+                    "candidates": [], "grader": self.grader.describe(),
+                    "max_new_tokens": self.spec.behaviour.max_new_tokens,
+                    "base_rates": {w: rate_summary(self._base(w).flags) for w in SETS if ("base", w) in self._memo},
+                    "settled_by_base_rate": list(settled), "split": self.spec.prompts.split.model_dump()}
+        return Outcome(settings, claims)
 
     def _collateral(self, interventions: list, label: str) -> dict[str, Any]:
         """KL(base ‖ intervened) of the next-token distribution at the last prompt position, test negatives."""
@@ -593,10 +674,15 @@ claims:
     def measure(self) -> Outcome:
         spec, subject = self.spec, self.subject
         self._memo: dict[Any, Any] = {}
+        # The base rates first: a claim they leave untestable needs nothing else, and when every claim is
+        # settled so, the difference of means, the selection and the guard are most of the probe's cost.
+        settled = self._settled_by_base_rate()
+        if settled and len(settled) == len(spec.claims):
+            return self._all_settled(settled)
         diffs = self._means()
         sel = selection.select(self, diffs)
         if sel.failed:
-            return self._unselected(sel)
+            return self._unselected(sel, settled)
         best = sel.chosen
         pi = self.positions.index(best.position)
         layer = best.layer
@@ -609,16 +695,23 @@ claims:
         for name, claim in spec.claims.items():
             own = sel.add if claim.intervention == "add" else best  # add may have its own layer
             plan[name] = (claim, diffs[self.positions.index(own.position), own.layer].float(), own)
-        self._prefetch([(claim, own_r, own.layer) for claim, own_r, own in plan.values()])
+        self._prefetch([(claim, own_r, own.layer) for name, (claim, own_r, own) in plan.items()
+                        if name not in settled])
         collateral = self._collateral(self._ablate(u), "ablate")
         claims = []
         for name, (claim, own_r, own) in plan.items():
-            extra = collateral
-            if claim.intervention == "weight_orthogonalize":
-                extra = {"ablate": collateral,
-                         "weight_orthogonalize": self._collateral(self._interventions(claim, r, layer),
-                                                                  "weight_orthogonalize")}
-            result = self._claim(name, claim, own_r, own.layer, own.position, extra)
+            if name in settled:
+                result = self._settled_claim(name, claim, settled[name])
+                result.details.update({"layer": own.layer, "position": own.position,
+                                       "site": canonical_name("resid_pre", own.layer),
+                                       "direction_norm": float(own_r.norm())})
+            else:
+                extra = collateral
+                if claim.intervention == "weight_orthogonalize":
+                    extra = {"ablate": collateral,
+                             "weight_orthogonalize": self._collateral(self._interventions(claim, r, layer),
+                                                                      "weight_orthogonalize")}
+                result = self._claim(name, claim, own_r, own.layer, own.position, extra)
             if claim.intervention == "add":
                 result.details["direction_choice"] = sel.info["add"]
             result.details["selection"] = {k: sel.info[k] for k in ("tier", "tier_rule", "missed") if k in sel.info}
@@ -651,13 +744,19 @@ claims:
         if sel.add is not best:
             settings["add"] = {"layer": sel.add.layer, "position": sel.add.position,
                                "direction_norm": sel.add.norm, "why": sel.info["add"]}
+        if settled:
+            settings["settled_by_base_rate"] = list(settled)
         return Outcome(settings, claims)
 
-    def _unselected(self, sel: Selection) -> Outcome:
-        """No candidate is non-zero (or has finite scores): every claim is inconclusive, and the table shows why."""
+    def _unselected(self, sel: Selection, settled: dict[str, str]) -> Outcome:
+        """No candidate is non-zero (or has finite scores): every claim is inconclusive, and the table shows why
+        (a claim its base rate settled, before the selection ran, says that instead)."""
         reason = sel.failed or selection.NO_CANDIDATE
         claims = []
         for name, claim in self.spec.claims.items():
+            if name in settled:
+                claims.append(self._settled_claim(name, claim, settled[name]))
+                continue
             metric = f"{claim.expect.statistic} on {claim.on} test prompts ({claim.intervention}): not measured"
             details = {"intervention": claim.intervention, "on": claim.on, "grader": self.grader.name}
             plots = [self._selection_plot(sel.curves, None)] if sel.curves else []
