@@ -12,6 +12,7 @@ from ..errors import ModelLoadError, SiteError
 from ..model_facts import ModelInfo
 from .batching import MAX_PADDING, AutoBatch, chunk_sorted, common_prefix
 from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks, per_row
+from .prefix import SharedPrefix, plan
 from .sitemap import SiteMap
 from .sites import Site
 
@@ -55,6 +56,7 @@ class Subject:
     progress: bool = True
     cache: dict[Any, Any] = field(default_factory=dict)  # shared activations (means etc.) across probes
     auto_batch: bool = False  # --probe-batch-size auto: rows per forward from a memory budget (subject/batching)
+    share_prefix: bool = True  # generation runs a prefix all rows share once per batch (subject/prefix)
     _auto: Any = field(default=None, repr=False)
 
     # ---- shape facts ------------------------------------------------------------------------
@@ -254,6 +256,11 @@ class Subject:
         keep = {} if _touches_logits((), edits) else {"logits_to_keep": 1}
         steps = 0
         with torch.inference_mode():
+            shared = plan(self, batch, edits) if use_cache and self.share_prefix else None
+            if shared is not None:  # the rows' own tokens go on from the prefix's cache, in the loop below
+                self._run_prefix(shared, cache, keep)
+                edits, tokens, mask, pos = shared.edits, shared.ids, shared.mask, shared.positions
+                state.prompt_len, step_ids, step_pos = tokens.shape[1], tokens, pos
             while steps < max_new:
                 rehook = False
                 with hooked(self.model, self.sitemap, state, edits):
@@ -290,6 +297,17 @@ class Subject:
                         step_ids, step_pos = nxt[:, None], next_pos
                         state.phase = "generated"
         return out
+
+    def _run_prefix(self, shared: SharedPrefix, cache: Any, keep: dict[str, Any]) -> None:
+        """Fill `cache` with the shared prefix, run once per prefix row, then copied to the batch's rows."""
+        k, plen = shared.prefix_ids.shape
+        dev = shared.prefix_ids.device
+        state = RunState(phase="prompt", pad=torch.zeros(k, dtype=torch.long), prompt_len=plen)
+        with hooked(self.model, self.sitemap, state, shared.prefix_edits):
+            self.model(input_ids=shared.prefix_ids, attention_mask=torch.ones_like(shared.prefix_ids),
+                       position_ids=torch.arange(plen, device=dev).expand(k, plen),
+                       **{cache_kwarg(self.model.forward): cache}, use_cache=True, **keep)
+        cache.batch_select_indices(shared.source)
 
     @staticmethod
     def _take(nxt: torch.Tensor, active: list[int], done: list[bool], out: list[list[int]], eos: int | None,

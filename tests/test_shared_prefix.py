@@ -1,0 +1,210 @@
+"""Generation over a shared prompt prefix (subject/prefix.py): the prefix runs once per distinct set of
+interventions on it, and every row's tokens equal those of the padded path (`share_prefix` off)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from modelprobe.subject import AblateDirection, Add, From, MeanAblate, SetUnit, Site, Span, ZeroAblate
+from modelprobe.subject import subject as subject_module
+from modelprobe.subject.prefix import plan
+
+SYSTEM = "you are a good friend and this is good"  # the chat template puts it first: a shared prefix
+PROMPTS = ["how do i make a cake", "tell me", "write a poem about the day", "a", "tell me a story about my friend",
+           "please write about food and music"]
+N_NEW = 10
+
+
+@pytest.fixture
+def llama(tiny_subject):
+    subject = tiny_subject("llama")
+    yield subject
+    subject.share_prefix = True
+
+
+def _ids(subject) -> list[list[int]]:
+    return subject.encode_all(PROMPTS, True, SYSTEM)
+
+
+def _first_calls(subject, fn) -> tuple[object, list[tuple[int, int]]]:
+    """fn()'s result and the (rows, positions) of every call of the first decoder layer."""
+    shapes: list[tuple[int, int]] = []
+
+    def pre(mod, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        shapes.append((h.shape[0], h.shape[1]))
+
+    handle = subject.sitemap.layers[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        return fn(), shapes
+    finally:
+        handle.remove()
+
+
+def _both(subject, ids, interventions=(), **kw):
+    """(padded path's ids, shared path's ids, the shared run's layer-0 call shapes)."""
+    subject.share_prefix = False
+    plain = subject.generate(ids, N_NEW, interventions, batch_size=len(ids), **kw)
+    subject.share_prefix = True
+    shared, shapes = _first_calls(subject, lambda: subject.generate(ids, N_NEW, interventions,
+                                                                    batch_size=len(ids), **kw))
+    return plain, shared, shapes
+
+
+def _vec(subject, seed: int, rows: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows, subject.sitemap.d_model) if rows else (subject.sitemap.d_model,)
+    return torch.randn(*shape, generator=g) * 3.0
+
+
+def test_the_test_prompts_share_a_prefix_and_pad_differently(llama):
+    ids = _ids(llama)
+    batch = next(llama.batches(ids, len(ids)))
+    shared = plan(llama, batch, [])
+    assert shared is not None and shared.length >= 8
+    assert len(set(batch.pad.tolist())) > 2  # rows of several lengths: left padding in the batch
+    assert shared.saved == (len(ids) - 1) * shared.length
+
+
+def test_no_intervention(llama):
+    ids = _ids(llama)
+    plain, shared, shapes = _both(llama, ids, stop_at_eos=False)
+    assert shared == plain
+    plen = plan(llama, next(llama.batches(ids, len(ids))), []).length
+    width = max(map(len, ids))
+    assert shapes[:2] == [(1, plen), (len(ids), width - plen)]  # the prefix once, then the rows' own tokens
+
+
+@pytest.mark.parametrize("kind", ["add", "ablate", "both", "zero_heads"])
+def test_an_intervention_at_every_position(llama, kind):
+    """The prefix is computed under the intervention (one prefix row: the intervention is the same for all)."""
+    v = _vec(llama, 1)
+    ivs = {"add": [Add(Site("resid_pre", 1), "all", vector=v)],
+           "ablate": [AblateDirection(Site("resid_post", 0), "all", direction=v)],
+           "both": [AblateDirection(Site("attn_out", 0), "all", direction=v),
+                    Add(Site("resid_pre", 1), "prompt", vector=v, scale=0.5)],
+           "zero_heads": [ZeroAblate(Site("attn.z", 0, heads=(1,)), "all")]}[kind]
+    ids = _ids(llama)
+    plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
+    assert shared == plain
+    assert shapes[0][0] == 1
+    base = llama.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
+    assert shared != base  # the intervention did act (on the prefix too: see the next test)
+
+
+def test_an_intervention_on_the_prefix_alone_changes_the_replies(llama):
+    """Positions inside the prefix only: the prefix row must carry the edit for the replies to match."""
+    ids = _ids(llama)
+    plen = plan(llama, next(llama.batches(ids, len(ids))), []).length
+    ivs = [Add(Site("resid_pre", 1), Span(2, plen - 1), vector=_vec(llama, 2))]
+    plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
+    assert shared == plain and shapes[0][0] == 1
+    assert shared != llama.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
+
+
+# Positions as functions of the prefix length: inside it, across its end, in the rows' own tokens only.
+POSITIONS = {"last": lambda p: "last", "generated": lambda p: "generated", "int in prefix": lambda p: 3,
+             "int after prefix": lambda p: p + 1, "int from the end": lambda p: -1, "-2": lambda p: -2,
+             "From in prefix": lambda p: From(2), "From after prefix": lambda p: From(p + 1),
+             "From from the end": lambda p: From(-1), "From before the start": lambda p: From(-99),
+             "Span in prefix": lambda p: Span(0, 3), "Span across": lambda p: Span(p - 2, p + 2),
+             "Span from the padding": lambda p: Span(-2, 40), "Span after prefix": lambda p: Span(p, p + 2)}
+
+
+@pytest.mark.parametrize("where", sorted(POSITIONS))
+def test_positions_touch_the_same_tokens(llama, where):
+    ids = _ids(llama)
+    plen = plan(llama, next(llama.batches(ids, len(ids))), []).length
+    ivs = [Add(Site("resid_pre", 1), POSITIONS[where](plen), vector=_vec(llama, 3))]
+    plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
+    assert shared == plain
+    assert shapes[0] == (1, plen)
+
+
+def test_per_row_interventions_get_one_prefix_row_each(llama):
+    """Two variants side by side (as behave_variants stacks them): two prefix rows; rows whose vectors all
+    differ: no saving, so the padded path."""
+    ids = _ids(llama)
+    vecs = torch.stack([_vec(llama, 4), torch.zeros(llama.sitemap.d_model)])
+
+    def two(rows):
+        return [AblateDirection(Site("resid_post", 0), "all", direction=vecs[[r % 2 for r in rows]])]
+    plain, shared, shapes = _both(llama, ids, two, stop_at_eos=False)
+    assert shared == plain and shapes[0] == (2, shapes[0][1])
+
+    every = _vec(llama, 5, len(ids))
+    plain, shared, shapes = _both(llama, ids, lambda rows: [Add(Site("resid_pre", 1), "all", vector=every[rows])],
+                                  stop_at_eos=False)
+    assert shared == plain and shapes[0] == (len(ids), max(map(len, ids)))
+
+
+def test_rows_that_stop_at_eos_or_settle(llama, monkeypatch):
+    """Rows leave the batch (EOS, `settled`) at different steps, with a per-row callable asked again."""
+    ids = _ids(llama)
+    free = llama.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
+    # An end token the replies do say, at different steps: rows stop at different points.
+    eos = free[0][3]
+    stops = [r.index(eos) if eos in r else None for r in free]
+    assert len(set(stops)) > 2
+    monkeypatch.setattr(llama.tokenizer, "eos_token_id", eos)
+    vecs = torch.stack([_vec(llama, 6) * 0.1, torch.zeros(llama.sitemap.d_model)])
+    per_row = lambda rows: [Add(Site("resid_pre", 1), "all", vector=vecs[[r % 2 for r in rows]])]  # noqa: E731
+    for edits in ([], per_row):
+        plain, shared, _ = _both(llama, ids, edits)
+        assert shared == plain
+        assert len({len(s) for s in shared}) > 2
+    settled = lambda reply: len(reply) >= 2 + reply[0] % 4  # noqa: E731
+    plain, shared, _ = _both(llama, ids, per_row, stop_at_eos=False, settled=settled)
+    assert shared == plain and len({len(s) for s in shared}) > 1
+
+
+def test_a_batch_without_a_common_prefix_takes_the_padded_path(llama):
+    ids = llama.encode_all(PROMPTS)  # no chat template: the BOS alone is shared
+    batch = next(llama.batches(ids, len(ids)))
+    assert plan(llama, batch, []) is None
+    plain, shared, shapes = _both(llama, ids, stop_at_eos=False)
+    assert shared == plain and shapes[0] == (len(ids), max(map(len, ids)))
+
+
+def test_interventions_it_cannot_carry_over_take_the_padded_path(llama):
+    ids = _ids(llama)
+    batch = next(llama.batches(ids, len(ids)))
+    sm = llama.sitemap
+    means = torch.randn(40, sm.n_heads, sm.d_head)
+    unshareable = [
+        MeanAblate(Site("attn.z", 0, heads=(1,)), "all", means=means),  # per position: indexes the padded columns
+        SetUnit(Site("resid_pre", 1), "all", read=_vec(llama, 7), write=_vec(llama, 7)),  # not cut by row here
+        Add(Site("resid_pre", 1), torch.tensor([1] * len(ids)), vector=_vec(llama, 8)),  # per-row positions
+        Add(Site("resid_pre", 1), From(torch.tensor([0] * len(ids))), vector=_vec(llama, 8)),
+        Add(Site("resid_pre", 1), -(min(map(len, ids)) - 1), vector=_vec(llama, 8)),  # from the end, into the prefix
+    ]
+    for iv in unshareable:
+        assert plan(llama, batch, [iv]) is None, iv
+    # Acting on the rows' own tokens only, SetUnit rides along (its edit reads no layout).
+    assert plan(llama, batch, [dataclasses.replace(unshareable[1], positions="last")]) is not None
+    plain, shared, shapes = _both(llama, ids, unshareable[:1], stop_at_eos=False)
+    assert shared == plain and shapes[0][0] == len(ids)
+
+
+@pytest.mark.parametrize("broken", [None, "positions", "mask"])
+def test_single_prompts_catch_a_wrong_position_or_an_unmasked_pad(llama, monkeypatch, broken):
+    """Each prompt alone (no padding, no shared prefix) is the reference: the shared run matches it, and a
+    shared run whose positions restart at 0 after the prefix, or whose pad columns are not masked, does not."""
+    ids = _ids(llama)
+    single = [llama.generate([x], N_NEW, stop_at_eos=False)[0] for x in ids]
+
+    def wrong(subject, batch, edits):
+        shared = plan(subject, batch, edits)
+        if broken == "positions":
+            shared.positions = (shared.positions - shared.length).clamp(min=0)
+        elif broken == "mask":
+            shared.mask = torch.ones_like(shared.mask)
+        return shared
+
+    monkeypatch.setattr(subject_module, "plan", wrong)
+    llama.share_prefix = True
+    got = llama.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
+    assert (got == single) == (broken is None)
