@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from modelprobe.subject import AblateDirection, Add, From, MeanAblate, SetUnit, Site, Span, ZeroAblate
+from modelprobe.subject import AblateDirection, Add, From, MeanAblate, Patch, SetUnit, Site, Span, ZeroAblate
 from modelprobe.subject import subject as subject_module
-from modelprobe.subject.prefix import plan
+from modelprobe.subject.prefix import SharedPrefix, plan
 
 SYSTEM = "you are a good friend and this is good"  # the chat template puts it first: a shared prefix
 PROMPTS = ["how do i make a cake", "tell me", "write a poem about the day", "a", "tell me a story about my friend",
@@ -66,7 +66,7 @@ def test_the_test_prompts_share_a_prefix_and_pad_differently(llama):
     shared = plan(llama, batch, [])
     assert shared is not None and shared.length >= 8
     assert len(set(batch.pad.tolist())) > 2  # rows of several lengths: left padding in the batch
-    assert shared.saved == (len(ids) - 1) * shared.length
+    assert shared.saved == len(ids) * shared.length - batch.input_ids.shape[1]
 
 
 def test_no_intervention(llama):
@@ -75,7 +75,7 @@ def test_no_intervention(llama):
     assert shared == plain
     plen = plan(llama, next(llama.batches(ids, len(ids))), []).length
     width = max(map(len, ids))
-    assert shapes[:2] == [(1, plen), (len(ids), width - plen)]  # the prefix once, then the rows' own tokens
+    assert shapes[:2] == [(1, width), (len(ids), width - plen)]  # the prefix once, then the columns after it
 
 
 @pytest.mark.parametrize("kind", ["add", "ablate", "both", "zero_heads"])
@@ -121,7 +121,7 @@ def test_positions_touch_the_same_tokens(llama, where):
     ivs = [Add(Site("resid_pre", 1), POSITIONS[where](plen), vector=_vec(llama, 3))]
     plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
     assert shared == plain
-    assert shapes[0] == (1, plen)
+    assert shapes[0] == (1, max(map(len, ids)))
 
 
 def test_per_row_interventions_get_one_prefix_row_each(llama):
@@ -169,42 +169,67 @@ def test_a_batch_without_a_common_prefix_takes_the_padded_path(llama):
     assert shared == plain and shapes[0] == (len(ids), max(map(len, ids)))
 
 
+def test_per_position_means_and_per_row_positions_after_the_prefix(llama):
+    """MeanAblate per position indexes means by token index, which both calls keep; per-row positions that
+    stay out of the prefix touch only the columns after it, where positions keep their meaning."""
+    ids = _ids(llama)
+    plen = plan(llama, next(llama.batches(ids, len(ids))), []).length
+    sm = llama.sitemap
+    means = torch.randn(40, sm.n_heads, sm.d_head, generator=torch.Generator().manual_seed(9)) * 3
+    starts = torch.tensor([plen + i % 3 for i in range(len(ids))])
+    for ivs in ([MeanAblate(Site("attn.z", 0, heads=(1,)), "all", means=means)],
+                [Add(Site("resid_pre", 1), From(starts), vector=_vec(llama, 8))],
+                [Add(Site("resid_pre", 1), -1 - starts % 2, vector=_vec(llama, 8))]):
+        plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
+        assert shared == plain and shapes[0][0] == 1, ivs
+
+
 def test_interventions_it_cannot_carry_over_take_the_padded_path(llama):
     ids = _ids(llama)
     batch = next(llama.batches(ids, len(ids)))
-    sm = llama.sitemap
-    means = torch.randn(40, sm.n_heads, sm.d_head)
+    n = len(ids)
+
+    @dataclasses.dataclass
+    class Shifted(Add):  # a type not known to subject/prefix: its edit might read the call's layout
+        pass
+
     unshareable = [
-        MeanAblate(Site("attn.z", 0, heads=(1,)), "all", means=means),  # per position: indexes the padded columns
+        Patch(Site("resid_pre", 1), "all", values=torch.zeros(n, batch.input_ids.shape[1], llama.sitemap.d_model),
+              per_position=True),  # values laid out like the padded batch's columns
         SetUnit(Site("resid_pre", 1), "all", read=_vec(llama, 7), write=_vec(llama, 7)),  # not cut by row here
-        Add(Site("resid_pre", 1), torch.tensor([1] * len(ids)), vector=_vec(llama, 8)),  # per-row positions
-        Add(Site("resid_pre", 1), From(torch.tensor([0] * len(ids))), vector=_vec(llama, 8)),
+        Add(Site("resid_pre", 1), torch.tensor([i % 2 for i in range(n)]), vector=_vec(llama, 8)),  # rows differ
+        Add(Site("resid_pre", 1), From(torch.tensor([i % 2 for i in range(n)])), vector=_vec(llama, 8)),
         Add(Site("resid_pre", 1), -(min(map(len, ids)) - 1), vector=_vec(llama, 8)),  # from the end, into the prefix
+        Shifted(Site("resid_pre", 1), "all", vector=_vec(llama, 8)),
     ]
     for iv in unshareable:
         assert plan(llama, batch, [iv]) is None, iv
-    # Acting on the rows' own tokens only, SetUnit rides along (its edit reads no layout).
+    # Acting after the prefix only, SetUnit rides along (its edit reads no layout).
     assert plan(llama, batch, [dataclasses.replace(unshareable[1], positions="last")]) is not None
-    plain, shared, shapes = _both(llama, ids, unshareable[:1], stop_at_eos=False)
-    assert shared == plain and shapes[0][0] == len(ids)
+    plain, shared, shapes = _both(llama, ids, unshareable[2:3], stop_at_eos=False)
+    assert shared == plain and shapes[0][0] == n
 
 
-@pytest.mark.parametrize("broken", [None, "positions", "mask"])
+@pytest.mark.parametrize("broken", [None, "prefix positions", "cache columns", "unmasked pad"])
 def test_single_prompts_catch_a_wrong_position_or_an_unmasked_pad(llama, monkeypatch, broken):
-    """Each prompt alone (no padding, no shared prefix) is the reference: the shared run matches it, and a
-    shared run whose positions restart at 0 after the prefix, or whose pad columns are not masked, does not."""
+    """Each prompt alone (no padding, no shared prefix) is the reference: the shared run matches it, and one
+    whose prefix runs at positions off by one, whose cache ignores the rows' padding, or whose pad columns
+    are not masked, does not."""
     ids = _ids(llama)
     single = [llama.generate([x], N_NEW, stop_at_eos=False)[0] for x in ids]
+    fill = SharedPrefix.fill
 
     def wrong(subject, batch, edits):
+        if broken == "unmasked pad":
+            batch.attention_mask.fill_(1)
         shared = plan(subject, batch, edits)
-        if broken == "positions":
-            shared.positions = (shared.positions - shared.length).clamp(min=0)
-        elif broken == "mask":
-            shared.mask = torch.ones_like(shared.mask)
+        if broken == "prefix positions":
+            shared.prefix_positions = shared.prefix_positions + 1
         return shared
 
     monkeypatch.setattr(subject_module, "plan", wrong)
+    if broken == "cache columns":
+        monkeypatch.setattr(SharedPrefix, "fill", lambda self, cache, own, pad: fill(self, cache, own, pad * 0))
     llama.share_prefix = True
     got = llama.generate(ids, N_NEW, batch_size=len(ids), stop_at_eos=False)
     assert (got == single) == (broken is None)

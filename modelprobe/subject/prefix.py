@@ -1,13 +1,21 @@
 """Prompts that start alike: which models can run after a cached prefix, and greedy generation that runs a
-shared prefix (a chat template's system turn, say) once per batch instead of once per row.
+prefix all rows share (a chat template's system turn, say) once per batch instead of once per row.
 
-Generation over a shared prefix (`plan`) runs the prefix as its own call, one row per distinct set of
-interventions on it, copies its KV cache to every row of the batch, then runs the rows' own tokens after it
-(left padding now sits between the prefix and each row's tokens, masked; positions go on from the prefix).
-An intervention's positions are rewritten for the two calls so that each touches exactly the tokens it
-touched in one padded call (`_split`); whenever that, or the intervention itself, cannot be carried over
-exactly (per-position values laid out like the padded batch, per-row positions, a type not known here),
-`plan` says no and the batch runs as one padded call, as before.
+Generation over a shared prefix (`plan`) keeps every row's numbers bit for bit those of one padded call.
+The padded batch [b, W] (row i: pad_i pad columns, then its tokens, the P prefix tokens first) is cut after
+column P: the prefix runs alone, one row per distinct set of interventions on it, right-padded to the
+batch's width W (a prefix token then sees as many keys, masked or not, as in the padded call: with fewer,
+the CPU attention kernel sums in another order, and about 5e-5 of the logits differ); row i's KV cache is
+the padded call's columns 0..P-1, i.e. pad_i masked columns, then the prefix's first P - pad_i tokens; the
+batch's columns P.. then run as one call with the batch's own mask and position ids, so every row sees
+its tokens where the padded call put them (its last pad_i prefix tokens are computed there again).
+Interventions on that call keep their positions: the run state it gets says "pad_i - P pad columns, a
+prompt of W - P", which puts every position the padded call would touch on the same column.
+
+On the prefix call an intervention must touch the same prefix tokens of every row (`_on_prefix`), and a
+per-row one is cut to the prefix rows (rows whose values are equal bit for bit share one). Whenever that
+cannot be told, or an intervention's edit may read the layout of the call (a type not known here,
+per-position values of a padded batch), `plan` says no and the batch runs as one padded call, as before.
 """
 
 from __future__ import annotations
@@ -72,30 +80,41 @@ def layer_type(subject: Subject, layer: int) -> str:
 
 @dataclass
 class SharedPrefix:
-    """How one padded generation batch runs as a shared prefix call and a call of the rows' own tokens."""
+    """How one padded generation batch [b, W] runs as a prefix call and a call of the columns after it."""
 
     length: int  # P: prefix tokens
-    source: torch.Tensor  # [b] long: the prefix row whose cache each batch row takes
-    prefix_ids: torch.Tensor  # [k, P]
-    prefix_edits: list[Any]  # the interventions on the prefix, per-row tensors cut to the k prefix rows
-    edits: list[Any]  # the interventions for the rows' own tokens (positions counted from the prefix's end)
-    ids: torch.Tensor  # [b, W - P] the rows' own tokens, left-padded as in the batch
-    mask: torch.Tensor  # [b, W] attention mask over prefix + own tokens (the padding in between masked)
-    positions: torch.Tensor  # [b, W - P] position ids, going on from the prefix
+    source: torch.Tensor  # [b] long: the prefix row whose keys and values each batch row takes
+    prefix_ids: torch.Tensor  # [k, W]: the prefix, then pad columns up to the batch's width
+    prefix_mask: torch.Tensor  # [k, W]
+    prefix_positions: torch.Tensor  # [k, W]
+    prefix_edits: list[Any]  # the interventions on the prefix tokens, per-row tensors cut to the k prefix rows
 
     @property
     def saved(self) -> int:
-        """Token positions per layer not computed: b rows' prefixes against k prefix rows."""
-        return (len(self.source) - len(self.prefix_ids)) * self.length
+        """Token positions per layer not computed: b rows' first P columns against k prefix rows of W."""
+        return len(self.source) * self.length - self.prefix_ids.numel()
+
+    def fill(self, cache: Any, prefix_cache: Any, pad: torch.Tensor) -> None:
+        """Write into the empty `cache` each batch row's columns 0..P-1 of the padded call, taken from the
+        prefix call's cache: pad_i columns (masked: any finite values do), then prefix tokens 0..P-1-pad_i."""
+        dev = self.prefix_ids.device
+        cols = (torch.arange(self.length, device=dev)[None, :] - pad.to(dev)[:, None]).clamp(min=0)  # [b, P]
+        rows = self.source[:, None]
+        for layer_idx, layer in enumerate(prefix_cache.layers):
+            # [k, heads, W, d] -> [b, P, heads, d] -> [b, heads, P, d]
+            keys = layer.keys[rows, :, cols].transpose(1, 2).contiguous()
+            values = layer.values[rows, :, cols].transpose(1, 2).contiguous()
+            cache.update(keys, values, layer_idx)
 
 
 class _Unshareable(Exception):
     """An intervention whose effect a split run cannot reproduce exactly."""
 
 
-# Interventions whose edit reads nothing of the call's layout (RunState: padding, prompt length, phase), so
-# that they act alike on a column wherever it sits. MeanAblate and Patch qualify without per_position only
-# (per position, they index the padded batch's columns). Subclasses may read it: not these.
+# Interventions whose edit reads the run state only as the column mask does (MeanAblate per position: token
+# index cols - pad, generated from prompt_len on), which both calls keep, so that they act alike however the
+# batch is cut. Patch per position is left out: its values are laid out like the padded batch's columns.
+# Subclasses may read more: not these.
 _LAYOUT_FREE = (Add, AblateDirection, NormShift, ZeroAblate, SetUnit, MeanAblate, Patch)
 
 
@@ -103,35 +122,45 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _split(positions: Any, plen: int, lengths: Sequence[int]) -> tuple[Any, Any]:
-    """`positions` of a padded prompt call as (positions on the prefix call, positions on the call of the rows'
-    own tokens), None where it touches none of them: the same tokens of every row, counted in unpadded
-    token indices t (prefix t < plen; own tokens t - plen). Generated steps read positions as before (From,
-    "all", "generated" touch every new token; the rest none), which every rewrite below keeps."""
-    shortest = min(lengths)
+def _tokens(index: Any, lengths: torch.Tensor) -> torch.Tensor | None:
+    """Unpadded token index per row of a position index (negative: from each row's end), or None."""
+    if _int(index) or isinstance(index, torch.Tensor) and index.dim() <= 1 and not index.is_floating_point():
+        t = torch.as_tensor(index).cpu().expand(len(lengths))
+        return torch.where(t >= 0, t, lengths + t)
+    return None
+
+
+def _on_prefix(positions: Any, plen: int, lengths: Sequence[int]) -> Any:
+    """Positions for the prefix call (pad 0) that touch the prefix tokens `positions` touches in the padded
+    call, the same in every row; None when it touches none. Raises _Unshareable otherwise."""
+    n = torch.as_tensor(list(lengths))
     if isinstance(positions, str):
         if positions in ("all", "prompt"):
-            return positions, positions
-        if positions in ("generated", "last"):  # no prefix token: every row has a token of its own after it
-            return None, positions
-    elif _int(positions):
-        if positions >= 0:
-            return (positions, None) if positions < plen else (None, positions - plen)
-        if shortest + positions >= plen:  # counted from each row's end: its own tokens in every row
-            return None, positions
-    elif isinstance(positions, From) and _int(positions.index):
-        k = positions.index
-        if k >= 0:
-            return (From(k) if k < plen else None), From(max(k - plen, 0))
-        if shortest + k >= plen:
-            return None, positions
-        if max(lengths) + k <= 0:  # every token of every row (and some padding, which no token reads)
-            return From(0), From(0)
-    elif isinstance(positions, Span) and _int(positions.start) and _int(positions.stop):
-        a, b = max(positions.start, 0), positions.stop  # a negative start reaches only padding
-        head = Span(a, min(b, plen)) if a < min(b, plen) else None
-        tail = Span(max(a - plen, 0), b - plen) if b - plen > max(a - plen, 0) else None
-        return head, tail
+            return positions
+        if positions in ("generated", "last"):  # every row has a token of its own after the prefix
+            return None
+    elif isinstance(positions, From):
+        t = _tokens(positions.index, n)
+        if t is not None:
+            if bool((t >= plen).all()):
+                return None
+            t = t.clamp(min=0)  # a start before a row's first token: from its first token (and padding, unread)
+            if bool((t == t[0]).all()):
+                return From(int(t[0]))
+    elif isinstance(positions, Span):  # counted from each row's first token, never from its end
+        if _int(positions.start) and _int(positions.stop):
+            a, b = max(positions.start, 0), min(positions.stop, plen)  # a negative start reaches padding only
+            return Span(a, b) if a < b else None
+        start = torch.as_tensor(positions.start)
+        if not start.is_floating_point() and bool((start >= plen).all()):
+            return None
+    else:
+        t = _tokens(positions, n)
+        if t is not None:
+            if bool(((t >= plen) | (t < 0)).all()):  # after the prefix, or before a row's first token
+                return None
+            if _int(positions) and positions >= 0:
+                return positions
     raise _Unshareable(positions)
 
 
@@ -167,63 +196,59 @@ def _row_bytes(t: torch.Tensor) -> torch.Tensor:
     return flat.contiguous().view(torch.uint8).cpu()
 
 
-def _edits(edits: Sequence[Any], plen: int, lengths: Sequence[int]) -> tuple[list[Any], list[Any], torch.Tensor]:
-    """(interventions on the prefix, their rows' identity, interventions on the own tokens); see `plan`."""
+def _prefix_edits(edits: Sequence[Any], plen: int, lengths: Sequence[int]) -> tuple[list[Any], torch.Tensor]:
+    """The interventions of the prefix call, for one row of each group of batch rows whose interventions on
+    the prefix are equal bit for bit, and each batch row's group; see the module's note."""
     rows = len(lengths)
-    head: list[tuple[Any, Any, list[str]]] = []
-    tail: list[Any] = []
+    touching: list[tuple[Any, Any, list[str]]] = []
     keys = [torch.zeros(rows, 1, dtype=torch.uint8)]
     for iv in edits:
         if isinstance(iv, WeightDelta):  # a weight edit acts on every token alike
-            head.append((iv, None, []))
-            tail.append(iv)
+            touching.append((iv, None, []))
             continue
-        if type(iv) not in _LAYOUT_FREE or (type(iv) in (MeanAblate, Patch) and iv.per_position):
+        if type(iv) not in _LAYOUT_FREE or (type(iv) is Patch and iv.per_position):
             raise _Unshareable(iv)
-        first, rest = _split(iv.positions, plen, lengths)
-        if first is not None:
+        positions = _on_prefix(iv.positions, plen, lengths)
+        if positions is not None:
             fields = _per_row_fields(iv, rows)
             keys += [_row_bytes(getattr(iv, name)) for name in fields]
-            head.append((iv, first, fields))
-        if rest is not None:
-            tail.append(iv if rest == iv.positions else dataclasses.replace(iv, positions=rest))
+            touching.append((iv, positions, fields))
     _, source = torch.unique(torch.cat(keys, dim=1), dim=0, return_inverse=True)
-    return head, tail, source
+    first = [int((source == g).nonzero()[0]) for g in range(int(source.max()) + 1)]  # a batch row per group
+    out = []
+    for iv, positions, fields in touching:
+        if positions is None:
+            out.append(iv)
+            continue
+        cut = {name: getattr(iv, name)[torch.tensor(first, device=getattr(iv, name).device)] for name in fields}
+        out.append(dataclasses.replace(iv, positions=positions, **cut))
+    return out, source
 
 
 def plan(subject: Subject, batch: Batch, edits: Sequence[Any], min_shared: int = MIN_SHARED) -> SharedPrefix | None:
     """The shared-prefix run of a padded generation batch under `edits` (the batch rows' interventions), or
-    None when it would not pay (a prefix under `min_shared` tokens, as many prefix rows as rows) or cannot
-    give the tokens of one padded call (see the module's note)."""
+    None when it would not pay (a prefix under `min_shared` tokens, no fewer token positions to compute) or
+    cannot give the numbers of one padded call (see the module's note)."""
     from .batching import common_prefix
 
-    b = len(batch.rows)
+    b, width = batch.input_ids.shape
     if b < 2 or not can_share_prefix(subject):
         return None
     pad = [int(p) for p in batch.pad]
-    ids = [batch.input_ids[i, pad[i]:].tolist() for i in range(b)]
-    plen = common_prefix(ids)
+    plen = common_prefix([batch.input_ids[i, pad[i]:].tolist() for i in range(b)])
     if plen < min_shared:
         return None
     try:
-        head, tail, source = _edits(edits, plen, batch.lengths)
+        prefix_edits, source = _prefix_edits(edits, plen, batch.lengths)
     except _Unshareable:
         return None
     k = int(source.max()) + 1
-    if k >= b:
+    if k * width >= b * plen:
         return None
     dev = batch.input_ids.device
-    first = torch.tensor([int((source == g).nonzero()[0]) for g in range(k)])  # one batch row per prefix row
-    prefix_edits = [iv if first_pos is None else dataclasses.replace(
-        iv, positions=first_pos, **{name: getattr(iv, name)[first.to(getattr(iv, name).device)] for name in fields})
-        for iv, first_pos, fields in head]
-    width = batch.input_ids.shape[1] - plen
-    cols = torch.arange(width, device=dev)[None, :]
-    padded = cols < batch.pad.to(dev)[:, None]
-    # Row i's own tokens sit at columns pad_i + plen.. of the batch; here, after its pad_i pad columns.
-    own = torch.where(padded, torch.full_like(cols, subject.pad_id), batch.input_ids[:, plen:])
-    positions = torch.where(padded, torch.zeros_like(cols), batch.position_ids[:, plen:])
-    mask = torch.cat([torch.ones(b, plen, dtype=batch.attention_mask.dtype, device=dev),
-                      (~padded).to(batch.attention_mask.dtype)], dim=1)
-    prefix_ids = torch.tensor([ids[0][:plen]] * k, device=dev)
-    return SharedPrefix(plen, source.to(dev), prefix_ids, prefix_edits, tail, own, mask, positions)
+    ids = torch.full((k, width), subject.pad_id, dtype=torch.long, device=dev)
+    ids[:, :plen] = batch.input_ids[0, pad[0]:pad[0] + plen]
+    mask = torch.zeros((k, width), dtype=batch.attention_mask.dtype, device=dev)
+    mask[:, :plen] = 1
+    positions = torch.arange(width, device=dev).expand(k, width)  # the pad columns' positions are never read
+    return SharedPrefix(plen, source.to(dev), ids, mask, positions, prefix_edits)

@@ -257,10 +257,12 @@ class Subject:
         steps = 0
         with torch.inference_mode():
             shared = plan(self, batch, edits) if use_cache and self.share_prefix else None
-            if shared is not None:  # the rows' own tokens go on from the prefix's cache, in the loop below
-                self._run_prefix(shared, cache, keep)
-                edits, tokens, mask, pos = shared.edits, shared.ids, shared.mask, shared.positions
-                state.prompt_len, step_ids, step_pos = tokens.shape[1], tokens, pos
+            if shared is not None:  # the cache holds columns 0..P-1 of every row: the loop runs the rest
+                self._run_prefix(shared, cache, batch.pad)
+                plen = shared.length
+                tokens, pos, step_ids, step_pos = tokens[:, plen:], pos[:, plen:], tokens[:, plen:], pos[:, plen:]
+                # The same positions land on the same columns: pad_i - P pad columns, a prompt of W - P.
+                state = RunState(phase="prompt", pad=batch.pad - plen, prompt_len=tokens.shape[1])
             while steps < max_new:
                 rehook = False
                 with hooked(self.model, self.sitemap, state, edits):
@@ -298,16 +300,19 @@ class Subject:
                         state.phase = "generated"
         return out
 
-    def _run_prefix(self, shared: SharedPrefix, cache: Any, keep: dict[str, Any]) -> None:
-        """Fill `cache` with the shared prefix, run once per prefix row, then copied to the batch's rows."""
-        k, plen = shared.prefix_ids.shape
-        dev = shared.prefix_ids.device
-        state = RunState(phase="prompt", pad=torch.zeros(k, dtype=torch.long), prompt_len=plen)
+    def _run_prefix(self, shared: SharedPrefix, cache: Any, pad: torch.Tensor) -> None:
+        """Run the shared prefix (once per prefix row, right-padded to the batch's width) and fill `cache` with
+        every batch row's first P columns of the padded call (subject/prefix)."""
+        from transformers import DynamicCache
+
+        k, width = shared.prefix_ids.shape
+        own = DynamicCache()
+        state = RunState(phase="prompt", pad=torch.zeros(k, dtype=torch.long), prompt_len=width)
         with hooked(self.model, self.sitemap, state, shared.prefix_edits):
-            self.model(input_ids=shared.prefix_ids, attention_mask=torch.ones_like(shared.prefix_ids),
-                       position_ids=torch.arange(plen, device=dev).expand(k, plen),
-                       **{cache_kwarg(self.model.forward): cache}, use_cache=True, **keep)
-        cache.batch_select_indices(shared.source)
+            self.model(input_ids=shared.prefix_ids, attention_mask=shared.prefix_mask,
+                       position_ids=shared.prefix_positions, use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg(self.model.forward): own})
+        shared.fill(cache, own, pad)
 
     @staticmethod
     def _take(nxt: torch.Tensor, active: list[int], done: list[bool], out: list[list[int]], eos: int | None,
