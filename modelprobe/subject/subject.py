@@ -227,7 +227,9 @@ class Subject:
         A row stops at EOS (with `stop_at_eos`) or as soon as `settled(its ids so far)` is True (a grader
         whose verdict can no longer change). With the KV cache, finished rows leave the batch and its
         cache when the interventions allow it (a callable is asked again for the rows left; a list must
-        hold no per-row tensors), so a row that stops early costs nothing more.
+        hold no per-row tensors), so a row that stops early costs nothing more. A prefix every row of a
+        batch starts with (a chat template's system turn) runs once per distinct set of interventions on it,
+        the numbers of every row unchanged (subject/prefix.py; `share_prefix=False` turns it off).
         """
         from ..progress import bar
         results: list[list[int]] = [[] for _ in ids]
