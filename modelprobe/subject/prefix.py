@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .batching import common_prefix
 from .interventions import (
     AblateDirection,
     Add,
@@ -229,8 +230,6 @@ def plan(subject: Subject, batch: Batch, edits: Sequence[Any], min_shared: int =
     """The shared-prefix run of a padded generation batch under `edits` (the batch rows' interventions), or
     None when it would not pay (a prefix under `min_shared` tokens, no fewer token positions to compute) or
     cannot give the numbers of one padded call (see the module's note)."""
-    from .batching import common_prefix
-
     b, width = batch.input_ids.shape
     if b < 2 or not can_share_prefix(subject):
         return None
