@@ -97,17 +97,25 @@ def _instrument(counter: _Counter) -> None:
         counter.bump("generated", sum(len(x) for x in out))
         return out
     subject_mod.Subject.generate = counted_generate
-    try:
-        from modelprobe.subject import prefix
-    except ImportError:
-        return
-    shared = prefix.generate_shared
+    import importlib
 
-    def counted_shared(*args, **kwargs):
-        out = shared(*args, **kwargs)
-        counter.bump("generated", sum(len(x) for x in out))
-        return out
-    prefix.generate_shared = counted_shared
+    # The shared-prefix generator lives in subject/resumable.py (subject/prefix.py in older trees, a module
+    # that now holds something else): counted where it is found, in the module the face reads it from.
+    for name in ("resumable", "prefix"):
+        try:
+            home = importlib.import_module(f"modelprobe.subject.{name}")
+        except ImportError:
+            continue
+        shared = getattr(home, "generate_shared", None)
+        if shared is None:
+            continue
+
+        def counted_shared(*args, shared=shared, **kwargs):
+            out = shared(*args, **kwargs)
+            counter.bump("generated", sum(len(x) for x in out))
+            return out
+        home.generate_shared = counted_shared
+        return
 
 
 class _Plugin:
