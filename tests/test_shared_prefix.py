@@ -8,7 +8,18 @@ import dataclasses
 import pytest
 import torch
 
-from modelprobe.subject import AblateDirection, Add, From, MeanAblate, Patch, SetUnit, Site, Span, ZeroAblate
+from modelprobe.subject import (
+    AblateDirection,
+    Add,
+    From,
+    MeanAblate,
+    Patch,
+    SetUnit,
+    Site,
+    Span,
+    WeightDelta,
+    ZeroAblate,
+)
 from modelprobe.subject import subject as subject_module
 from modelprobe.subject.prefix import SharedPrefix, plan
 
@@ -51,6 +62,7 @@ def _both(subject, ids, interventions=(), **kw):
     subject.share_prefix = True
     shared, shapes = _first_calls(subject, lambda: subject.generate(ids, N_NEW, interventions,
                                                                     batch_size=len(ids), **kw))
+    assert subject.leaked_hooks() == []  # the prefix call's hooks and weight edits are undone too
     return plain, shared, shapes
 
 
@@ -78,7 +90,7 @@ def test_no_intervention(llama):
     assert shapes[:2] == [(1, width), (len(ids), width - plen)]  # the prefix once, then the columns after it
 
 
-@pytest.mark.parametrize("kind", ["add", "ablate", "both", "zero_heads"])
+@pytest.mark.parametrize("kind", ["add", "ablate", "both", "zero_heads", "weight"])
 def test_an_intervention_at_every_position(llama, kind):
     """The prefix is computed under the intervention (one prefix row: the intervention is the same for all)."""
     v = _vec(llama, 1)
@@ -86,7 +98,9 @@ def test_an_intervention_at_every_position(llama, kind):
            "ablate": [AblateDirection(Site("resid_post", 0), "all", direction=v)],
            "both": [AblateDirection(Site("attn_out", 0), "all", direction=v),
                     Add(Site("resid_pre", 1), "prompt", vector=v, scale=0.5)],
-           "zero_heads": [ZeroAblate(Site("attn.z", 0, heads=(1,)), "all")]}[kind]
+           "zero_heads": [ZeroAblate(Site("attn.z", 0, heads=(1,)), "all")],
+           "weight": [WeightDelta("model.layers.0.mlp.down_proj.weight",
+                                  torch.randn(32, 64, generator=torch.Generator().manual_seed(3)) * 0.5)]}[kind]
     ids = _ids(llama)
     plain, shared, shapes = _both(llama, ids, ivs, stop_at_eos=False)
     assert shared == plain
