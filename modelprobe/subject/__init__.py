@@ -48,8 +48,8 @@ _WHERE = {
     "check_orthogonalizable": "orthogonalize", "orthogonalization_notes": "orthogonalize",
     "orthogonalizing_deltas": "orthogonalize",
     # the resumable forward: layers from a cached clean prefix, and greedy continuation from it
-    "common_prefix": "batching", "CleanPrompt": "resumable", "can_resume": "resumable",
-    "can_share_prefix": "resumable", "clean_pass": "resumable", "first_layer": "resumable",
+    "common_prefix": "batching", "CleanPrompt": "resumable", "can_resume": "prefix",
+    "can_share_prefix": "prefix", "clean_pass": "resumable", "first_layer": "resumable",
     "generate_shared": "resumable", "greedy": "resumable", "greedy_from_kv": "resumable", "resume": "resumable",
     "resume_last": "resumable", "resume_variants": "resumable", "run_layers": "resumable",
     "run_until": "resumable", "stop_point": "resumable",
@@ -82,6 +82,7 @@ if TYPE_CHECKING:  # the same names, for editors and type checkers (tests/test_l
     from .jacobian import edited_logits, jacobians
     from .jacobian import states as jacobian_states
     from .orthogonalize import check_orthogonalizable, orthogonalization_notes, orthogonalizing_deltas
+    from .prefix import can_resume, can_share_prefix
     from .preflight import check_no_hooks_left, run_preflight
     from .rank1 import (
         Rank1,
@@ -97,8 +98,6 @@ if TYPE_CHECKING:  # the same names, for editors and type checkers (tests/test_l
     from .resolve import unfetched
     from .resumable import (
         CleanPrompt,
-        can_resume,
-        can_share_prefix,
         clean_pass,
         first_layer,
         generate_shared,

@@ -21,27 +21,11 @@ import torch
 
 from .hooks import add_hook
 from .interventions import Intervention, RunState, WeightDelta, hooked
+from .prefix import can_resume, can_share_prefix, layer_type
 from .sites import Site
 from .subject import Batch, Forward, InterventionsFor, Subject, cache_kwarg
 
-# Model types whose decoder stack is: rotary embeddings shared by all layers, a causal (or sliding
-# window) mask per layer type, layer(hidden, attention_mask, position_ids, position_embeddings),
-# then norm and lm_head with nothing after it. Gemma is left out on purpose: it soft-caps logits.
-RESUMABLE = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 KV = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values) [rows, kv_heads, tokens, d_head]
-
-
-def can_resume(subject: Subject) -> bool:
-    """Whether `resume` runs only the layers from `start` for this model (else it runs a full forward)."""
-    base = getattr(subject.model, "model", None)
-    return (subject.sitemap.model_type in RESUMABLE and subject.sitemap.family.name == "llama"
-            and base is not None and hasattr(base, "rotary_emb") and hasattr(base, "layers"))
-
-
-def can_share_prefix(subject: Subject) -> bool:
-    """Whether a run can start after the first token (plain causal attention in every layer)."""
-    return (can_resume(subject) and getattr(subject.model.config, "_attn_implementation", None) in ("sdpa", "eager")
-            and all(_layer_type(subject, layer) == "full_attention" for layer in range(subject.n_layers)))
 
 
 def can_cut(subject: Subject) -> bool:
@@ -81,16 +65,6 @@ def first_layer(sites_or_interventions: Sequence[Intervention | WeightDelta | Si
     return lowest
 
 
-def _layer_type(subject: Subject, layer: int) -> str:
-    config = subject.model.config
-    types = getattr(config, "layer_types", None)
-    if types:
-        return types[layer]
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
-        return "sliding_attention"
-    return "full_attention"
-
-
 def _masks(subject: Subject, batch: Batch, hidden: torch.Tensor) -> dict[str, object]:
     """The attention masks the model's own forward would build, keyed by layer type."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -98,7 +72,7 @@ def _masks(subject: Subject, batch: Batch, hidden: torch.Tensor) -> dict[str, ob
     kwargs = dict(config=subject.model.config, inputs_embeds=hidden, attention_mask=batch.attention_mask,
                   position_ids=batch.position_ids, **{cache_kwarg(create_causal_mask): None})
     masks: dict[str, object] = {"full_attention": create_causal_mask(**kwargs)}
-    if any(_layer_type(subject, layer) == "sliding_attention" for layer in range(subject.n_layers)):
+    if any(layer_type(subject, layer) == "sliding_attention" for layer in range(subject.n_layers)):
         masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
     return masks
 
@@ -166,7 +140,7 @@ def run_layers(subject: Subject, hidden: torch.Tensor, start: int, end: int, pos
         position_embeddings = subject.model.model.rotary_emb(hidden, positions)
         for layer in range(start, end):
             hidden = subject.sitemap.layers[layer](
-                hidden, attention_mask=mask[_layer_type(subject, layer)] if isinstance(mask, dict) else mask,
+                hidden, attention_mask=mask[layer_type(subject, layer)] if isinstance(mask, dict) else mask,
                 position_ids=positions, position_embeddings=position_embeddings, use_cache=False, **cache)
             if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
                 hidden = hidden[0]

@@ -12,6 +12,7 @@ from ..errors import ModelLoadError, SiteError
 from ..model_facts import ModelInfo
 from .batching import MAX_PADDING, AutoBatch, chunk_sorted, common_prefix
 from .interventions import Intervention, RunState, WeightDelta, hooked, leaked_hooks, per_row
+from .prefix import SharedPrefix, plan
 from .sitemap import SiteMap
 from .sites import Site
 
@@ -55,6 +56,7 @@ class Subject:
     progress: bool = True
     cache: dict[Any, Any] = field(default_factory=dict)  # shared activations (means etc.) across probes
     auto_batch: bool = False  # --probe-batch-size auto: rows per forward from a memory budget (subject/batching)
+    share_prefix: bool = True  # generation runs a prefix all rows share once per batch (subject/prefix)
     _auto: Any = field(default=None, repr=False)
 
     # ---- shape facts ------------------------------------------------------------------------
@@ -225,7 +227,9 @@ class Subject:
         A row stops at EOS (with `stop_at_eos`) or as soon as `settled(its ids so far)` is True (a grader
         whose verdict can no longer change). With the KV cache, finished rows leave the batch and its
         cache when the interventions allow it (a callable is asked again for the rows left; a list must
-        hold no per-row tensors), so a row that stops early costs nothing more.
+        hold no per-row tensors), so a row that stops early costs nothing more. A prefix every row of a
+        batch starts with (a chat template's system turn) runs once per distinct set of interventions on it,
+        the numbers of every row unchanged (subject/prefix.py; `share_prefix=False` turns it off).
         """
         from ..progress import bar
         results: list[list[int]] = [[] for _ in ids]
@@ -254,6 +258,13 @@ class Subject:
         keep = {} if _touches_logits((), edits) else {"logits_to_keep": 1}
         steps = 0
         with torch.inference_mode():
+            shared = plan(self, batch, edits) if use_cache and self.share_prefix else None
+            if shared is not None:  # the cache holds columns 0..P-1 of every row: the loop runs the rest
+                self._run_prefix(shared, cache, batch.pad)
+                plen = shared.length
+                tokens, pos, step_ids, step_pos = tokens[:, plen:], pos[:, plen:], tokens[:, plen:], pos[:, plen:]
+                # The same positions land on the same columns: pad_i - P pad columns, a prompt of W - P.
+                state = RunState(phase="prompt", pad=batch.pad - plen, prompt_len=tokens.shape[1])
             while steps < max_new:
                 rehook = False
                 with hooked(self.model, self.sitemap, state, edits):
@@ -290,6 +301,20 @@ class Subject:
                         step_ids, step_pos = nxt[:, None], next_pos
                         state.phase = "generated"
         return out
+
+    def _run_prefix(self, shared: SharedPrefix, cache: Any, pad: torch.Tensor) -> None:
+        """Run the shared prefix (once per prefix row, right-padded to the batch's width) and fill `cache` with
+        every batch row's first P columns of the padded call (subject/prefix)."""
+        from transformers import DynamicCache
+
+        k, width = shared.prefix_ids.shape
+        own = DynamicCache()
+        state = RunState(phase="prompt", pad=torch.zeros(k, dtype=torch.long), prompt_len=width)
+        with hooked(self.model, self.sitemap, state, shared.prefix_edits):
+            self.model(input_ids=shared.prefix_ids, attention_mask=shared.prefix_mask,
+                       position_ids=shared.prefix_positions, use_cache=True, logits_to_keep=1,
+                       **{cache_kwarg(self.model.forward): own})
+        shared.fill(cache, own, pad)
 
     @staticmethod
     def _take(nxt: torch.Tensor, active: list[int], done: list[bool], out: list[list[int]], eos: int | None,
