@@ -364,10 +364,10 @@ def table(runs: list[dict]) -> str:
     if len(runs) == 2:
         a, b = runs
         tot = [{k: sum(p.get(k) or 0 for p in r["probes"].values()) for k in ("wall_s", *COUNTS)} for r in runs]
-        lines.append("after/before  " + "  ".join(f"{k} {tot[1][k] / tot[0][k] if tot[0][k] else float('nan'):.3f}"
-                                                 for k in tot[0])
-                     + f"  library wall {b.get('library_wall_s', 0) / a['library_wall_s']:.3f}"
-                     if a.get("library_wall_s") else "")
+        ratios = "  ".join(f"{k} {tot[1][k] / tot[0][k] if tot[0][k] else float('nan'):.3f}" for k in tot[0])
+        if a.get("library_wall_s"):  # a run saved by an older script has no library wall
+            ratios += f"  library wall {b.get('library_wall_s', 0) / a['library_wall_s']:.3f}"
+        lines.append("after/before  " + ratios)
     baseline = _baseline(runs[-1].get("model", "smollm2-135m-instruct")) if runs else None
     committed = claims_of(json.loads(baseline.read_text())) if baseline else {}
     for r in runs:

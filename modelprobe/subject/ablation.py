@@ -20,7 +20,8 @@ import torch
 
 from ..progress import bar
 from .interventions import Intervention, MeanAblate, Patch, RunState, ZeroAblate
-from .resumable import _masks, can_resume, resume, run_layers
+from .prefix import can_resume
+from .resumable import _masks, resume, run_layers
 from .sites import Site, resolve_layer
 from .subject import Subject
 
